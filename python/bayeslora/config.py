@@ -1,0 +1,144 @@
+"""The configuration of a BayesLoRA adapter (SPEC §2–§5). Plain data; no torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+Posterior = Literal["gate", "additive"]
+Method = Literal["bayeslora", "lora", "mcdropout"]
+KLGroup = Literal["params", "unit"]
+
+POSTERIORS = ("gate", "additive")
+METHODS = ("bayeslora", "lora", "mcdropout")
+
+
+@dataclass
+class BayesLoRAConfig:
+    """What to adapt and how.
+
+    Args:
+        rank: initial rank ``r0`` of every adapter. The scale ``alpha / r0`` never changes when
+            ranks are pruned.
+        alpha: LoRA scaling numerator.
+        target_modules: which ``nn.Linear`` / HF ``Conv1D`` layers to adapt: a list of exact module
+            names or name suffixes (``["query", "value"]`` matches ``…attention.self.query``), a
+            regular expression string (full match on the module name), or ``"all-linear"``
+            (every linear layer except the output head and ``modules_to_save``).
+        posterior: ``"gate"`` (multiplicative Gaussian rank gates) or ``"additive"`` (tied additive
+            Gaussian noise on the factors, local reparameterisation in training).
+        method: ``"bayeslora"``; ``"lora"`` (deterministic baseline, no KL); ``"mcdropout"``
+            (Bernoulli dropout on the rank activation, kept on when sampling).
+        init_log_alpha: initial ``log α_k`` of the gate family.
+        init_log_sigma2: initial ``λ_k = log σ_k²`` of the additive family.
+        kl_scale: multiplies the KL term of the objective.
+        kl_group: per-rank KL weight of the gate family: ``"params"`` (d_in + d_out) or ``"unit"`` (1).
+        kl_freeze: steps with β = 0 before the KL warm-up.
+        kl_warmup: steps over which β rises linearly from 0 to 1.
+        sample_start: first training step with posterior noise on.
+        prune_threshold: τ; a rank whose relevance score exceeds it is pruned.
+        prune_start: no pruning before this step (at init the additive score is already above τ).
+        prune_every: steps between pruning passes.
+        min_rank: ranks every module keeps whatever their scores.
+        dropout: Bernoulli drop probability of ``mcdropout``.
+        init_b_std: std of the initial B factor for ``gate``/``lora``/``mcdropout`` (0 = PEFT's zero init).
+        modules_to_save: modules left trainable in full (e.g. the classifier head).
+        exclude_modules: modules never adapted (names or suffixes).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: list[str] | str = field(default_factory=lambda: ["query", "value"])
+    posterior: Posterior = "gate"
+    method: Method = "bayeslora"
+    init_log_alpha: float = -3.0
+    init_log_sigma2: float = -8.0
+    kl_scale: float = 1.0
+    kl_group: KLGroup = "params"
+    kl_freeze: int = 0
+    kl_warmup: int = 0
+    sample_start: int = 0
+    prune_threshold: float = 3.0
+    prune_start: int = 100
+    prune_every: int = 50
+    min_rank: int = 0
+    dropout: float = 0.1
+    init_b_std: float = 0.0
+    modules_to_save: list[str] = field(default_factory=list)
+    exclude_modules: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        self.modules_to_save = list(self.modules_to_save)
+        self.exclude_modules = list(self.exclude_modules)
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha must be > 0, got {self.alpha!r}")
+        if self.posterior not in POSTERIORS:
+            raise ConfigError(f"posterior must be one of {POSTERIORS}, got {self.posterior!r}")
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.kl_group not in ("params", "unit"):
+            raise ConfigError(f"kl_group must be 'params' or 'unit', got {self.kl_group!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.kl_scale < 0:
+            raise ConfigError(f"kl_scale must be >= 0, got {self.kl_scale!r}")
+        for name in ("kl_freeze", "kl_warmup", "sample_start", "prune_start", "min_rank"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.prune_every < 1:
+            raise ConfigError(f"prune_every must be >= 1, got {self.prune_every!r}")
+        if self.min_rank > self.rank:
+            raise ConfigError(f"min_rank ({self.min_rank}) cannot exceed rank ({self.rank})")
+        if self.init_b_std < 0:
+            raise ConfigError(f"init_b_std must be >= 0, got {self.init_b_std!r}")
+        if not self.target_modules:
+            raise ConfigError("target_modules is empty: name at least one module, a regex or 'all-linear'")
+
+    @property
+    def scale(self) -> float:
+        """``s = alpha / r0``."""
+        return self.alpha / self.rank
+
+    @property
+    def is_bayesian(self) -> bool:
+        """True for the methods with a KL term."""
+        return self.method == "bayeslora"
+
+    def kl_beta(self, step: int) -> float:
+        """β(t) of SPEC §4: 0 for ``kl_freeze`` steps, then linear to 1 over ``kl_warmup``."""
+        if step < self.kl_freeze:
+            return 0.0
+        if self.kl_warmup == 0:
+            return 1.0
+        return min(1.0, (step - self.kl_freeze + 1) / self.kl_warmup)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BayesLoRAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown BayesLoRAConfig fields: {unknown}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | Path) -> BayesLoRAConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read BayesLoRA config {path}: {e}") from e
+        return cls.from_dict(data)

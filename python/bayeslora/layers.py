@@ -1,0 +1,287 @@
+"""The adapted layer: a frozen base linear map plus a LoRA update with a rank-wise posterior.
+
+Shapes: ``x`` is ``[..., d_in]``; the base maps it to ``[..., d_out]``; the adapter factors are
+``lora_A: [r, d_in]`` and ``lora_B: [d_out, r]``; the rank parameters (``log_alpha`` or
+``log_sigma2``) are ``[r]``. ``r`` shrinks when ranks are pruned physically; ``rank_index[r]``
+remembers each surviving rank's original position so that noise draws keyed by it (and so the
+MC output) do not change when other ranks are removed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BayesLoRAConfig
+
+# Molchanov et al. (2017) constants, SPEC §3.
+K1, K2, K3 = 0.63576, 1.87320, 1.48695
+LOG_ALPHA_CLAMP = (-10.0, 10.0)
+LOG_SIGMA2_CLAMP = (-20.0, 2.0)
+MU2_EPS = 1e-8
+LRT_EPS = 1e-8
+
+
+def kl_molchanov(log_alpha: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(q || log-uniform) of a Gaussian noise ratio α, given ``log α`` (any shape).
+
+    Non-negative, decreasing in α, → 0 as α → ∞. ``log α`` is clamped to [−10, 10].
+    """
+    la = log_alpha.clamp(*LOG_ALPHA_CLAMP)
+    neg_kl = K1 * torch.sigmoid(K2 + K3 * la) - 0.5 * F.softplus(-la) - K1
+    return -neg_kl
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D without importing transformers: weight is [d_in, d_out].
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def base_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an ``nn.Linear`` or HF ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if _is_conv1d(module):
+        d_in, d_out = module.weight.shape
+        return int(d_in), int(d_out)
+    raise TypeError(f"cannot adapt a {type(module).__name__}: only nn.Linear and HF Conv1D are supported")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+class BayesLoRALayer(nn.Module):
+    """``y = base(x) + s · Δ(x)`` with a rank-wise posterior on the adapter (SPEC §2).
+
+    The base layer is frozen and kept as ``base_layer``. Noise is on only while ``sampling`` is
+    True; ``train()``/``eval()`` never change that flag. In sampling mode, the ``gate`` family draws
+    one gate vector per sequence (leading batch index) and ``mcdropout`` one Bernoulli mask per
+    sequence; ``additive`` uses the local reparameterisation trick per token when the module is in
+    training mode and samples whole factor matrices per sequence otherwise (true posterior samples,
+    reproducible per input).
+    """
+
+    def __init__(self, base_layer: nn.Module, config: BayesLoRAConfig) -> None:
+        super().__init__()
+        d_in, d_out = base_dims(base_layer)
+        self.base_layer = base_layer
+        self.d_in, self.d_out = d_in, d_out
+        self.method = config.method
+        self.posterior = config.posterior
+        self.initial_rank = config.rank
+        self.scale = config.scale
+        self.kl_group = config.kl_group
+        self.dropout_p = config.dropout
+        self.min_rank = config.min_rank
+        self.sampling = False
+        self.generator: torch.Generator | None = None
+
+        r = config.rank
+        device = base_layer.weight.device
+        f32 = torch.float32
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, device=device, dtype=f32))
+        self.lora_B = nn.Parameter(torch.empty(d_out, r, device=device, dtype=f32))
+        self.register_buffer("rank_mask", torch.ones(r, device=device, dtype=f32))
+        self.register_buffer("rank_index", torch.arange(r, device=device, dtype=torch.long))
+        if self.uses_additive:
+            self.log_sigma2 = nn.Parameter(torch.full((r,), config.init_log_sigma2, device=device, dtype=f32))
+        elif self.uses_gate:
+            self.log_alpha = nn.Parameter(torch.full((r,), config.init_log_alpha, device=device, dtype=f32))
+        self.reset_factors(config.init_b_std)
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def uses_gate(self) -> bool:
+        return self.method == "bayeslora" and self.posterior == "gate"
+
+    @property
+    def uses_additive(self) -> bool:
+        return self.method == "bayeslora" and self.posterior == "additive"
+
+    @property
+    def rank(self) -> int:
+        """Current (physical) rank r."""
+        return int(self.lora_A.shape[0])
+
+    @property
+    def active_rank(self) -> int:
+        return int(self.rank_mask.sum().item())
+
+    def rank_parameter(self) -> nn.Parameter | None:
+        """``log_alpha`` (gate), ``log_sigma2`` (additive) or None (lora, mcdropout)."""
+        if self.uses_gate:
+            return self.log_alpha
+        if self.uses_additive:
+            return self.log_sigma2
+        return None
+
+    @torch.no_grad()
+    def reset_factors(self, init_b_std: float = 0.0) -> None:
+        if self.uses_additive:
+            bound = 1.0 / math.sqrt(self.d_in)
+            self.lora_A.uniform_(-bound, bound)
+            self.lora_B.uniform_(-1e-3, 1e-3)  # not zero: α of a zero weight is infinite
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT
+            if init_b_std > 0:
+                self.lora_B.normal_(0.0, init_b_std)
+            else:
+                self.lora_B.zero_()
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _randn(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(shape, device=like.device, dtype=torch.float32, generator=self.generator)
+
+    def _rank_noise(self, batch: int, like: torch.Tensor, extra: tuple[int, ...] = ()) -> torch.Tensor:
+        """Standard normal noise ``[batch, r, *extra]`` keyed by original rank index."""
+        eps = self._randn((batch, self.initial_rank, *extra), like)
+        return eps.index_select(1, self.rank_index)
+
+    def _seq_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        # One draw per sequence: broadcast over every axis between the batch and the features.
+        return (x.shape[0],) + (1,) * (x.dim() - 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y0 = self.base_layer(x)
+        if self.rank == 0 or self.lora_A.numel() == 0:
+            return y0
+        return y0 + self.delta(x).to(y0.dtype)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``s · Δ(x)``: ``[..., d_in] -> [..., d_out]``."""
+        if x.dim() == 1:  # a single vector is a batch of one sequence
+            return self.delta(x.unsqueeze(0)).squeeze(0)
+        dtype = x.dtype
+        A = self.lora_A.to(dtype)
+        B = self.lora_B.to(dtype)
+        mask = self.rank_mask.to(dtype)
+        noisy = self.sampling and self.method != "lora"
+        if self.uses_additive and noisy:
+            if self.training:
+                return self.scale * self._additive_lrt(x)
+            return self.scale * self._additive_weights(x)
+        h = F.linear(x, A) * mask  # [..., r]
+        if noisy:
+            seq = self._seq_shape(x)
+            if self.uses_gate:
+                eps = self._rank_noise(x.shape[0], x).view(*seq, self.rank)
+                std = torch.exp(0.5 * self.log_alpha.clamp(*LOG_ALPHA_CLAMP))
+                z = 1.0 + std * eps
+                h = h * z.to(dtype)
+            elif self.method == "mcdropout" and self.dropout_p > 0:
+                u = torch.rand(
+                    (x.shape[0], self.initial_rank), device=x.device, generator=self.generator
+                ).index_select(1, self.rank_index)
+                keep = (u >= self.dropout_p).to(dtype) / (1.0 - self.dropout_p)
+                h = h * keep.view(*seq, self.rank)
+        return self.scale * F.linear(h, B)
+
+    def _sigma2(self) -> torch.Tensor:
+        return torch.exp(self.log_sigma2.clamp(*LOG_SIGMA2_CLAMP))
+
+    def _additive_lrt(self, x: torch.Tensor) -> torch.Tensor:
+        """Local reparameterisation with the exact marginal variance (SPEC §2b), per token."""
+        sigma2 = (self._sigma2() * self.rank_mask).to(torch.float32)
+        xf = x.to(torch.float32)
+        m = F.linear(xf, self.lora_A) * self.rank_mask  # [..., r]
+        v = xf.pow(2).sum(-1, keepdim=True) * sigma2  # [..., r]
+        mean_y = F.linear(m, self.lora_B)  # [..., d_out]
+        var_y = (
+            F.linear(v, self.lora_B.pow(2))
+            + (m.pow(2) * sigma2).sum(-1, keepdim=True)
+            + (v * sigma2).sum(-1, keepdim=True)
+        )
+        eps = self._randn(tuple(mean_y.shape), mean_y)
+        out = mean_y + torch.sqrt(var_y.clamp_min(0.0) + LRT_EPS) * eps
+        return out.to(x.dtype)
+
+    def _additive_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """One posterior sample of (A, B) per sequence: ``A_b = M_A + σ ⊙ ε``, ``B_b = M_B + σ ⊙ ε'``."""
+        n = x.shape[0]
+        sigma = torch.sqrt(self._sigma2())  # [r]
+        eps_a = self._rank_noise(n, x, (self.d_in,))  # [n, r, d_in]
+        eps_b = self._rank_noise(n, x, (self.d_out,))  # [n, r, d_out]
+        A_s = self.lora_A.unsqueeze(0) + sigma.view(1, -1, 1) * eps_a  # [n, r, d_in]
+        Bt_s = self.lora_B.t().unsqueeze(0) + sigma.view(1, -1, 1) * eps_b  # [n, r, d_out]
+        xf = x.to(torch.float32).reshape(n, -1, self.d_in)  # [n, T, d_in]
+        h = torch.bmm(xf, A_s.transpose(1, 2)) * self.rank_mask  # [n, T, r]
+        out = torch.bmm(h, Bt_s)  # [n, T, d_out]
+        return out.reshape(*x.shape[:-1], self.d_out).to(x.dtype)
+
+    # ---- KL and relevance ------------------------------------------------------------------
+    def kl(self) -> torch.Tensor:
+        """KL of this module's posterior to the log-uniform prior (scalar, fp32); 0 for baselines."""
+        device = self.lora_A.device
+        if self.uses_gate:
+            g = float(self.d_in + self.d_out) if self.kl_group == "params" else 1.0
+            return g * (kl_molchanov(self.log_alpha) * self.rank_mask).sum()
+        if self.uses_additive:
+            ls = self.log_sigma2.clamp(*LOG_SIGMA2_CLAMP)
+            kl_a = kl_molchanov(ls[:, None] - torch.log(self.lora_A.pow(2) + MU2_EPS)).sum(1)
+            kl_b = kl_molchanov(ls[None, :] - torch.log(self.lora_B.pow(2) + MU2_EPS)).sum(0)
+            return ((kl_a + kl_b) * self.rank_mask).sum()
+        return torch.zeros((), device=device)
+
+    @torch.no_grad()
+    def rank_scores(self) -> torch.Tensor:
+        """Relevance score per rank ``[r]`` (larger = noisier = less relevant), fp32.
+
+        gate: ``log α_k``. additive: ``λ_k − ½[median_i log(M_A[k,i]²+ε) + median_j log(M_B[j,k]²+ε)]``
+        (median as numpy computes it). Baselines have no posterior: their scores are ``-inf``.
+        """
+        if self.uses_gate:
+            return self.log_alpha.detach().float().clone()
+        if self.uses_additive:
+            la = torch.quantile(torch.log(self.lora_A.detach().double().pow(2) + MU2_EPS), 0.5, dim=1)
+            lb = torch.quantile(torch.log(self.lora_B.detach().double().pow(2) + MU2_EPS), 0.5, dim=0)
+            return (self.log_sigma2.detach().double() - 0.5 * (la + lb)).float()
+        return torch.full((self.rank,), float("-inf"), device=self.lora_A.device)
+
+    # ---- pruning ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def prune_(self, threshold: float, min_rank: int | None = None) -> tuple[int, int]:
+        """Mask active ranks whose score exceeds ``threshold``, keeping at least ``min_rank``
+        (the least noisy ones). Returns (active before, active after)."""
+        min_rank = self.min_rank if min_rank is None else min_rank
+        before = self.active_rank
+        if self.rank_parameter() is None:
+            return before, before
+        scores = self.rank_scores()
+        active = self.rank_mask > 0
+        keep = active & (scores <= threshold)
+        need = min(min_rank, before) - int(keep.sum().item())
+        if need > 0:
+            candidates = torch.nonzero(active & ~keep).flatten()
+            order = torch.argsort(scores[candidates])
+            keep[candidates[order[:need]]] = True
+        self.rank_mask.copy_(keep.to(self.rank_mask.dtype))
+        return before, self.active_rank
+
+    @torch.no_grad()
+    def shrink_(self) -> list[tuple[nn.Parameter, nn.Parameter, int, torch.Tensor]]:
+        """Physically remove masked ranks. Returns (old, new, rank_dim, kept) per replaced
+        parameter so that an optimizer's state can be sliced the same way."""
+        keep = torch.nonzero(self.rank_mask > 0).flatten()
+        if keep.numel() == self.rank:
+            return []
+        replaced = []
+        for name, dim in (("lora_A", 0), ("lora_B", 1), ("log_alpha", 0), ("log_sigma2", 0)):
+            old = getattr(self, name, None)
+            if not isinstance(old, nn.Parameter):
+                continue
+            new = nn.Parameter(old.detach().index_select(dim, keep).clone(), requires_grad=old.requires_grad)
+            setattr(self, name, new)
+            replaced.append((old, new, dim, keep))
+        self.rank_index = self.rank_index.index_select(0, keep)
+        self.rank_mask = self.rank_mask.index_select(0, keep)
+        return replaced
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_in={self.d_in}, d_out={self.d_out}, method={self.method}, posterior={self.posterior}, "
+            f"rank={self.active_rank}/{self.initial_rank}, scale={self.scale:g}, sampling={self.sampling}"
+        )

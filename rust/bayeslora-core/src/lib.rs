@@ -1,0 +1,10 @@
+//! Pure-Rust core of `bayeslora`.
+//!
+//! No Python here: the bindings live in `bayeslora-py`. Everything a caller controls
+//! (shapes, values, files) is validated and reported through [`Error`], never a panic.
+
+pub mod error;
+pub mod kl;
+pub mod rank;
+
+pub use error::{Error, Result};
