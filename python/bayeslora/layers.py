@@ -79,6 +79,9 @@ class BayesLoRALayer(nn.Module):
         self.min_rank = config.min_rank
         self.sampling = False
         self.generator: torch.Generator | None = None
+        # Explicit gate values [batch, r] (one row per sequence) that replace the sampled z of
+        # gate/mcdropout when set; for exact parity tests against the Rust runtime.
+        self.fixed_gates: torch.Tensor | None = None
 
         r = config.rank
         device = base_layer.weight.device
@@ -165,6 +168,11 @@ class BayesLoRALayer(nn.Module):
                 return self.scale * self._additive_lrt(x)
             return self.scale * self._additive_weights(x)
         h = F.linear(x, A) * mask  # [..., r]
+        if self.fixed_gates is not None:
+            gates = self.fixed_gates.to(device=x.device, dtype=dtype)
+            if gates.shape != (x.shape[0], self.rank):
+                raise ValueError(f"fixed_gates must be [{x.shape[0]}, {self.rank}], got {list(gates.shape)}")
+            return self.scale * F.linear(h * gates.view(*self._seq_shape(x), self.rank), B)
         if noisy:
             seq = self._seq_shape(x)
             if self.uses_gate:
