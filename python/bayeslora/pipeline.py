@@ -195,7 +195,7 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
     from .injection import inject
     from .io import save_adapter
     from .pruning import adapter_parameter_count, prune, ranks, shrink
-    from .training import BayesLoRATrainer
+    from .training import BayesLoRATrainer, _is_main_process
 
     out = Path(out)
     _check_writable(out)
@@ -276,10 +276,11 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
         test_mc = predict(model, tokenizer, data.test.texts, settings.samples, settings.seed, settings.max_length)
         summary["metrics"]["validation_mc"] = evaluate_probs(val_mc, data.validation.labels)
         summary["metrics"]["test_mc"] = evaluate_probs(test_mc, data.test.labels)
-    save_adapter(model, out / "adapter")
-    tokenizer.save_pretrained(out / "tokenizer")
-    tmp = out / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, out / RUN_FILE)
+    if _is_main_process():  # every process holds the same adapter; one writes it
+        save_adapter(model, out / "adapter")
+        tokenizer.save_pretrained(out / "tokenizer")
+        tmp = out / f".{RUN_FILE}.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+        os.replace(tmp, out / RUN_FILE)
     summary["model"], summary["tokenizer"], summary["data"] = model, tokenizer, data
     return summary
