@@ -134,8 +134,9 @@ def stratified_split(
     """Deterministic stratified split of row indices into (train, validation, test).
 
     Per class of size n: ``round(n·val_fraction)`` rows to validation and ``round(n·test_fraction)``
-    to test (at least one each when n ≥ 3), the rest to train, so every split holds each class in
-    its overall proportion to within one example. Each returned index array is shuffled.
+    to test (rounding halves up), the rest to train, so every split holds each class in its overall
+    proportion to within one example (a class needs n ≥ 5 to reach every split at 10%). Each
+    returned index array is shuffled.
     ``labels``: int [N]. Returns three int64 arrays that partition ``range(N)``.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -148,9 +149,6 @@ def stratified_split(
         n = len(idx)
         n_val = _round_half_up(n * val_fraction)
         n_test = _round_half_up(n * test_fraction)
-        if n >= 3:
-            n_val = max(n_val, 1) if val_fraction > 0 else 0
-            n_test = max(n_test, 1) if test_fraction > 0 else 0
         parts[1].append(idx[:n_val])
         parts[2].append(idx[n_val : n_val + n_test])
         parts[0].append(idx[n_val + n_test :])
