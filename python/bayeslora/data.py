@@ -201,7 +201,7 @@ def parse_vader_file(data: bytes, source: str) -> tuple[list[str], np.ndarray, l
     Returns (ids, ratings float64 [N], texts); HTML entities in texts (``&amp;``) are unescaped.
     """
     try:
-        content = data.decode("utf-8")
+        content = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(f"{source}: not UTF-8 ({err})") from err
     ids: list[str] = []
