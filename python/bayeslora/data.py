@@ -101,6 +101,29 @@ class DatasetSplits:
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    def summary(self) -> dict[str, object]:
+        """Sizes and per-class counts as plain JSON-able values (for ``--json`` output)."""
+        k = self.num_labels
+        return {
+            "name": self.name,
+            "labels": list(self.label_names),
+            "seed": self.seed,
+            "source": self.source,
+            "notes": list(self.notes),
+            "splits": {
+                split_name: {"n": len(split), "counts": split.counts(k).tolist()}
+                for split_name, split in self._named_splits()
+            },
+        }
+
+    def _named_splits(self) -> tuple[tuple[str, Split], ...]:
+        return (
+            ("train", self.train),
+            ("validation", self.validation),
+            ("test", self.test),
+            ("all", self.all),
+        )
+
     def describe(self) -> str:
         """Sizes and class balance of every split, as a small text table."""
         k = self.num_labels
@@ -111,12 +134,7 @@ class DatasetSplits:
             *(f"note: {n}" for n in self.notes),
             f"{'split':<10} {'n':>7}" + "".join(f" {n:>{width}}" for n in self.label_names),
         ]
-        for split_name, split in (
-            ("train", self.train),
-            ("validation", self.validation),
-            ("test", self.test),
-            ("all", self.all),
-        ):
+        for split_name, split in self._named_splits():
             counts = split.counts(k)
             n = max(len(split), 1)
             cells = "".join(f" {f'{c} ({100 * c / n:.1f}%)':>{width}}" for c in counts)
