@@ -20,14 +20,44 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "bayeslora.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "bayeslora.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def _train_args(model_dir, csv, out, *extra: str) -> list[str]:
-    return ["train", "--model", str(model_dir), "--data", f"csv:{csv}", "--rank", "4", "--epochs", "3",
-            "--batch-size", "16", "--max-length", "16", "--lr", "5e-3", "--rank-lr", "5e-2", "--prune-start", "4",
-            "--prune-every", "2", "--samples", "4", "--out", str(out), *extra]
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        f"csv:{csv}",
+        "--rank",
+        "4",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "16",
+        "--lr",
+        "5e-3",
+        "--rank-lr",
+        "5e-2",
+        "--prune-start",
+        "4",
+        "--prune-every",
+        "2",
+        "--samples",
+        "4",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -93,8 +123,13 @@ def test_interrupted_run_leaves_loadable_checkpoint(tiny_model_dir, sentiment_cs
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = _train_args(tiny_model_dir, sentiment_csv, out, "--epochs", "200")
-    proc = subprocess.Popen([sys.executable, "-m", "bayeslora.cli", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bayeslora.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     ckpt = None
     while time.time() < deadline and ckpt is None:
@@ -123,12 +158,28 @@ def test_two_processes_end_identical(tiny_model_dir, sentiment_csv, tmp_path):
     """torchrun, 2 CPU processes (gloo): both end with identical adapters and rank masks."""
     out = tmp_path / "ddp"
     worker = ROOT / "tests" / "ddp_worker.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"),
-                                                                               os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-         str(tiny_model_dir), str(sentiment_csv), str(out)],
-        capture_output=True, text=True, timeout=900, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(worker),
+            str(tiny_model_dir),
+            str(sentiment_csv),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
     )
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
     s0, s1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))

@@ -20,27 +20,42 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
 
 # ---- train ------------------------------------------------------------------------------------
 def _add_train_options(p: argparse.ArgumentParser, defaults: Any) -> None:
-    p.add_argument("--model", default=defaults.model, help="HF model directory, or 'default' (all-MiniLM-L6-v2)")
-    p.add_argument("--data", default=defaults.data,
-                   help="vader-movies | vader-tweets | vader-amazon | vader-nyt | bbc | csv:PATH (columns text,label)")
+    p.add_argument(
+        "--model", default=defaults.model, help="HF model directory, or 'default' (all-MiniLM-L6-v2)"
+    )
+    p.add_argument(
+        "--data",
+        default=defaults.data,
+        help="vader-movies | vader-tweets | vader-amazon | vader-nyt | bbc | csv:PATH (columns text,label)",
+    )
     p.add_argument("--method", default=defaults.method, choices=["bayeslora", "lora", "mcdropout"])
     p.add_argument("--posterior", default=defaults.posterior, choices=["gate", "additive"])
     p.add_argument("--rank", type=int, default=defaults.rank, help="initial rank r0 of every adapter")
     p.add_argument("--alpha", type=float, default=defaults.alpha, help="LoRA alpha (scale = alpha / r0)")
-    p.add_argument("--targets", nargs="+", default=defaults.targets,
-                   help="module names or suffixes, a regex, or all-linear")
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        default=defaults.targets,
+        help="module names or suffixes, a regex, or all-linear",
+    )
     p.add_argument("--epochs", type=float, default=defaults.epochs)
     p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate of factors and head")
-    p.add_argument("--rank-lr", type=float, default=defaults.rank_lr, help="learning rate of log_alpha/log_sigma2")
+    p.add_argument(
+        "--rank-lr", type=float, default=defaults.rank_lr, help="learning rate of log_alpha/log_sigma2"
+    )
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--max-length", type=int, default=defaults.max_length)
-    p.add_argument("--max-train", type=int, default=defaults.max_train, help="use at most this many training examples")
+    p.add_argument(
+        "--max-train", type=int, default=defaults.max_train, help="use at most this many training examples"
+    )
     p.add_argument("--kl-scale", type=float, default=defaults.kl_scale)
     p.add_argument("--prune-threshold", type=float, default=defaults.prune_threshold)
     p.add_argument("--prune-start", type=int, default=defaults.prune_start)
     p.add_argument("--prune-every", type=int, default=defaults.prune_every)
     p.add_argument("--min-rank", type=int, default=defaults.min_rank)
-    p.add_argument("--samples", type=int, default=defaults.samples, help="MC samples for the final evaluation")
+    p.add_argument(
+        "--samples", type=int, default=defaults.samples, help="MC samples for the final evaluation"
+    )
     p.add_argument("--seed", type=int, default=defaults.seed)
 
 
@@ -55,8 +70,12 @@ def _run_train(args: argparse.Namespace) -> int:
     from .pipeline import train
 
     quiet = args.json
-    summary = train(_settings(args), args.out, progress=not quiet,
-                    log=(lambda *a: print(*a, file=sys.stderr)) if quiet else print)
+    summary = train(
+        _settings(args),
+        args.out,
+        progress=not quiet,
+        log=(lambda *a: print(*a, file=sys.stderr)) if quiet else print,
+    )
     payload = {k: v for k, v in summary.items() if k not in ("model", "tokenizer", "data", "log_history")}
     m = summary["metrics"]["test_mean"]
     text = (
@@ -70,8 +89,11 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .pipeline import TrainSettings
 
-    p = sub.add_parser("train", help="fine-tune a classifier with BayesLoRA, LoRA or MC dropout",
-                       description="Fine-tune a sequence classifier; writes adapter/ and run.json to --out.")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a classifier with BayesLoRA, LoRA or MC dropout",
+        description="Fine-tune a sequence classifier; writes adapter/ and run.json to --out.",
+    )
     _add_train_options(p, TrainSettings())
     p.add_argument("--out", required=True, help="output directory (checkpoint)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -82,20 +104,26 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run_quickstart
 
-    result = run_quickstart(args.out, seed=args.seed, max_train=args.max_train, epochs=args.epochs,
-                            quiet=args.json)
+    result = run_quickstart(
+        args.out, seed=args.seed, max_train=args.max_train, epochs=args.epochs, quiet=args.json
+    )
     _emit(args, result, f"report: {result['report']}")
     return 0
 
 
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quickstart", help="the whole idea in one command, on the default model and data",
-                       description="Train BayesLoRA and plain LoRA on VADER movie reviews with all-MiniLM-L6-v2, "
-                       "compare ranks, accuracy and calibration, detect out-of-domain text, export a bundle, score "
-                       "sentences with the Rust runtime, and write report.md with plots.")
+    p = sub.add_parser(
+        "quickstart",
+        help="the whole idea in one command, on the default model and data",
+        description="Train BayesLoRA and plain LoRA on VADER movie reviews with all-MiniLM-L6-v2, "
+        "compare ranks, accuracy and calibration, detect out-of-domain text, export a bundle, score "
+        "sentences with the Rust runtime, and write report.md with plots.",
+    )
     p.add_argument("--out", default="bayeslora-quickstart", help="output directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-train", type=int, default=None, help="training examples per run (default: quickstart's)")
+    p.add_argument(
+        "--max-train", type=int, default=None, help="training examples per run (default: quickstart's)"
+    )
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object with the results")
     p.set_defaults(handler=_run_quickstart)

@@ -56,7 +56,9 @@ class TrainSettings:
         from .config import BayesLoRAConfig
 
         targets: list[str] | str = self.targets
-        if len(self.targets) == 1 and (self.targets[0] == "all-linear" or any(c in self.targets[0] for c in "*[]|")):
+        if len(self.targets) == 1 and (
+            self.targets[0] == "all-linear" or any(c in self.targets[0] for c in "*[]|")
+        ):
             targets = self.targets[0]
         return BayesLoRAConfig(
             rank=self.rank,
@@ -80,7 +82,9 @@ def _head_name(model: Any) -> str:
     for name in HEAD_NAMES:
         if hasattr(model, name):
             return name
-    raise ConfigError(f"cannot find the classification head of {type(model).__name__} (looked for {HEAD_NAMES})")
+    raise ConfigError(
+        f"cannot find the classification head of {type(model).__name__} (looked for {HEAD_NAMES})"
+    )
 
 
 def resolve_model(model: str) -> Path:
@@ -91,7 +95,9 @@ def resolve_model(model: str) -> Path:
         return default_model_path()
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
-        raise ConfigError(f"--model {model!r}: not a model directory (no config.json); there is no model hub here")
+        raise ConfigError(
+            f"--model {model!r}: not a model directory (no config.json); there is no model hub here"
+        )
     return path
 
 
@@ -128,11 +134,22 @@ def predict(
 
     out = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[start : start + batch_size]), truncation=True, max_length=max_length,
-                        padding=True, return_tensors="pt")
+        enc = tokenizer(
+            list(texts[start : start + batch_size]),
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
         inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        res = mc_predict(model, inputs, samples=samples, seed=seed + start, return_samples=True,
-                         max_batch=max(256, batch_size))
+        res = mc_predict(
+            model,
+            inputs,
+            samples=samples,
+            seed=seed + start,
+            return_samples=True,
+            max_batch=max(256, batch_size),
+        )
         out.append(res["sample_probs"].to(torch.float64).numpy())
     return np.concatenate(out, 0)
 
@@ -161,7 +178,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, dict]:
     base = Path(run["base_model"])
     labels = run["label_names"]
     model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        base,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
         label2id={n: i for i, n in enumerate(labels)},
     )
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -206,7 +225,9 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     labels = list(data.label_names)
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        model_dir,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
         label2id={n: i for i, n in enumerate(labels)},
     )
     config = settings.bayes_config(_head_name(model))
@@ -214,9 +235,13 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
     initial = ranks(model)
     train_split = data.train
     n_train = len(train_split) if settings.max_train is None else min(settings.max_train, len(train_split))
-    train_ds = _Encoded(tokenizer, train_split.texts[:n_train], train_split.labels[:n_train], settings.max_length)
-    log(f"[bayeslora] {settings.method}/{settings.posterior} rank {settings.rank} on {settings.data}: "
-        f"{n_train} training examples, {len(initial)} adapted modules, model {model_dir}")
+    train_ds = _Encoded(
+        tokenizer, train_split.texts[:n_train], train_split.labels[:n_train], settings.max_length
+    )
+    log(
+        f"[bayeslora] {settings.method}/{settings.posterior} rank {settings.rank} on {settings.data}: "
+        f"{n_train} training examples, {len(initial)} adapted modules, model {model_dir}"
+    )
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=settings.batch_size,
@@ -239,8 +264,12 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
         remove_unused_columns=False,
     )
     trainer = BayesLoRATrainer(
-        model=model, args=args, train_dataset=train_ds, data_collator=DataCollatorWithPadding(tokenizer),
-        rank_lr=settings.rank_lr, num_train=n_train,
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        rank_lr=settings.rank_lr,
+        num_train=n_train,
     )
     t0 = time.perf_counter()
     trainer.train()
@@ -267,13 +296,19 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
         "total_rank": sum(final_ranks.values()),
         "initial_total_rank": sum(initial.values()),
         "adapter_parameters": adapter_parameter_count(model),
-        "metrics": {"validation_mean": evaluate_probs(val, data.validation.labels),
-                    "test_mean": evaluate_probs(test, data.test.labels)},
+        "metrics": {
+            "validation_mean": evaluate_probs(val, data.validation.labels),
+            "test_mean": evaluate_probs(test, data.test.labels),
+        },
         "log_history": trainer.state.log_history,
     }
     if settings.method != "lora" and settings.samples > 0:
-        val_mc = predict(model, tokenizer, data.validation.texts, settings.samples, settings.seed, settings.max_length)
-        test_mc = predict(model, tokenizer, data.test.texts, settings.samples, settings.seed, settings.max_length)
+        val_mc = predict(
+            model, tokenizer, data.validation.texts, settings.samples, settings.seed, settings.max_length
+        )
+        test_mc = predict(
+            model, tokenizer, data.test.texts, settings.samples, settings.seed, settings.max_length
+        )
         summary["metrics"]["validation_mc"] = evaluate_probs(val_mc, data.validation.labels)
         summary["metrics"]["test_mc"] = evaluate_probs(test_mc, data.test.labels)
     if _is_main_process():  # every process holds the same adapter; one writes it

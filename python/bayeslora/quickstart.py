@@ -128,15 +128,25 @@ def run_quickstart(
 
     say("\n== writing the report")
     figs = out / "figures"
-    plots.reliability_diagram(figs / "reliability_bayeslora.png", sample_probs["bayeslora"][0].mean(1), test_labels,
-                              title="BayesLoRA (MC mean) — test split")
-    plots.reliability_diagram(figs / "reliability_lora.png", sample_probs["lora"][0].mean(1), test_labels,
-                              title="LoRA — test split")
+    plots.reliability_diagram(
+        figs / "reliability_bayeslora.png",
+        sample_probs["bayeslora"][0].mean(1),
+        test_labels,
+        title="BayesLoRA (MC mean) — test split",
+    )
+    plots.reliability_diagram(
+        figs / "reliability_lora.png", sample_probs["lora"][0].mean(1), test_labels, title="LoRA — test split"
+    )
     plots.rank_bars(figs / "ranks.png", runs["bayeslora"]["initial_ranks"], runs["bayeslora"]["ranks"])
     for name, key in (("bayeslora", "mutual_info"), ("bayeslora", "entropy"), ("lora", "entropy")):
         sp_in, sp_out = sample_probs[name]
-        plots.score_histograms(figs / f"hist_{name}_{key}.png", _scores(sp_in)[key], _scores(sp_out)[key],
-                               name=f"{name}: {key}", labels=("movie reviews (test)", "BBC + NYT (OOD)"))
+        plots.score_histograms(
+            figs / f"hist_{name}_{key}.png",
+            _scores(sp_in)[key],
+            _scores(sp_out)[key],
+            name=f"{name}: {key}",
+            labels=("movie reviews (test)", "BBC + NYT (OOD)"),
+        )
     summary = {
         "seed": seed,
         "budget": budget,
@@ -157,19 +167,27 @@ def run_quickstart(
 def _console_table(s: dict[str, Any]) -> str:
     r = s["results"]
     lines = ["", f"{'':28}{'BayesLoRA':>12}{'LoRA':>12}"]
-    for key, label in (("accuracy", "test accuracy"), ("nll", "test NLL"), ("ece", "test ECE"),
-                       ("brier", "test Brier")):
+    for key, label in (
+        ("accuracy", "test accuracy"),
+        ("nll", "test NLL"),
+        ("ece", "test ECE"),
+        ("brier", "test Brier"),
+    ):
         lines.append(f"{label:28}{r['bayeslora'][key]:12.4f}{r['lora'][key]:12.4f}")
-    lines.append(f"{'OOD AUROC (entropy)':28}{r['bayeslora']['ood_auroc']['entropy']:12.4f}"
-                 f"{r['lora']['ood_auroc']['entropy']:12.4f}")
+    lines.append(
+        f"{'OOD AUROC (entropy)':28}{r['bayeslora']['ood_auroc']['entropy']:12.4f}"
+        f"{r['lora']['ood_auroc']['entropy']:12.4f}"
+    )
     lines.append(f"{'total rank':28}{r['bayeslora']['total_rank']:>12}{r['lora']['total_rank']:>12}")
     lines.append("\nlearned rank per module (BayesLoRA):")
     for name, rank in s["ranks"]["learned"].items():
         lines.append(f"  {name:60} {rank} / {s['ranks']['initial'][name]}")
     lines.append("\nRust runtime, 32 posterior samples:")
     for row in s["showcase"]:
-        lines.append(f"  [{row['domain']:>3}] {row['label']:>8} conf {row['confidence']:.3f} "
-                     f"MI {row['mutual_info']:.4f}  {row['text']}")
+        lines.append(
+            f"  [{row['domain']:>3}] {row['label']:>8} conf {row['confidence']:.3f} "
+            f"MI {row['mutual_info']:.4f}  {row['text']}"
+        )
     return "\n".join(lines)
 
 
@@ -177,7 +195,11 @@ def _report(s: dict[str, Any]) -> str:
     r = s["results"]
     b, lo = r["bayeslora"], r["lora"]
     rows = [
-        ("accuracy", "accuracy"), ("NLL", "nll"), ("ECE (15 bins)", "ece"), ("MCE", "mce"), ("Brier", "brier"),
+        ("accuracy", "accuracy"),
+        ("NLL", "nll"),
+        ("ECE (15 bins)", "ece"),
+        ("MCE", "mce"),
+        ("Brier", "brier"),
     ]
     table = "\n".join(f"| {label} | {_fmt(b[k])} | {_fmt(lo[k])} |" for label, k in rows)
     ood = "\n".join(
@@ -185,26 +207,30 @@ def _report(s: dict[str, Any]) -> str:
         f"| FPR@95%TPR, {k} | {_fmt(b['ood_fpr95'][k])} | {_fmt(lo['ood_fpr95'][k])} |"
         for k in ("entropy", "mutual_info", "1-confidence")
     )
-    ranks = "\n".join(f"| `{n}` | {s['ranks']['initial'][n]} | {v} |" for n, v in s["ranks"]["learned"].items())
+    ranks = "\n".join(
+        f"| `{n}` | {s['ranks']['initial'][n]} | {v} |" for n, v in s["ranks"]["learned"].items()
+    )
     shows = "\n".join(
-        f"| {row['domain']} | {row['text']} | {row['label']} | {row['confidence']:.3f} | {row['entropy']:.4f} | "
+        f"| {row['domain']} | {row['text']} | {row['label']} | {row['confidence']:.3f} | "
+        f"{row['entropy']:.4f} | "
         f"{row['mutual_info']:.5f} |"
         for row in s["showcase"]
     )
     bud = s["budget"]
+    lo_rank = f"{lo['total_rank']} / {lo['initial_total_rank']}"
     return f"""# bayeslora quickstart report
 
 Model all-MiniLM-L6-v2, data VADER movie-review snippets (binarised at |rating| ≥ 0.5), seed {s["seed"]};
-{bud["max_train"]} training examples, {bud["epochs"]} epochs, max length {bud["max_length"]}; rank 8 on query/value of
-all 6 layers. BayesLoRA is evaluated with {bud["samples"]} posterior samples (probabilities averaged), LoRA in
-its single deterministic pass. Total time {s["seconds"]:.0f} s.
+{bud["max_train"]} training examples, {bud["epochs"]} epochs, max length {bud["max_length"]};
+rank 8 on query/value of all 6 layers. BayesLoRA is evaluated with {bud["samples"]} posterior samples
+(probabilities averaged), LoRA in its single deterministic pass. Total time {s["seconds"]:.0f} s.
 
 ## Test split (held out)
 
 | metric | BayesLoRA | LoRA |
 |---|---:|---:|
 {table}
-| total active rank | {b["total_rank"]} / {b["initial_total_rank"]} | {lo["total_rank"]} / {lo["initial_total_rank"]} |
+| total active rank | {b["total_rank"]} / {b["initial_total_rank"]} | {lo_rank} |
 | adapter parameters | {b["adapter_parameters"]:,} | {lo["adapter_parameters"]:,} |
 | training time (s) | {b["train_seconds"]:.0f} | {lo["train_seconds"]:.0f} |
 
@@ -218,7 +244,8 @@ Higher uncertainty should mean out-of-domain. For LoRA, mutual information is 0 
 |---|---:|---:|
 {ood}
 
-![MI histogram](figures/hist_bayeslora_mutual_info.png) ![entropy BayesLoRA](figures/hist_bayeslora_entropy.png)
+![MI histogram](figures/hist_bayeslora_mutual_info.png)
+![entropy BayesLoRA](figures/hist_bayeslora_entropy.png)
 ![entropy LoRA](figures/hist_lora_entropy.png)
 
 ## Learned rank per module

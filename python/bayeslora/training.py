@@ -95,7 +95,9 @@ class BayesLoRATrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             model = _unwrap(self.model if model is None else model)
-            rank_params = {id(p) for _, layer in adapted_layers(model) if (p := layer.rank_parameter()) is not None}
+            rank_params = {
+                id(p) for _, layer in adapted_layers(model) if (p := layer.rank_parameter()) is not None
+            }
             others = [p for p in model.parameters() if p.requires_grad and id(p) not in rank_params]
             rank = [p for p in model.parameters() if p.requires_grad and id(p) in rank_params]
             lr = self.args.learning_rate
