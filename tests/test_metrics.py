@@ -409,7 +409,7 @@ def test_float32_softmax_rows_are_accepted():
 # ------------------------------------------------------------------------------------- no torch
 
 
-def test_metrics_calibration_plots_import_without_torch(tmp_path):
+def test_metrics_calibration_plots_work_without_torch(tmp_path):
     shim = tmp_path / "shim" / "torch"
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text("raise ImportError('torch is blocked in this test')\n")
@@ -426,6 +426,7 @@ def test_metrics_calibration_plots_import_without_torch(tmp_path):
         "p = np.array([[0.9, 0.1], [0.3, 0.7]])\n"
         "print(bayeslora.metrics.summary(p, [0, 0])['accuracy'])\n"
         "print(bayeslora.calibration.fit_temperature(np.log(p), [0, 0]))\n"
+        f"print(bayeslora.plots.rank_bars({str(tmp_path / 'r.png')!r}, {{'a.q': 4}}, {{'a.q': 2}}))\n"
         "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
     )
     env = dict(os.environ)
@@ -435,3 +436,4 @@ def test_metrics_calibration_plots_import_without_torch(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0] == "0.5"
+    assert (tmp_path / "r.png").stat().st_size > 1000
