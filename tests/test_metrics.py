@@ -344,6 +344,12 @@ def test_one_class_and_single_example():
     assert M.auroc([0.3], [0.4]) == 1.0
 
 
+def test_boolean_and_integral_float_labels_are_accepted():
+    p = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    y = np.array([False, True, True])
+    assert M.accuracy(p, y) == M.accuracy(p, y.astype(int)) == M.accuracy(p, y.astype(float)) == 2 / 3
+
+
 def test_confident_mistake_has_finite_nll_like_sklearn():
     p = np.array([[1.0, 0.0], [0.5, 0.5]])
     assert M.nll(p, [1, 0]) == pytest.approx(log_loss([1, 0], p, labels=[0, 1]), rel=1e-9)

@@ -97,7 +97,7 @@ def _check_labels(labels: ArrayLike, n: int, c: int) -> NDArray[np.int64]:
         raise ShapeError(f"labels must be 1-D [N], got shape {raw.shape}")
     if raw.shape[0] != n:
         raise ShapeError(f"labels has {raw.shape[0]} entries but probs has {n} rows")
-    if raw.dtype.kind == "b" or raw.dtype.kind not in "iuf":
+    if raw.dtype.kind not in "biuf":
         raise InvalidValueError(f"labels must be integers, got dtype {raw.dtype}")
     if raw.dtype.kind == "f":
         _finite("labels", raw)
