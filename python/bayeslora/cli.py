@@ -105,7 +105,12 @@ def _run_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run_quickstart
 
     result = run_quickstart(
-        args.out, seed=args.seed, max_train=args.max_train, epochs=args.epochs, quiet=args.json
+        args.out,
+        seed=args.seed,
+        max_train=args.max_train,
+        epochs=args.epochs,
+        quiet=args.json,
+        max_eval=args.max_eval,
     )
     _emit(args, result, f"report: {result['report']}")
     return 0
@@ -125,8 +130,50 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
         "--max-train", type=int, default=None, help="training examples per run (default: quickstart's)"
     )
     p.add_argument("--epochs", type=float, default=None)
+    p.add_argument(
+        "--max-eval", type=int, default=None, help="evaluate on at most this many examples per set"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with the results")
     p.set_defaults(handler=_run_quickstart)
+
+
+# ---- evaluate ---------------------------------------------------------------------------------
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate, format_result
+
+    result = evaluate(
+        args.source,
+        data=args.data,
+        ood=args.ood,
+        shift=args.shift,
+        samples=args.samples,
+        seed=args.seed,
+        max_eval=args.max_eval,
+        plots=args.plots,
+        num_threads=args.threads,
+    )
+    _emit(args, result, format_result(result))
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="accuracy, NLL, Brier, ECE/MCE, shift, OOD AUROC/FPR95, AURC of a checkpoint or bundle",
+        description="Evaluate a training checkpoint (torch) or an exported bundle (Rust runtime, no torch) on "
+        "the test split of --data, on shifted domains, and on out-of-domain sets.",
+    )
+    p.add_argument("source", help="checkpoint directory (bayeslora train --out) or bundle (bayeslora export)")
+    p.add_argument("--data", default="vader-movies", help="in-domain dataset (its test split is used)")
+    p.add_argument("--ood", nargs="*", default=["bbc"], help="out-of-domain datasets")
+    p.add_argument("--shift", nargs="*", default=None, help="shifted datasets with the same labels")
+    p.add_argument("--samples", type=int, default=16, help="posterior samples (0 = mean mode)")
+    p.add_argument("--seed", type=int, default=0, help="split seed (use the training seed) and noise seed")
+    p.add_argument("--max-eval", type=int, default=None, help="at most this many examples per set")
+    p.add_argument("--threads", type=int, default=None, help="runtime threads (bundles)")
+    p.add_argument("--plots", default=None, help="directory for PNG plots")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=_run_evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_quickstart(sub)
     _add_train(sub)
+    _add_evaluate(sub)
     return parser
 
 

@@ -51,6 +51,7 @@ class TrainSettings:
     max_train: int | None = None
     samples: int = 16
     save_steps: int = 50
+    max_eval: int | None = None
 
     def bayes_config(self, head: str) -> Any:
         from .config import BayesLoRAConfig
@@ -282,8 +283,11 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
     shrink(model)
     model.eval()
     final_ranks = ranks(model)
-    val = predict(model, tokenizer, data.validation.texts, 0, settings.seed, settings.max_length)
-    test = predict(model, tokenizer, data.test.texts, 0, settings.seed, settings.max_length)
+    n_eval = settings.max_eval
+    val_texts, val_labels = data.validation.texts[:n_eval], data.validation.labels[:n_eval]
+    test_texts, test_labels = data.test.texts[:n_eval], data.test.labels[:n_eval]
+    val = predict(model, tokenizer, val_texts, 0, settings.seed, settings.max_length)
+    test = predict(model, tokenizer, test_texts, 0, settings.seed, settings.max_length)
     summary: dict[str, Any] = {
         "settings": dataclasses.asdict(settings),
         "base_model": str(model_dir),
@@ -297,20 +301,16 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
         "initial_total_rank": sum(initial.values()),
         "adapter_parameters": adapter_parameter_count(model),
         "metrics": {
-            "validation_mean": evaluate_probs(val, data.validation.labels),
-            "test_mean": evaluate_probs(test, data.test.labels),
+            "validation_mean": evaluate_probs(val, val_labels),
+            "test_mean": evaluate_probs(test, test_labels),
         },
         "log_history": trainer.state.log_history,
     }
     if settings.method != "lora" and settings.samples > 0:
-        val_mc = predict(
-            model, tokenizer, data.validation.texts, settings.samples, settings.seed, settings.max_length
-        )
-        test_mc = predict(
-            model, tokenizer, data.test.texts, settings.samples, settings.seed, settings.max_length
-        )
-        summary["metrics"]["validation_mc"] = evaluate_probs(val_mc, data.validation.labels)
-        summary["metrics"]["test_mc"] = evaluate_probs(test_mc, data.test.labels)
+        val_mc = predict(model, tokenizer, val_texts, settings.samples, settings.seed, settings.max_length)
+        test_mc = predict(model, tokenizer, test_texts, settings.samples, settings.seed, settings.max_length)
+        summary["metrics"]["validation_mc"] = evaluate_probs(val_mc, val_labels)
+        summary["metrics"]["test_mc"] = evaluate_probs(test_mc, test_labels)
     if _is_main_process():  # every process holds the same adapter; one writes it
         save_adapter(model, out / "adapter")
         tokenizer.save_pretrained(out / "tokenizer")

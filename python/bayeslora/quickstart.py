@@ -55,6 +55,7 @@ def run_quickstart(
     max_train: int | None = None,
     epochs: float | None = None,
     quiet: bool = False,
+    max_eval: int | None = None,
 ) -> dict[str, Any]:
     """Run the quickstart; returns a JSON-able summary (also written to ``out/quickstart.json``)."""
     from . import metrics, plots
@@ -76,21 +77,23 @@ def run_quickstart(
     runs: dict[str, dict[str, Any]] = {}
     for name, method in (("bayeslora", "bayeslora"), ("lora", "lora")):
         say(f"\n== training {name} ({budget['max_train']} examples, {budget['epochs']} epochs, seed {seed})")
-        settings = TrainSettings(method=method, seed=seed, **budget)
+        train_budget = {**budget, "samples": 0}  # MC evaluation happens once, below
+        settings = TrainSettings(method=method, seed=seed, max_eval=max_eval, **train_budget)
         runs[name] = train(settings, out / name, progress=not quiet, log=say)
     data = runs["bayeslora"]["data"]
-    test_labels = data.test.labels
+    test_texts, test_labels = data.test.texts[:max_eval], data.test.labels[:max_eval]
+    per_ood = OOD_PER_SET if max_eval is None else min(OOD_PER_SET, max_eval)
 
     say("\n== evaluating on the test split and on out-of-domain text")
     ood_texts: list[str] = []
     for ood_name in OOD_SETS:
         ood = load_dataset(ood_name, seed=seed)
-        ood_texts += list(ood.all.texts[:OOD_PER_SET])
+        ood_texts += list(ood.train.texts[:per_ood])  # shuffled, all topics
     results: dict[str, Any] = {}
     sample_probs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, run in runs.items():
         samples = budget["samples"] if name != "lora" else 0
-        sp_in = predict(run["model"], run["tokenizer"], data.test.texts, samples, seed, budget["max_length"])
+        sp_in = predict(run["model"], run["tokenizer"], test_texts, samples, seed, budget["max_length"])
         sp_out = predict(run["model"], run["tokenizer"], ood_texts, samples, seed, budget["max_length"])
         sample_probs[name] = (sp_in, sp_out)
         s_in, s_out = _scores(sp_in), _scores(sp_out)
