@@ -160,8 +160,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="accuracy, NLL, Brier, ECE/MCE, shift, OOD AUROC/FPR95, AURC of a checkpoint or bundle",
-        description="Evaluate a training checkpoint (torch) or an exported bundle (Rust runtime, no torch) on "
-        "the test split of --data, on shifted domains, and on out-of-domain sets.",
+        description="Evaluate a training checkpoint (torch) or an exported bundle (Rust runtime, no torch) "
+        "on the test split of --data, on shifted domains, and on out-of-domain sets.",
     )
     p.add_argument("source", help="checkpoint directory (bayeslora train --out) or bundle (bayeslora export)")
     p.add_argument("--data", default="vader-movies", help="in-domain dataset (its test split is used)")
