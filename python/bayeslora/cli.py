@@ -49,6 +49,11 @@ def _add_train_options(p: argparse.ArgumentParser, defaults: Any) -> None:
         "--max-train", type=int, default=defaults.max_train, help="use at most this many training examples"
     )
     p.add_argument("--kl-scale", type=float, default=defaults.kl_scale)
+    p.add_argument("--kl-group", default=defaults.kl_group, choices=["params", "unit"])
+    p.add_argument("--kl-freeze", type=int, default=defaults.kl_freeze, help="steps with no KL term")
+    p.add_argument("--kl-warmup", type=int, default=defaults.kl_warmup, help="steps of linear KL warm-up")
+    p.add_argument("--sample-start", type=int, default=defaults.sample_start, help="first step with noise")
+    p.add_argument("--init-log-alpha", type=float, default=defaults.init_log_alpha)
     p.add_argument("--prune-threshold", type=float, default=defaults.prune_threshold)
     p.add_argument("--prune-start", type=int, default=defaults.prune_start)
     p.add_argument("--prune-every", type=int, default=defaults.prune_every)

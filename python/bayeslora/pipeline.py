@@ -42,6 +42,9 @@ class TrainSettings:
     seed: int = 0
     kl_scale: float = 1.0
     kl_group: str = "params"
+    kl_freeze: int = 0
+    kl_warmup: int = 0
+    sample_start: int = 0
     init_log_alpha: float = -3.0
     prune_threshold: float = 3.0
     prune_start: int = 50
@@ -70,6 +73,9 @@ class TrainSettings:
             init_log_alpha=self.init_log_alpha,
             kl_scale=self.kl_scale,
             kl_group=self.kl_group,  # type: ignore[arg-type]
+            kl_freeze=self.kl_freeze,
+            kl_warmup=self.kl_warmup,
+            sample_start=self.sample_start,
             prune_threshold=self.prune_threshold,
             prune_start=self.prune_start,
             prune_every=self.prune_every,

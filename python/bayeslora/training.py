@@ -11,8 +11,11 @@ An existing HF script gains BayesLoRA in a few lines::
 posterior noise on in training from ``sample_start`` (and off for evaluation), masks noisy ranks
 every ``prune_every`` steps after ``prune_start`` (identically on every process), logs NLL, KL, β and
 the total active rank, and saves checkpoints as adapters (``bl.save_adapter``) instead of full models.
-The rank parameters get their own learning rate (``rank_lr``): under Adam a step moves a parameter
-by about the learning rate, and ``log α`` has to travel several units for a rank to switch off.
+The rank parameters get their own optimizer group: AdamW with ``eps = 1``, which for gradients well
+below 1 is SGD with momentum at learning rate ``rank_lr``. Plain Adam normalises each parameter's
+step to about its learning rate whatever the gradient's size, so every ``log α`` would rise in
+lockstep under the KL's steady push and the ranks the likelihood needs could not hold back more than
+the others: the gradient's magnitude *is* the relevance signal.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ class BayesLoRATrainer(Trainer):
     """``transformers.Trainer`` with the BayesLoRA objective (SPEC §4) and prune schedule (SPEC §5).
 
     Args:
-        rank_lr: learning rate of ``log_alpha`` / ``log_sigma2`` (default: 10 × ``args.learning_rate``).
+        rank_lr: learning rate of ``log_alpha`` / ``log_sigma2`` (SGD-like, see the module docstring).
         num_train: N of the objective (default: ``len(train_dataset)``).
         Other arguments as ``transformers.Trainer``.
     """
@@ -103,7 +106,7 @@ class BayesLoRATrainer(Trainer):
             lr = self.args.learning_rate
             groups = [{"params": others, "lr": lr, "weight_decay": self.args.weight_decay}]
             if rank:
-                groups.append({"params": rank, "lr": self.rank_lr or 10 * lr, "weight_decay": 0.0})
+                groups.append({"params": rank, "lr": self.rank_lr or 1.0, "weight_decay": 0.0, "eps": 1.0})
             self.optimizer = torch.optim.AdamW(groups, lr=lr)
         return self.optimizer
 
