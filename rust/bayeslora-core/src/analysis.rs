@@ -7,7 +7,9 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::linalg::{dot, householder_qr, jacobi_svd, norm2, spearman, subspace_angles, Mat, Svd};
+use crate::linalg::{
+    dot, householder_qr, jacobi_svd, norm2, spearman, subspace_angles_orthonormal_b, Mat, Svd,
+};
 
 /// The factors of one adapted module, row-major as torch stores them.
 #[derive(Clone, Copy, Debug)]
@@ -82,16 +84,25 @@ pub fn low_rank_svd(f: &LowRank<'_>) -> Result<Svd> {
     low_rank_svd_of(&f.b_mat()?, &f.a_t()?, f.ez, f.scale)
 }
 
-fn low_rank_svd_of(b: &Mat, a_t: &Mat, ez: &[f64], scale: f64) -> Result<Svd> {
+/// The factored form of ΔW: `B = Q_B R_B`, `Aᵀ = Q_A R_A`, and the SVD of the core.
+struct Factored {
+    q_b: Mat,
+    r_b: Mat,
+    q_a: Mat,
+    r_a: Mat,
+    core: Svd,
+}
+
+fn factorize(b: &Mat, a_t: &Mat, ez: &[f64], scale: f64) -> Result<Factored> {
     let (q_b, r_b) = householder_qr(b)?;
     let (q_a, r_a) = householder_qr(a_t)?;
-    let (kb, ka, r) = (r_b.rows(), r_a.rows(), ez.len());
+    let (kb, ka) = (r_b.rows(), r_a.rows());
     // core[i, l] = s Σ_k R_B[i, k] ez_k R_A[l, k]
     let mut core = Vec::with_capacity(kb * ka);
     for l in 0..ka {
         for i in 0..kb {
             let mut acc = 0.0;
-            for (k, &e) in ez.iter().enumerate().take(r) {
+            for (k, &e) in ez.iter().enumerate() {
                 acc += r_b.get(i, k) * e * r_a.get(l, k);
             }
             core.push(scale * acc);
@@ -103,11 +114,22 @@ fn low_rank_svd_of(b: &Mat, a_t: &Mat, ez: &[f64], scale: f64) -> Result<Svd> {
             "ΔW overflows f64 (factors or scale too large)".into(),
         ));
     }
-    let c = jacobi_svd(&core)?;
+    let core = jacobi_svd(&core)?;
+    Ok(Factored {
+        q_b,
+        r_b,
+        q_a,
+        r_a,
+        core,
+    })
+}
+
+fn low_rank_svd_of(b: &Mat, a_t: &Mat, ez: &[f64], scale: f64) -> Result<Svd> {
+    let f = factorize(b, a_t, ez, scale)?;
     Ok(Svd {
-        u: q_b.matmul(&c.u)?,
-        s: c.s,
-        v: q_a.matmul(&c.v)?,
+        u: f.q_b.matmul(&f.core.u)?,
+        s: f.core.s,
+        v: f.q_a.matmul(&f.core.v)?,
     })
 }
 
@@ -190,9 +212,20 @@ fn best_cos(x: &[f64], basis: &Mat, n: usize) -> (f64, i64) {
     best
 }
 
-fn angles_per_j(comp: &Mat, sing: &Mat, order: &[usize], r_eff: usize) -> Result<Vec<Vec<f64>>> {
+/// Angles for j = 1..=r_eff between the first j components (in `order`) and the first j singular
+/// vectors. Both are given in the coordinates of the same isometry Q (`a_k = Q R[:, k]`,
+/// `V = Q V_c`), so the work is r-dimensional; `dim` is the ambient dimension (d_in or d_out).
+fn angles_per_j(
+    comp: &Mat,
+    sing: &Mat,
+    order: &[usize],
+    r_eff: usize,
+    dim: usize,
+) -> Result<Vec<Vec<f64>>> {
     (1..=r_eff.min(order.len()))
-        .map(|j| subspace_angles(&comp.select_cols(&order[..j]), &sing.first_cols(j)))
+        .map(|j| {
+            subspace_angles_orthonormal_b(&comp.select_cols(&order[..j]), &sing.first_cols(j), dim)
+        })
         .collect()
 }
 
@@ -214,8 +247,8 @@ pub fn analyze_module(input: &ModuleInput<'_>) -> Result<ModuleAnalysis> {
     }
     let a_t = f.a_t()?;
     let b = f.b_mat()?;
-    let svd = low_rank_svd_of(&b, &a_t, f.ez, f.scale)?;
-    let s = &svd.s;
+    let fac = factorize(&b, &a_t, f.ez, f.scale)?;
+    let s = &fac.core.s;
     let sigma1 = s.first().copied().unwrap_or(0.0);
     let tol = sigma1 * f64::EPSILON * (f.d_in.max(f.d_out) as f64);
     let r_eff = s.iter().filter(|&&x| x > tol).count();
@@ -223,22 +256,25 @@ pub fn analyze_module(input: &ModuleInput<'_>) -> Result<ModuleAnalysis> {
     let magnitudes: Vec<f64> = (0..r)
         .map(|k| f.scale.abs() * f.ez[k].abs() * norm2(b.col(k)) * norm2(a_t.col(k)))
         .collect();
+    // In Q coordinates: a_k·v_i = R_A[:, k]·V_c[:, i] and ‖a_k‖ = ‖R_A[:, k]‖.
+    let (v_c, u_c) = (&fac.core.v, &fac.core.u);
     let (cos_a, match_a): (Vec<f64>, Vec<i64>) =
-        (0..r).map(|k| best_cos(a_t.col(k), &svd.v, r_eff)).unzip();
+        (0..r).map(|k| best_cos(fac.r_a.col(k), v_c, r_eff)).unzip();
     let (cos_b, match_b): (Vec<f64>, Vec<i64>) =
-        (0..r).map(|k| best_cos(b.col(k), &svd.u, r_eff)).unzip();
+        (0..r).map(|k| best_cos(fac.r_b.col(k), u_c, r_eff)).unzip();
 
     let magnitude_order = order_by(&magnitudes, true);
     let order = match input.relevance {
         Some(rel) => order_by(rel, false),
         None => magnitude_order.clone(),
     };
-    let angles_v = angles_per_j(&a_t, &svd.v, &order, r_eff)?;
-    let angles_u = angles_per_j(&b, &svd.u, &order, r_eff)?;
+    let (di, dout) = (f.d_in, f.d_out);
+    let angles_v = angles_per_j(&fac.r_a, v_c, &order, r_eff, di)?;
+    let angles_u = angles_per_j(&fac.r_b, u_c, &order, r_eff, dout)?;
     let (magnitude_angles_v, magnitude_angles_u) = if input.relevance.is_some() {
         (
-            angles_per_j(&a_t, &svd.v, &magnitude_order, r_eff)?,
-            angles_per_j(&b, &svd.u, &magnitude_order, r_eff)?,
+            angles_per_j(&fac.r_a, v_c, &magnitude_order, r_eff, di)?,
+            angles_per_j(&fac.r_b, u_c, &magnitude_order, r_eff, dout)?,
         )
     } else {
         (angles_v.clone(), angles_u.clone())
@@ -271,13 +307,15 @@ pub fn analyze_module(input: &ModuleInput<'_>) -> Result<ModuleAnalysis> {
         Some(rel) if rel.iter().all(|x| x.is_finite()) => spearman(rel, &magnitudes)?,
         _ => f64::NAN,
     };
+    let u = fac.q_b.matmul(&fac.core.u)?;
+    let v = fac.q_a.matmul(&fac.core.v)?;
     Ok(ModuleAnalysis {
         rank: r,
         d_in: f.d_in,
         d_out: f.d_out,
-        u: svd.u.to_row_major(),
-        v: svd.v.to_row_major(),
-        singular_values: svd.s,
+        u: u.to_row_major(),
+        v: v.to_row_major(),
+        singular_values: fac.core.s,
         r_eff,
         magnitudes,
         cos_a,
@@ -298,11 +336,16 @@ pub fn analyze_module(input: &ModuleInput<'_>) -> Result<ModuleAnalysis> {
 }
 
 /// Analyse every module, in parallel on a pool of `num_threads` threads (`None` or 0: rayon's
-/// default). Results keep the input order; the first error wins.
+/// default; 1: serially on the calling thread). Results keep the input order; the first error
+/// wins. The pool lives for this call only: a cached pool would not survive a `fork()` (data
+/// loader workers), and building one costs far less than the analysis.
 pub fn analyze_modules(
     inputs: &[ModuleInput<'_>],
     num_threads: Option<usize>,
 ) -> Result<Vec<ModuleAnalysis>> {
+    if num_threads == Some(1) || inputs.len() <= 1 {
+        return inputs.iter().map(analyze_module).collect();
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(num_threads.unwrap_or(0))
         .build()
