@@ -21,8 +21,12 @@ fn slice1<'a>(name: &str, a: &'a PyReadonlyArray1<'_, f64>) -> PyResult<&'a [f64
 }
 
 fn slice2<'a>(name: &str, a: &'a PyReadonlyArray2<'_, f64>) -> PyResult<&'a [f64]> {
-    a.as_slice()
-        .map_err(|_| PyValueError::new_err(format!("{name} must be a C-contiguous float64 array")))
+    // `as_slice` also accepts Fortran order, which would silently transpose the data.
+    let err = || PyValueError::new_err(format!("{name} must be a C-contiguous float64 array"));
+    if !a.is_c_contiguous() {
+        return Err(err());
+    }
+    a.as_slice().map_err(|_| err())
 }
 
 fn shape_err(py: Python<'_>, msg: String) -> PyErr {
@@ -111,12 +115,14 @@ fn subspace_angles<'py>(
     x: PyReadonlyArray2<'py, f64>,
     y: PyReadonlyArray2<'py, f64>,
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
-    let (xs, ys) = (slice2("x", &x)?, slice2("y", &y)?);
+    // Any memory layout: copied in logical (row-major) order.
+    let xs: Vec<f64> = x.as_array().iter().copied().collect();
+    let ys: Vec<f64> = y.as_array().iter().copied().collect();
     let (xr, xc, yr, yc) = (x.shape()[0], x.shape()[1], y.shape()[0], y.shape()[1]);
     let th = py
         .detach(|| {
-            let xm = Mat::from_row_major(xr, xc, xs)?;
-            let ym = Mat::from_row_major(yr, yc, ys)?;
+            let xm = Mat::from_row_major(xr, xc, &xs)?;
+            let ym = Mat::from_row_major(yr, yc, &ys)?;
             core::linalg::subspace_angles(&xm, &ym)
         })
         .map_err(|e| to_pyerr(py, e))?;
@@ -131,7 +137,9 @@ fn spearman(
     x: PyReadonlyArray1<'_, f64>,
     y: PyReadonlyArray1<'_, f64>,
 ) -> PyResult<f64> {
-    core::linalg::spearman(slice1("x", &x)?, slice1("y", &y)?).map_err(|e| to_pyerr(py, e))
+    let xs: Vec<f64> = x.as_array().iter().copied().collect();
+    let ys: Vec<f64> = y.as_array().iter().copied().collect();
+    core::linalg::spearman(&xs, &ys).map_err(|e| to_pyerr(py, e))
 }
 
 type ModuleArgs<'py> = (
