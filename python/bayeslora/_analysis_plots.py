@@ -30,7 +30,9 @@ def _figure(n: int):
     import matplotlib.pyplot as plt
 
     rows, cols = _grid(n)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(max(3.3 * cols, 6.5), 2.7 * rows + 0.9), squeeze=False, layout="constrained"
+    )
     return plt, fig, axes
 
 
@@ -66,12 +68,13 @@ def plot_spectrum(report: AnalysisReport, path: str | os.PathLike) -> Path:
         ax.tick_params(labelsize=7)
         ax.set_ylim(0, max(1.05, float(np.max(mags, initial=0)) * 1.05))
     fig.suptitle(
-        "Spectrum vs relevance: bars σ_i/σ_1; dots c_k/σ_1 of the i-th most relevant component "
-        "(colour: relevance, lower = more relevant)",
+        "Spectrum vs relevance\nbars: σ_i/σ_1 of ΔW;  dots: c_k/σ_1 of the i-th most relevant component",
         fontsize=9,
     )
+    for ax in axes[-1]:
+        ax.set_xlabel("i (singular index) / rank by relevance", fontsize=7)
     if sc is not None:
-        fig.colorbar(sc, ax=axes.ravel().tolist(), shrink=0.6, label="relevance")
+        fig.colorbar(sc, ax=axes.ravel().tolist(), shrink=0.6, label="relevance (lower = more relevant)")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -103,13 +106,18 @@ def plot_alignment(report: AnalysisReport, path: str | os.PathLike) -> Path:
         ax.set_ylim(-0.02, 1.05)
         ax.set_xticks(j if j.size <= 16 else j[:: max(1, j.size // 8)])
         ax.tick_params(labelsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("j", fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("cos θ_max", fontsize=7)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+        fig.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=8)
     fig.suptitle(
-        "Alignment: cos of the largest principal angle, top-j components vs top-j singular", fontsize=9
+        "Alignment: cos of the largest principal angle between\nthe top-j components and the top-j "
+        "singular subspace",
+        fontsize=9,
     )
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -94,9 +94,11 @@ class ModuleReport:
         return self.r_eff - 1 if self.r_eff >= n_nonzero else self.r_eff
 
     def summary(self) -> dict[str, float]:
-        """Scalar alignment statistics: ``top1_cos_v/u`` (j = 1), ``mean_cos_v/u`` (mean over the
-        informative j of the cos of the largest angle), the same with magnitude order, and the mean
-        best |cos| of the components against the singular vectors."""
+        """Scalar alignment statistics: ``top1_cos_v/u`` (j = 1); ``mean_cos_v/u``, the mean over
+        the informative j (all but a trivial last one) of the cos of the largest principal angle;
+        ``gap_weighted_cos_v/u``, the same mean weighted by the singular gaps σ_j − σ_{j+1} (j whose
+        singular subspace is ill defined count little); the same with magnitude order; and the
+        mean best |cos| of the components against the singular vectors."""
         j = self._informative()
 
         def mean_first(x: np.ndarray) -> float:
@@ -105,6 +107,15 @@ class ModuleReport:
         def first(x: np.ndarray) -> float:
             return float(x[0]) if x.size and j > 0 else math.nan
 
+        # Gap weights: the top-j singular subspace is only as well defined as the gap σ_j − σ_{j+1}
+        # (Davis–Kahan), so weight each j by it; with σ_{p+1} = 0 the gaps sum to σ_1.
+        sig = np.append(self.singular_values[: self.r_eff], 0.0)
+        w = (sig[:-1] - sig[1:])[:j] if j > 0 else np.zeros(0)
+
+        def gap_weighted(x: np.ndarray) -> float:
+            total = float(w.sum())
+            return float(np.dot(w, x[:j]) / total) if j > 0 and total > 0 else math.nan
+
         mag_v, mag_u = self._min_cos(self.magnitude_angles_v), self._min_cos(self.magnitude_angles_u)
         finite = np.isfinite(self.cos_a)
         return {
@@ -112,6 +123,9 @@ class ModuleReport:
             "top1_cos_u": first(self.alignment_u),
             "mean_cos_v": mean_first(self.alignment_v),
             "mean_cos_u": mean_first(self.alignment_u),
+            "gap_weighted_cos_v": gap_weighted(self.alignment_v),
+            "gap_weighted_cos_u": gap_weighted(self.alignment_u),
+            "magnitude_gap_weighted_cos_v": gap_weighted(mag_v),
             "magnitude_mean_cos_v": mean_first(mag_v),
             "magnitude_mean_cos_u": mean_first(mag_u),
             "mean_best_cos_a": float(np.mean(self.cos_a[finite])) if finite.any() else math.nan,
@@ -161,6 +175,9 @@ class AnalysisReport:
             "mean_top1_cos_u": nanmean("top1_cos_u"),
             "mean_cos_v": nanmean("mean_cos_v"),
             "mean_cos_u": nanmean("mean_cos_u"),
+            "gap_weighted_cos_v": nanmean("gap_weighted_cos_v"),
+            "gap_weighted_cos_u": nanmean("gap_weighted_cos_u"),
+            "magnitude_gap_weighted_cos_v": nanmean("magnitude_gap_weighted_cos_v"),
             "magnitude_mean_cos_v": nanmean("magnitude_mean_cos_v"),
             "magnitude_mean_cos_u": nanmean("magnitude_mean_cos_u"),
             "mean_best_cos_a": nanmean("mean_best_cos_a"),
@@ -182,11 +199,11 @@ class AnalysisReport:
 
     def table(self, top: int = 4) -> str:
         """A fixed-width per-module table: ranks, the most relevant scores, the top singular values,
-        Spearman and alignment (cos of the largest principal angle, j = 1 and mean over j)."""
+        Spearman and alignment (cos of the largest principal angle: j = 1, and gap-weighted over j)."""
         head = (
             f"{'module':<40} {'r0':>3} {'r':>3} {'reff':>4} "
-            f"{'relevance (best first)':<26} {'top σ':<28} {'ρ':>6} {'cos1 V':>6} {'cosj V':>6} "
-            f"{'cos1 U':>6} {'cosj U':>6}"
+            f"{'relevance (best first)':<26} {'top σ':<30} {'ρ':>6} {'cos1 V':>6} {'cosw V':>6} "
+            f"{'cos1 U':>6} {'cosw U':>6}"
         )
         lines = [head, "-" * len(head)]
         for m in self.modules:
@@ -195,9 +212,9 @@ class AnalysisReport:
             name = m.name if len(m.name) <= 40 else "…" + m.name[-39:]
             lines.append(
                 f"{name:<40} {m.initial_rank:>3} {m.active_rank:>3} {m.r_eff:>4} {rel:<26} "
-                f"{_fmt(m.singular_values[:top], 6):<28} {_num(m.spearman):>6} "
-                f"{_num(s['top1_cos_v']):>6} {_num(s['mean_cos_v']):>6} "
-                f"{_num(s['top1_cos_u']):>6} {_num(s['mean_cos_u']):>6}"
+                f"{_fmt(m.singular_values[:top], 6):<30} {_num(m.spearman):>6} "
+                f"{_num(s['top1_cos_v']):>6} {_num(s['gap_weighted_cos_v']):>6} "
+                f"{_num(s['top1_cos_u']):>6} {_num(s['gap_weighted_cos_u']):>6}"
             )
         t = self.totals
         lines.append("-" * len(head))
@@ -205,9 +222,14 @@ class AnalysisReport:
             f"{len(self.modules)} modules, rank {t['active_rank']}/{t['initial_rank']} "
             f"(numerical {t['numerical_rank']}), {t['adapter_parameters']} adapter parameters; "
             f"mean ρ(relevance, magnitude) {_num(t['mean_spearman'])}; "
-            f"alignment V: top-1 {_num(t['mean_top1_cos_v'])}, mean {_num(t['mean_cos_v'])} "
-            f"(magnitude order {_num(t['magnitude_mean_cos_v'])}); "
-            f"U: top-1 {_num(t['mean_top1_cos_u'])}, mean {_num(t['mean_cos_u'])}"
+            f"alignment V: top-1 {_num(t['mean_top1_cos_v'])}, gap-weighted "
+            f"{_num(t['gap_weighted_cos_v'])} (magnitude order {_num(t['magnitude_gap_weighted_cos_v'])}), "
+            f"mean over j {_num(t['mean_cos_v'])}; U: top-1 {_num(t['mean_top1_cos_u'])}, gap-weighted "
+            f"{_num(t['gap_weighted_cos_u'])}"
+        )
+        lines.append(
+            "cos1 = cos θ between the most relevant component and the top singular direction; "
+            "cosw = gap-weighted mean over j of cos θ_max(top-j relevant, top-j singular)"
         )
         return "\n".join(lines)
 
