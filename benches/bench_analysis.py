@@ -231,6 +231,7 @@ STATS = (
     ("v3", "A vs V: cos θ_max, j = 3"),
     ("v4", "A vs V: cos θ_max, j = 4"),
     ("u13", "B vs U: cos θ_max, mean of j = 1..3"),
+    ("gap_weighted_cos_v", "A vs V: gap-weighted mean over j (report's cosw)"),
     ("m13", "A vs V, magnitude order: mean of j = 1..3"),
     ("mean_best_cos_a", "mean best abs cos, a_k vs V (all k)"),
     ("top4_best_cos_a", "mean best abs cos, a_k vs V (4 most relevant k)"),
