@@ -239,3 +239,6 @@ def test_cli_analyze(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "0.query" in table and "rank 30/36" in table
     assert cli_main(["analyze", str(tmp_path / "nothing")]) == 1
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["analyze", "--help"])
+    assert exc.value.code == 0 and "--plots" in capsys.readouterr().out
