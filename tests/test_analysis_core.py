@@ -102,6 +102,17 @@ def test_subspace_angles_match_scipy(seed, m, n, k, kind):
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("k", [9, 1])
+def test_square_rank_deficient_regression(k):
+    # A 9x9 matrix of rank 8: a Jacobi column left at rounding level once reported σ ≈ 4e-15·σ_1
+    # (above orth's tolerance), so the rank came out 9 and the angles were wrong.
+    x, y = _subspace_inputs(9, 9, 9, k, "dependent")
+    ref = scipy.linalg.subspace_angles(x, y)
+    ours = _core.subspace_angles(x, y)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
 def test_subspace_angles_known_values():
     h = scipy.linalg.hadamard(4).astype(float)
     np.testing.assert_allclose(_core.subspace_angles(h[:, :2], h[:, 2:]), [np.pi / 2] * 2, atol=1e-15)

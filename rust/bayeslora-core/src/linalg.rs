@@ -368,7 +368,26 @@ pub fn jacobi_svd(a: &Mat) -> Result<Svd> {
             "Jacobi SVD of a {m}x{n} matrix did not converge in {MAX_SWEEPS} sweeps"
         )));
     }
-    let norms: Vec<f64> = (0..n).map(|j| norm2(g.col(j))).collect();
+    let mut norms: Vec<f64> = (0..n).map(|j| norm2(g.col(j))).collect();
+    // A skipped (negligible) column still holds its components along the others — exactly what
+    // the skipped rotations would have moved out. Its singular value is the norm of what is left
+    // after projecting them away (absolute accuracy ~eps·‖A‖, as LAPACK's), not its raw norm,
+    // which can be orders of magnitude larger and would flip rank decisions.
+    let big: Vec<usize> = (0..n).filter(|&j| norms[j] > negligible).collect();
+    for j in 0..n {
+        if norms[j] > negligible || norms[j] == 0.0 {
+            continue;
+        }
+        let mut x = g.col(j).to_vec();
+        for _ in 0..2 {
+            for &i in &big {
+                let gi = g.col(i);
+                let t = dot(gi, &x) / (norms[i] * norms[i]);
+                axpy(-t, gi, &mut x);
+            }
+        }
+        norms[j] = norm2(&x);
+    }
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&x, &y| norms[y].total_cmp(&norms[x]).then(x.cmp(&y)));
     let mut u = Mat::zeros(m, n)?;
@@ -710,6 +729,27 @@ mod tests {
         assert!(orthonormality_error(&svd.u) < 1e-14);
         assert!(orthonormality_error(&svd.v) < 1e-14);
         assert!(max_abs_diff(&reconstruct(&svd), &a) < 1e-15);
+    }
+
+    #[test]
+    fn square_rank_deficient_has_tiny_singular_value() {
+        // last column = first + half the second: rank n − 1; the smallest σ must be at rounding
+        // level of the whole matrix, not the raw norm of a column Jacobi left alone.
+        for seed in 0..50 {
+            let n = 3 + (seed as usize % 8);
+            let mut a = random(n, n, seed);
+            let (c0, c1) = (a.col(0).to_vec(), a.col(1).to_vec());
+            for (i, x) in a.col_mut(n - 1).iter_mut().enumerate() {
+                *x = c0[i] + 0.5 * c1[i];
+            }
+            let s = thin_svd(&a).expect("svd").s;
+            assert!(
+                s[n - 1] <= f64::EPSILON * s[0],
+                "seed {seed}: {:e}",
+                s[n - 1] / s[0]
+            );
+            assert_eq!(orth(&a).expect("orth").cols(), n - 1);
+        }
     }
 
     #[test]
