@@ -4,9 +4,10 @@
     targets → 12 modules, and all-linear → 36 modules) with ``_core.analyze_modules`` vs the
     numpy/scipy route on the dense ΔW (``np.linalg.svd`` of the d_out×d_in matrix, then
     ``scipy.linalg.subspace_angles`` for every j, both orders, both sides). Thread counts fixed.
-(b) Alignment: a small teacher/student task with a planted low-rank ΔW, trained three ways with the
-    same data, steps and Adam — BayesLoRA (gate), plain LoRA, and BayesLoRA started from a randomly
-    rotated initialisation ``(B R, Rᵀ A)`` — plus the null of a random factorisation of the same ΔW.
+(b) Alignment: a small teacher/student task with a planted low-rank ΔW, trained with the same data,
+    steps and Adam as BayesLoRA (gate; also additive), plain LoRA, LoRA + weight decay, and
+    BayesLoRA started from a randomly rotated initialisation ``(B R, Rᵀ A)`` — plus the null of a
+    random factorisation of BayesLoRA's ΔW.
 
 Script: ``python benches/bench_analysis.py [--steps N] [--seeds S]`` prints both tables.
 pytest (CI, ``--benchmark-disable``): runs each part once, at a small size.
@@ -138,7 +139,8 @@ def _teacher(seed: int):  # returns (student base model, teacher model, data)
 
 
 def train(kind: str, seed: int, steps: int):
-    """kind: "bayeslora", "lora" or "rotated" (BayesLoRA from (B R, Rᵀ A))."""
+    """kind: "bayeslora" (gate), "additive", "lora", "lora_wd" (LoRA + AdamW weight decay) or
+    "rotated" (gate BayesLoRA from (B R, Rᵀ A))."""
     import copy
 
     import torch
@@ -152,7 +154,7 @@ def train(kind: str, seed: int, steps: int):
         alpha=R0,
         target_modules=["fc1", "fc2"],
         method="lora" if kind.startswith("lora") else "bayeslora",
-        posterior="gate",
+        posterior="additive" if kind == "additive" else "gate",
         init_b_std=0.02,
         init_log_alpha=-3.0,
     )
@@ -166,8 +168,9 @@ def train(kind: str, seed: int, steps: int):
                 rot = torch.linalg.qr(torch.randn(R0, R0, generator=gen))[0]
                 layer.lora_B.copy_(layer.lora_B @ rot)
                 layer.lora_A.copy_(rot.T @ layer.lora_A)
-    rank_params = [p for n_, p in model.named_parameters() if n_.endswith("log_alpha")]
-    factors = [p for n_, p in model.named_parameters() if p.requires_grad and not n_.endswith("log_alpha")]
+    is_rank = ("log_alpha", "log_sigma2")
+    rank_params = [p for n_, p in model.named_parameters() if n_.endswith(is_rank)]
+    factors = [p for n_, p in model.named_parameters() if p.requires_grad and not n_.endswith(is_rank)]
     groups = [{"params": factors, "lr": LR}]
     if rank_params:
         groups.append({"params": rank_params, "lr": LR_RANK})
@@ -222,7 +225,7 @@ def random_factorisation(report: bla.AnalysisReport, model, seed: int) -> bla.An
 
 
 STATS = (
-    ("active_rank", "active rank (total of 2 modules, r0 = 8 each)"),
+    ("active_rank", "active rank after pruning at τ = 3 (total of 2 modules, r0 = 8 each)"),
     ("mean_effective_rank", "effective rank exp(H(σ/Σσ)) (mean)"),
     ("energy4", "energy in the top 4 σ, E_4 (mean)"),
     ("mean_spearman", "Spearman(relevance, magnitude)"),
@@ -236,9 +239,10 @@ STATS = (
     ("mean_best_cos_a", "mean best abs cos, a_k vs V (all k)"),
     ("top4_best_cos_a", "mean best abs cos, a_k vs V (4 most relevant k)"),
 )
-KINDS = ("bayeslora", "lora", "lora_wd", "rotated", "null")
+KINDS = ("bayeslora", "additive", "lora", "lora_wd", "rotated", "null")
 NAMES = {
     "bayeslora": "BayesLoRA (gate)",
+    "additive": "BayesLoRA (additive)",
     "lora": "plain LoRA",
     "lora_wd": "LoRA + weight decay",
     "rotated": "BayesLoRA, rotated init",
