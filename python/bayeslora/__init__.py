@@ -33,7 +33,7 @@ _LAZY = {
     "load_adapter": "io",
     "BayesLoRALayer": "layers",
 }
-_SUBMODULES = ("metrics", "analysis", "runtime")
+_SUBMODULES = ("metrics", "calibration", "plots", "analysis", "runtime", "training", "data")
 
 if TYPE_CHECKING:
     from .injection import inject

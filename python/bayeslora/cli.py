@@ -3,8 +3,177 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+from .errors import BayesLoRAError
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(payload, default=str))
+    else:
+        print(text)
+
+
+# ---- train ------------------------------------------------------------------------------------
+def _add_train_options(p: argparse.ArgumentParser, defaults: Any) -> None:
+    p.add_argument(
+        "--model", default=defaults.model, help="HF model directory, or 'default' (all-MiniLM-L6-v2)"
+    )
+    p.add_argument(
+        "--data",
+        default=defaults.data,
+        help="vader-movies | vader-tweets | vader-amazon | vader-nyt | bbc | csv:PATH (columns text,label)",
+    )
+    p.add_argument("--method", default=defaults.method, choices=["bayeslora", "lora", "mcdropout"])
+    p.add_argument("--posterior", default=defaults.posterior, choices=["gate", "additive"])
+    p.add_argument("--rank", type=int, default=defaults.rank, help="initial rank r0 of every adapter")
+    p.add_argument("--alpha", type=float, default=defaults.alpha, help="LoRA alpha (scale = alpha / r0)")
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        default=defaults.targets,
+        help="module names or suffixes, a regex, or all-linear",
+    )
+    p.add_argument("--epochs", type=float, default=defaults.epochs)
+    p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate of factors and head")
+    p.add_argument(
+        "--rank-lr", type=float, default=defaults.rank_lr, help="learning rate of log_alpha/log_sigma2"
+    )
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--max-length", type=int, default=defaults.max_length)
+    p.add_argument(
+        "--max-train", type=int, default=defaults.max_train, help="use at most this many training examples"
+    )
+    p.add_argument("--kl-scale", type=float, default=defaults.kl_scale)
+    p.add_argument("--prune-threshold", type=float, default=defaults.prune_threshold)
+    p.add_argument("--prune-start", type=int, default=defaults.prune_start)
+    p.add_argument("--prune-every", type=int, default=defaults.prune_every)
+    p.add_argument("--min-rank", type=int, default=defaults.min_rank)
+    p.add_argument(
+        "--samples", type=int, default=defaults.samples, help="MC samples for the final evaluation"
+    )
+    p.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from .pipeline import TrainSettings
+
+    fields = TrainSettings.__dataclass_fields__
+    return TrainSettings(**{k: getattr(args, k) for k in fields if hasattr(args, k)})
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .pipeline import train
+
+    quiet = args.json
+    summary = train(
+        _settings(args),
+        args.out,
+        progress=not quiet,
+        log=(lambda *a: print(*a, file=sys.stderr)) if quiet else print,
+    )
+    payload = {k: v for k, v in summary.items() if k not in ("model", "tokenizer", "data", "log_history")}
+    m = summary["metrics"]["test_mean"]
+    text = (
+        f"saved {args.out}: total rank {summary['total_rank']}/{summary['initial_total_rank']}, "
+        f"test accuracy {m['accuracy']:.4f}, NLL {m['nll']:.4f}, ECE {m['ece']:.4f}"
+    )
+    _emit(args, payload, text)
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .pipeline import TrainSettings
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a classifier with BayesLoRA, LoRA or MC dropout",
+        description="Fine-tune a sequence classifier; writes adapter/ and run.json to --out.",
+    )
+    _add_train_options(p, TrainSettings())
+    p.add_argument("--out", required=True, help="output directory (checkpoint)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=_run_train)
+
+
+# ---- quickstart -------------------------------------------------------------------------------
+def _run_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run_quickstart
+
+    result = run_quickstart(
+        args.out,
+        seed=args.seed,
+        max_train=args.max_train,
+        epochs=args.epochs,
+        quiet=args.json,
+        max_eval=args.max_eval,
+    )
+    _emit(args, result, f"report: {result['report']}")
+    return 0
+
+
+def _add_quickstart(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quickstart",
+        help="the whole idea in one command, on the default model and data",
+        description="Train BayesLoRA and plain LoRA on VADER movie reviews with all-MiniLM-L6-v2, "
+        "compare ranks, accuracy and calibration, detect out-of-domain text, export a bundle, score "
+        "sentences with the Rust runtime, and write report.md with plots.",
+    )
+    p.add_argument("--out", default="bayeslora-quickstart", help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-train", type=int, default=None, help="training examples per run (default: quickstart's)"
+    )
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument(
+        "--max-eval", type=int, default=None, help="evaluate on at most this many examples per set"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object with the results")
+    p.set_defaults(handler=_run_quickstart)
+
+
+# ---- evaluate ---------------------------------------------------------------------------------
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate, format_result
+
+    result = evaluate(
+        args.source,
+        data=args.data,
+        ood=args.ood,
+        shift=args.shift,
+        samples=args.samples,
+        seed=args.seed,
+        max_eval=args.max_eval,
+        plots=args.plots,
+        num_threads=args.threads,
+    )
+    _emit(args, result, format_result(result))
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="accuracy, NLL, Brier, ECE/MCE, shift, OOD AUROC/FPR95, AURC of a checkpoint or bundle",
+        description="Evaluate a training checkpoint (torch) or an exported bundle (Rust runtime, no torch) "
+        "on the test split of --data, on shifted domains, and on out-of-domain sets.",
+    )
+    p.add_argument("source", help="checkpoint directory (bayeslora train --out) or bundle (bayeslora export)")
+    p.add_argument("--data", default="vader-movies", help="in-domain dataset (its test split is used)")
+    p.add_argument("--ood", nargs="*", default=["bbc"], help="out-of-domain datasets")
+    p.add_argument("--shift", nargs="*", default=None, help="shifted datasets with the same labels")
+    p.add_argument("--samples", type=int, default=16, help="posterior samples (0 = mean mode)")
+    p.add_argument("--seed", type=int, default=0, help="split seed (use the training seed) and noise seed")
+    p.add_argument("--max-eval", type=int, default=None, help="at most this many examples per set")
+    p.add_argument("--threads", type=int, default=None, help="runtime threads (bundles)")
+    p.add_argument("--plots", default=None, help="directory for PNG plots")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=_run_evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,8 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bayesian LoRA: learned adapter rank, calibrated uncertainty, torch-free scoring.",
     )
     parser.add_argument("--version", action="version", version=f"bayeslora {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_analyze(subparsers)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_quickstart(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_analyze(sub)
     return parser
 
 
@@ -35,10 +207,7 @@ def _add_analyze(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
-    import json
-
     from .analysis import analyze
-    from .errors import BayesLoRAError
 
     try:
         report = analyze(args.path, num_threads=args.threads)
@@ -68,7 +237,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 2
-    return int(handler(args) or 0)
+    try:
+        return int(handler(args) or 0)
+    except BayesLoRAError as e:
+        print(f"bayeslora: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bayeslora: interrupted; the last checkpoint in --out stays loadable", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

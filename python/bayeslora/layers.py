@@ -192,19 +192,24 @@ class BayesLoRALayer(nn.Module):
         return torch.exp(self.log_sigma2.clamp(*LOG_SIGMA2_CLAMP))
 
     def _additive_lrt(self, x: torch.Tensor) -> torch.Tensor:
-        """Local reparameterisation with the exact marginal variance (SPEC §2b), per token."""
-        sigma2 = (self._sigma2() * self.rank_mask).to(torch.float32)
-        xf = x.to(torch.float32)
-        m = F.linear(xf, self.lora_A) * self.rank_mask  # [..., r]
-        v = xf.pow(2).sum(-1, keepdim=True) * sigma2  # [..., r]
-        mean_y = F.linear(m, self.lora_B)  # [..., d_out]
-        var_y = (
-            F.linear(v, self.lora_B.pow(2))
-            + (m.pow(2) * sigma2).sum(-1, keepdim=True)
-            + (v * sigma2).sum(-1, keepdim=True)
-        )
+        """Local reparameterisation with the exact marginal variance (SPEC §2b), per token.
+
+        With ``v_k = σ_k² ‖x‖²`` the variance ``Σ_k (v_k B_jk² + m_k² σ_k² + v_k σ_k²)`` factorises as
+        ``‖x‖² · c_j + t`` with ``c_j = Σ_k σ_k² (B_jk² + σ_k²)`` and ``t = Σ_k m_k² σ_k²``: a broadcast
+        instead of an extra ``[tokens, r] × [r, d_out]`` product.
+        """
+        mask = self.rank_mask.float()
+        sigma2 = self._sigma2().float() * mask  # [r]
+        A, B = self.lora_A.float(), self.lora_B.float()
+        xf = x.float()
+        m = F.linear(xf, A) * mask  # [..., r]
+        mean_y = F.linear(m, B)  # [..., d_out]
+        sq_norm = xf.pow(2).sum(-1, keepdim=True)  # [..., 1]
+        c = (B.pow(2) + sigma2).mul(sigma2).sum(1)  # [d_out]
+        t = (m.pow(2) * sigma2).sum(-1, keepdim=True)  # [..., 1]
+        var_y = torch.addcmul(t, sq_norm, c)  # [..., d_out]
         eps = self._randn(tuple(mean_y.shape), mean_y)
-        out = mean_y + torch.sqrt(var_y.clamp_min(0.0) + LRT_EPS) * eps
+        out = torch.addcmul(mean_y, torch.sqrt(var_y.clamp_min(0.0) + LRT_EPS), eps)
         return out.to(x.dtype)
 
     def _additive_weights(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,10 +218,11 @@ class BayesLoRALayer(nn.Module):
         sigma = torch.sqrt(self._sigma2())  # [r]
         eps_a = self._rank_noise(n, x, (self.d_in,))  # [n, r, d_in]
         eps_b = self._rank_noise(n, x, (self.d_out,))  # [n, r, d_out]
-        A_s = self.lora_A.unsqueeze(0) + sigma.view(1, -1, 1) * eps_a  # [n, r, d_in]
-        Bt_s = self.lora_B.t().unsqueeze(0) + sigma.view(1, -1, 1) * eps_b  # [n, r, d_out]
-        xf = x.to(torch.float32).reshape(n, -1, self.d_in)  # [n, T, d_in]
-        h = torch.bmm(xf, A_s.transpose(1, 2)) * self.rank_mask  # [n, T, r]
+        sigma = sigma.float()
+        A_s = self.lora_A.float().unsqueeze(0) + sigma.view(1, -1, 1) * eps_a  # [n, r, d_in]
+        Bt_s = self.lora_B.float().t().unsqueeze(0) + sigma.view(1, -1, 1) * eps_b  # [n, r, d_out]
+        xf = x.float().reshape(n, -1, self.d_in)  # [n, T, d_in]
+        h = torch.bmm(xf, A_s.transpose(1, 2)) * self.rank_mask.float()  # [n, T, r]
         out = torch.bmm(h, Bt_s)  # [n, T, d_out]
         return out.reshape(*x.shape[:-1], self.d_out).to(x.dtype)
 

@@ -126,13 +126,14 @@ def mc_predict(
     s_eff = max(samples, 1)
     per_call = max(1, max_batch // s_eff)
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(seed))
     chunks = []
     try:
         with sampling(model, samples > 0):
-            for layer in layers:
-                layer.generator = generator
+            # One stream per module, so that a module's draws never shift another's (a module
+            # pruned to rank 0 draws nothing, and the others' noise must not change with it).
+            for index, layer in enumerate(layers):
+                layer.generator = torch.Generator(device=device)
+                layer.generator.manual_seed((int(seed) * 1_000_003 + index) % (2**63))
             for start in range(0, n, per_call):
                 part = {k: v[start : start + per_call].to(device) for k, v in inputs.items()}
                 rows = next(iter(part.values())).shape[0]

@@ -1,0 +1,183 @@
+"""``bayeslora evaluate``: in-domain, shifted-domain and out-of-domain metrics of a checkpoint or bundle.
+
+A training checkpoint (``bayeslora train`` output: ``run.json`` + ``adapter/``) is scored with torch;
+an exported bundle (``bayeslora.json`` + ``model.safetensors``) with the Rust runtime, torch-free.
+Both give the SPEC §6 fields per input; the metrics (SPEC §7) are computed by ``bayeslora.metrics``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import metrics
+from .errors import BundleError
+
+SCORES = ("entropy", "mutual_info", "1-confidence")
+VADER_DOMAINS = ("vader-movies", "vader-tweets", "vader-amazon", "vader-nyt")
+
+Predictor = Callable[[Sequence[str]], dict[str, np.ndarray]]
+
+
+def _from_samples(sample_probs: np.ndarray) -> dict[str, np.ndarray]:
+    return metrics.uncertainty(sample_probs)
+
+
+def load_predictor(
+    path: str | os.PathLike, samples: int, seed: int, num_threads: int | None = None
+) -> tuple[Predictor, dict[str, Any]]:
+    """A function ``texts -> SPEC §6 fields`` for a checkpoint (torch) or a bundle (Rust runtime)."""
+    path = Path(path)
+    if (path / "bayeslora.json").is_file():
+        from .runtime import Scorer, read_meta
+
+        scorer = Scorer(path, num_threads=num_threads)
+        meta = read_meta(path)
+
+        def predict_bundle(texts: Sequence[str]) -> dict[str, np.ndarray]:
+            out = scorer.score(list(texts), samples=samples, seed=seed)
+            return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+        info = {
+            "kind": "bundle",
+            "engine": "rust",
+            "labels": meta.get("labels"),
+            "method": meta.get("method"),
+        }
+        return predict_bundle, info
+    if (path / "run.json").is_file():
+        from .pipeline import load_checkpoint, predict
+
+        model, tokenizer, run = load_checkpoint(path)
+        max_length = int(run["settings"]["max_length"])
+
+        def predict_ckpt(texts: Sequence[str]) -> dict[str, np.ndarray]:
+            return _from_samples(predict(model, tokenizer, list(texts), samples, seed, max_length))
+
+        info = {
+            "kind": "checkpoint",
+            "engine": "torch",
+            "labels": run["label_names"],
+            "method": run["settings"]["method"],
+        }
+        return predict_ckpt, info
+    raise BundleError(f"{path}: neither a bundle (bayeslora.json) nor a training checkpoint (run.json)")
+
+
+def _in_domain(out: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
+    probs = out["probs"]
+    res = {k: float(v) for k, v in metrics.summary(probs, labels).items()}
+    res["aurc"] = float(metrics.aurc(probs, labels))
+    return res
+
+
+def _score_values(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {
+        "entropy": out["entropy"],
+        "mutual_info": out["mutual_info"],
+        "1-confidence": 1.0 - out["confidence"],
+    }
+
+
+def evaluate(
+    path: str | os.PathLike,
+    data: str = "vader-movies",
+    ood: Sequence[str] = ("bbc",),
+    shift: Sequence[str] | None = None,
+    samples: int = 16,
+    seed: int = 0,
+    max_eval: int | None = None,
+    plots: str | os.PathLike | None = None,
+    num_threads: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint or bundle.
+
+    Args:
+        path: checkpoint or bundle directory.
+        data: in-domain dataset; its test split (from ``seed``) is used.
+        ood: out-of-domain datasets (their labels are ignored); AUROC/FPR95 with each score.
+        shift: datasets with the same labels from other domains (default: the other VADER domains
+            when ``data`` is a VADER domain); their test splits are scored like the in-domain one.
+        samples: posterior samples (0 = mean mode).
+        max_eval: at most this many examples per set.
+        plots: directory for PNG plots (reliability, risk–coverage, score histograms).
+    """
+    from .data import load_dataset
+
+    predict, info = load_predictor(path, samples, seed, num_threads)
+    ds = load_dataset(data, seed=seed)
+    if info.get("labels") and list(info["labels"]) != list(ds.label_names):
+        raise BundleError(
+            f"{path} was trained with labels {info['labels']}, but {data} has {list(ds.label_names)}"
+        )
+    texts, labels = ds.test.texts[:max_eval], ds.test.labels[:max_eval]
+    out_in = predict(texts)
+    result: dict[str, Any] = {
+        "source": str(path),
+        **info,
+        "data": data,
+        "samples": samples,
+        "seed": seed,
+        "n": len(texts),
+        "in_domain": _in_domain(out_in, labels),
+    }
+    if shift is None:
+        shift = [d for d in VADER_DOMAINS if d != data] if data in VADER_DOMAINS else []
+    result["shift"] = {}
+    for name in shift:
+        sds = load_dataset(name, seed=seed)
+        result["shift"][name] = _in_domain(predict(sds.test.texts[:max_eval]), sds.test.labels[:max_eval])
+    s_in = _score_values(out_in)
+    result["ood"] = {}
+    ood_scores = {}
+    for name in ood:
+        ods = load_dataset(name, seed=seed)
+        o_texts = ods.test.texts[:max_eval]
+        s_out = _score_values(predict(o_texts))
+        ood_scores[name] = s_out
+        result["ood"][name] = {
+            "n": len(o_texts),
+            **{f"auroc_{k}": metrics.auroc(s_in[k], s_out[k]) for k in SCORES},
+            **{f"fpr95_{k}": metrics.fpr_at_95_tpr(s_in[k], s_out[k]) for k in SCORES},
+        }
+    if plots is not None:
+        from . import plots as P
+
+        d = Path(plots)
+        P.reliability_diagram(d / "reliability.png", out_in["probs"], labels, title=f"{data} test")
+        curves = {"confidence": (out_in["probs"], labels)}
+        curves.update({f"score: {k}": (out_in["probs"], labels, s_in[k]) for k in ("entropy", "mutual_info")})
+        P.risk_coverage_plot(d / "risk_coverage.png", curves)
+        for name, s_out in ood_scores.items():
+            for k in SCORES:
+                P.score_histograms(
+                    d / f"hist_{name}_{k}.png",
+                    s_in[k],
+                    s_out[k],
+                    name=k,
+                    labels=(f"{data} (test)", f"{name} (OOD)"),
+                )
+        result["plots"] = str(d)
+    return result
+
+
+def format_result(r: dict[str, Any]) -> str:
+    """A readable text table of an :func:`evaluate` result."""
+    m = r["in_domain"]
+    lines = [
+        f"{r['source']} ({r['kind']}, {r['engine']}), {r['data']} test n={r['n']}, samples={r['samples']}",
+        f"  accuracy {m['accuracy']:.4f}  NLL {m['nll']:.4f}  Brier {m['brier']:.4f}  ECE {m['ece']:.4f}  "
+        f"MCE {m['mce']:.4f}  AURC {m['aurc']:.4f}",
+    ]
+    for name, s in r["shift"].items():
+        lines.append(
+            f"  shift {name:14} accuracy {s['accuracy']:.4f}  NLL {s['nll']:.4f}  ECE {s['ece']:.4f}"
+        )
+    for name, o in r["ood"].items():
+        cells = "  ".join(f"{k}: AUROC {o[f'auroc_{k}']:.4f} FPR95 {o[f'fpr95_{k}']:.4f}" for k in SCORES)
+        lines.append(f"  OOD {name} (n={o['n']}): {cells}")
+    return "\n".join(lines)

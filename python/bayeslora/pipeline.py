@@ -1,0 +1,321 @@
+"""End-to-end fine-tuning of a sequence classifier: data → inject → Trainer → prune/shrink → metrics.
+
+Used by ``bayeslora train`` and ``bayeslora quickstart``; a checkpoint directory holds ``adapter/``
+(``bl.save_adapter``), ``run.json`` (settings, base model, labels, ranks, metrics) and the
+intermediate Trainer checkpoints under ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BundleError, ConfigError
+
+RUN_FILE = "run.json"
+HEAD_NAMES = ("classifier", "score")
+
+
+@dataclass
+class TrainSettings:
+    """Everything a training run depends on (saved to ``run.json``)."""
+
+    model: str = "default"
+    data: str = "vader-movies"
+    method: str = "bayeslora"
+    posterior: str = "gate"
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    epochs: float = 2.0
+    lr: float = 5e-4
+    rank_lr: float = 3e-2
+    batch_size: int = 32
+    max_length: int = 64
+    seed: int = 0
+    kl_scale: float = 1.0
+    kl_group: str = "params"
+    init_log_alpha: float = -3.0
+    prune_threshold: float = 3.0
+    prune_start: int = 50
+    prune_every: int = 25
+    min_rank: int = 0
+    dropout: float = 0.1
+    max_train: int | None = None
+    samples: int = 16
+    save_steps: int = 50
+    max_eval: int | None = None
+
+    def bayes_config(self, head: str) -> Any:
+        from .config import BayesLoRAConfig
+
+        targets: list[str] | str = self.targets
+        if len(self.targets) == 1 and (
+            self.targets[0] == "all-linear" or any(c in self.targets[0] for c in "*[]|")
+        ):
+            targets = self.targets[0]
+        return BayesLoRAConfig(
+            rank=self.rank,
+            alpha=self.alpha,
+            target_modules=targets,
+            posterior=self.posterior,  # type: ignore[arg-type]
+            method=self.method,  # type: ignore[arg-type]
+            init_log_alpha=self.init_log_alpha,
+            kl_scale=self.kl_scale,
+            kl_group=self.kl_group,  # type: ignore[arg-type]
+            prune_threshold=self.prune_threshold,
+            prune_start=self.prune_start,
+            prune_every=self.prune_every,
+            min_rank=self.min_rank,
+            dropout=self.dropout,
+            modules_to_save=[head],
+        )
+
+
+def _head_name(model: Any) -> str:
+    for name in HEAD_NAMES:
+        if hasattr(model, name):
+            return name
+    raise ConfigError(
+        f"cannot find the classification head of {type(model).__name__} (looked for {HEAD_NAMES})"
+    )
+
+
+def resolve_model(model: str) -> Path:
+    """``"default"`` → the packaged all-MiniLM-L6-v2; else a local HF model directory."""
+    if model == "default":
+        from .data import default_model_path
+
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"--model {model!r}: not a model directory (no config.json); there is no model hub here"
+        )
+    return path
+
+
+class _Encoded:
+    """A list-like torch dataset of tokenised examples."""
+
+    def __init__(self, tokenizer: Any, texts: list[str], labels: np.ndarray | None, max_length: int) -> None:
+        self.enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+        self.labels = None if labels is None else [int(x) for x in labels]
+
+    def __len__(self) -> int:
+        return len(self.enc["input_ids"])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = {k: v[i] for k, v in self.enc.items()}
+        if self.labels is not None:
+            item["labels"] = self.labels[i]
+        return item
+
+
+def predict(
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    samples: int = 0,
+    seed: int = 0,
+    max_length: int = 64,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Per-sample class probabilities ``[N, max(S, 1), C]`` (mean mode when ``samples`` = 0)."""
+    import torch
+
+    from .prediction import mc_predict
+
+    out = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            list(texts[start : start + batch_size]),
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        res = mc_predict(
+            model,
+            inputs,
+            samples=samples,
+            seed=seed + start,
+            return_samples=True,
+            max_batch=max(256, batch_size),
+        )
+        out.append(res["sample_probs"].to(torch.float64).numpy())
+    return np.concatenate(out, 0)
+
+
+def evaluate_probs(sample_probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """In-domain metrics of the MC mean probabilities."""
+    from . import metrics
+
+    probs = sample_probs.mean(1)
+    return {k: float(v) for k, v in metrics.summary(probs, labels).items()}
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, dict]:
+    """(model, tokenizer, run metadata) of a ``bayeslora train`` output directory."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .io import load_adapter
+
+    run_path = Path(path) / RUN_FILE
+    try:
+        run = json.loads(run_path.read_text())
+    except FileNotFoundError as e:
+        raise BundleError(f"{run_path} not found: not a bayeslora training checkpoint") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"cannot read {run_path}: {e}") from e
+    base = Path(run["base_model"])
+    labels = run["label_names"]
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+    )
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    load_adapter(model, Path(path) / "adapter")
+    return model.eval(), tokenizer, run
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {out}: not writable ({e.strerror or e})") from e
+
+
+def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True, log: Any = print) -> dict:
+    """Fine-tune per ``settings``, write the checkpoint to ``out``, return the run summary."""
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        TrainingArguments,
+        set_seed,
+    )
+    from transformers.utils import logging as hf_logging
+
+    from .data import load_dataset
+    from .injection import inject
+    from .io import save_adapter
+    from .pruning import adapter_parameter_count, prune, ranks, shrink
+    from .training import BayesLoRATrainer, _is_main_process
+
+    out = Path(out)
+    _check_writable(out)
+    hf_logging.set_verbosity_error()
+    data = load_dataset(settings.data, seed=settings.seed)
+    model_dir = resolve_model(settings.model)
+    set_seed(settings.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    labels = list(data.label_names)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+    )
+    config = settings.bayes_config(_head_name(model))
+    inject(model, config)
+    initial = ranks(model)
+    train_split = data.train
+    n_train = len(train_split) if settings.max_train is None else min(settings.max_train, len(train_split))
+    train_ds = _Encoded(
+        tokenizer, train_split.texts[:n_train], train_split.labels[:n_train], settings.max_length
+    )
+    log(
+        f"[bayeslora] {settings.method}/{settings.posterior} rank {settings.rank} on {settings.data}: "
+        f"{n_train} training examples, {len(initial)} adapted modules, model {model_dir}"
+    )
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=settings.batch_size,
+        num_train_epochs=settings.epochs,
+        learning_rate=settings.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=max(1, int(0.06 * settings.epochs * n_train / settings.batch_size)),
+        weight_decay=0.0,
+        logging_steps=10,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=1,
+        save_only_model=True,
+        report_to="none",
+        seed=settings.seed,
+        data_seed=settings.seed,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    trainer = BayesLoRATrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        rank_lr=settings.rank_lr,
+        num_train=n_train,
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - t0
+    if config.is_bayesian:
+        final = prune(model)  # the last scheduled pass may be up to prune_every steps old
+        changed = {k: v for k, v in final.items() if v[0] != v[1]}
+        if changed:
+            log(f"[bayeslora] final pruning pass: {sum(a - b for a, b in changed.values())} more ranks off")
+    shrink(model)
+    model.eval()
+    final_ranks = ranks(model)
+    n_eval = settings.max_eval
+    val_texts, val_labels = data.validation.texts[:n_eval], data.validation.labels[:n_eval]
+    test_texts, test_labels = data.test.texts[:n_eval], data.test.labels[:n_eval]
+    val = predict(model, tokenizer, val_texts, 0, settings.seed, settings.max_length)
+    test = predict(model, tokenizer, test_texts, 0, settings.seed, settings.max_length)
+    summary: dict[str, Any] = {
+        "settings": dataclasses.asdict(settings),
+        "base_model": str(model_dir),
+        "data_source": data.source,
+        "label_names": labels,
+        "num_train": n_train,
+        "train_seconds": train_seconds,
+        "initial_ranks": initial,
+        "ranks": final_ranks,
+        "total_rank": sum(final_ranks.values()),
+        "initial_total_rank": sum(initial.values()),
+        "adapter_parameters": adapter_parameter_count(model),
+        "metrics": {
+            "validation_mean": evaluate_probs(val, val_labels),
+            "test_mean": evaluate_probs(test, test_labels),
+        },
+        "log_history": trainer.state.log_history,
+    }
+    if settings.method != "lora" and settings.samples > 0:
+        val_mc = predict(model, tokenizer, val_texts, settings.samples, settings.seed, settings.max_length)
+        test_mc = predict(model, tokenizer, test_texts, settings.samples, settings.seed, settings.max_length)
+        summary["metrics"]["validation_mc"] = evaluate_probs(val_mc, val_labels)
+        summary["metrics"]["test_mc"] = evaluate_probs(test_mc, test_labels)
+    if _is_main_process():  # every process holds the same adapter; one writes it
+        save_adapter(model, out / "adapter")
+        tokenizer.save_pretrained(out / "tokenizer")
+        tmp = out / f".{RUN_FILE}.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+        os.replace(tmp, out / RUN_FILE)
+    summary["model"], summary["tokenizer"], summary["data"] = model, tokenizer, data
+    return summary

@@ -1,0 +1,161 @@
+"""Training with 🤗 ``transformers.Trainer``: the ELBO objective, sampling, and the prune schedule.
+
+An existing HF script gains BayesLoRA in a few lines::
+
+    model = bl.inject(model, bl.BayesLoRAConfig(rank=8, modules_to_save=["classifier"]))
+    trainer = bl.training.BayesLoRATrainer(model=model, args=args, train_dataset=ds, ...)
+    trainer.train()
+    bl.shrink(model)
+
+``BayesLoRATrainer`` adds ``β(t)·kl_scale·KL/N`` to the loss (N = training-set size), switches
+posterior noise on in training from ``sample_start`` (and off for evaluation), masks noisy ranks
+every ``prune_every`` steps after ``prune_start`` (identically on every process), logs NLL, KL, β and
+the total active rank, and saves checkpoints as adapters (``bl.save_adapter``) instead of full models.
+The rank parameters get their own learning rate (``rank_lr``): under Adam a step moves a parameter
+by about the learning rate, and ``log α`` has to travel several units for a rank to switch off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .injection import adapted_layers, get_config
+from .io import save_adapter
+from .objective import _unwrap, kl_divergence
+from .prediction import sampling
+from .pruning import prune, ranks
+
+TRAINING_STATE = "bayeslora_training.json"
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+def sync_rank_masks(model: nn.Module) -> None:
+    """Make every process hold rank 0's masks (they should already agree; this makes it certain)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for _, layer in adapted_layers(_unwrap(model)):
+        torch.distributed.broadcast(layer.rank_mask, src=0)
+
+
+class PruneCallback(TrainerCallback):
+    """Masks ranks whose relevance exceeds τ every ``prune_every`` steps from ``prune_start`` on."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.history: list[dict[str, Any]] = []
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        config = get_config(_unwrap(self.model))
+        step = state.global_step
+        if not config.is_bayesian or step < config.prune_start:
+            return
+        if (step - config.prune_start) % config.prune_every != 0:
+            return
+        report = prune(self.model)
+        sync_rank_masks(self.model)
+        self.history.append({"step": step, "ranks": {k: v[1] for k, v in report.items()}})
+
+
+class BayesLoRATrainer(Trainer):
+    """``transformers.Trainer`` with the BayesLoRA objective (SPEC §4) and prune schedule (SPEC §5).
+
+    Args:
+        rank_lr: learning rate of ``log_alpha`` / ``log_sigma2`` (default: 10 × ``args.learning_rate``).
+        num_train: N of the objective (default: ``len(train_dataset)``).
+        Other arguments as ``transformers.Trainer``.
+    """
+
+    def __init__(self, *args: Any, rank_lr: float | None = None, num_train: int | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.bayes_config = get_config(_unwrap(self.model))
+        self.rank_lr = rank_lr
+        if num_train is None:
+            if self.train_dataset is None:
+                raise ValueError("num_train is needed when no train_dataset is given")
+            num_train = len(self.train_dataset)  # type: ignore[arg-type]
+        self.num_train = int(num_train)
+        self.prune_callback = PruneCallback(self.model)
+        self.add_callback(self.prune_callback)
+        self._parts: dict[str, float] = {}
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            model = _unwrap(self.model if model is None else model)
+            rank_params = {
+                id(p) for _, layer in adapted_layers(model) if (p := layer.rank_parameter()) is not None
+            }
+            others = [p for p in model.parameters() if p.requires_grad and id(p) not in rank_params]
+            rank = [p for p in model.parameters() if p.requires_grad and id(p) in rank_params]
+            lr = self.args.learning_rate
+            groups = [{"params": others, "lr": lr, "weight_decay": self.args.weight_decay}]
+            if rank:
+                groups.append({"params": rank, "lr": self.rank_lr or 10 * lr, "weight_decay": 0.0})
+            self.optimizer = torch.optim.AdamW(groups, lr=lr)
+        return self.optimizer
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        config = self.bayes_config
+        step = self.state.global_step
+        training = model.training
+        sampling(model, training and config.method != "lora" and step >= config.sample_start)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        nll = nn.functional.cross_entropy(logits.float(), labels)
+        loss = nll
+        if training and config.is_bayesian:
+            beta = config.kl_beta(step)
+            kl = kl_divergence(model)
+            loss = nll + (beta * config.kl_scale / self.num_train) * kl
+            self._parts = {"nll": float(nll.detach()), "kl": float(kl.detach()), "beta": beta}
+        elif training:
+            self._parts = {"nll": float(nll.detach())}
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._parts:
+            logs = {**logs, **{k: round(v, 6) for k, v in self._parts.items()}}
+            logs["active_rank"] = sum(ranks(self.model).values())
+        super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Checkpoints are adapters (+ head + config): the frozen base never needs saving again.
+        output_dir = output_dir or self.args.output_dir
+        if not _is_main_process():
+            return
+        save_adapter(self.model, Path(output_dir) / "adapter")
+        meta = {"global_step": self.state.global_step, "prune_history": self.prune_callback.history}
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(output_dir) / f".{TRAINING_STATE}.tmp"
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, Path(output_dir) / TRAINING_STATE)
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        with sampling(model, False):  # evaluation in mean mode; MC evaluation is bl.mc_predict
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)

