@@ -101,6 +101,14 @@ def test_adapter_checkpoint_matches_torch_layers(tmp_path, posterior):
             )
 
 
+def test_training_run_directory(tmp_path):
+    # `bayeslora train --out RUN` keeps the adapter under RUN/adapter
+    bl.save_adapter(tiny_model("gate"), tmp_path / "run" / "adapter")
+    report = analysis.analyze(tmp_path / "run")
+    assert report.kind == "adapter" and report.source == str(tmp_path / "run" / "adapter")
+    assert report.totals["active_rank"] == 30
+
+
 def test_in_memory_model_equals_checkpoint(tmp_path):
     model = tiny_model("gate")
     bl.save_adapter(model, tmp_path / "ckpt")

@@ -476,10 +476,13 @@ def _modules_from(
 def analyze(
     path: str | os.PathLike, *, num_threads: int | None = None, keep_vectors: bool = False
 ) -> AnalysisReport:
-    """Analyse a saved adapter directory (``adapter.safetensors`` + ``bayeslora_adapter.json``) or a
-    runtime bundle (``model.safetensors`` + ``bayeslora.json``). ``num_threads``: size of the Rust
-    thread pool (None: all cores). ``keep_vectors``: also keep U [d_out, p] and V [d_in, p]."""
+    """Analyse a saved adapter directory (``adapter.safetensors`` + ``bayeslora_adapter.json``; a
+    training run directory with it under ``adapter/`` also works) or a runtime bundle
+    (``model.safetensors`` + ``bayeslora.json``). ``num_threads``: size of the Rust thread pool
+    (None: all cores). ``keep_vectors``: also keep U [d_out, p] and V [d_in, p]."""
     root = Path(path)
+    if not (root / ADAPTER_CONFIG).exists() and (root / "adapter" / ADAPTER_CONFIG).exists():
+        root = root / "adapter"  # a training run directory (`bayeslora train --out DIR`)
     if (root / ADAPTER_CONFIG).exists():
         meta = _read_json(root / ADAPTER_CONFIG)
         if meta.get("format_version") != 1:
