@@ -193,7 +193,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quickstart(sub)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_analyze(sub)
     return parser
+
+
+def _add_analyze(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "analyze",
+        help="per-module ranks, relevance and SVD alignment of a checkpoint or bundle",
+        description="Rank analysis (SPEC §8): which rank directions did the posterior keep, and do "
+        "they align with the singular directions of ΔW? Needs no torch.",
+    )
+    p.add_argument("path", metavar="CKPT|BUNDLE", help="adapter checkpoint or runtime bundle directory")
+    p.add_argument("--plots", metavar="DIR", help="write spectrum.png and alignment.png here")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--threads", type=int, default=None, help="threads for the analysis (default: all)")
+    p.set_defaults(handler=_run_analyze)
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze
+
+    try:
+        report = analyze(args.path, num_threads=args.threads)
+    except BayesLoRAError as e:
+        print(f"bayeslora analyze: {e}", file=sys.stderr)
+        return 1
+    plots = []
+    if args.plots:
+        from ._analysis_plots import write_plots
+
+        plots = [str(p) for p in write_plots(report, args.plots)]
+    if args.json:
+        out = report.to_dict()
+        out["plots"] = plots
+        print(json.dumps(out))
+    else:
+        print(report.table())
+        for p in plots:
+            print(f"wrote {p}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,8 +3,10 @@
 //! No Python here: the bindings live in `bayeslora-py`. Everything a caller controls
 //! (shapes, values, files) is validated and reported through [`Error`], never a panic.
 
+pub mod analysis;
 pub mod error;
 pub mod kl;
+pub mod linalg;
 pub mod rank;
 
 pub use error::{Error, Result};

@@ -1,13 +1,15 @@
 //! `bayeslora._core`: a thin PyO3 layer over `bayeslora-core`. Numbers cross as numpy arrays,
 //! long work runs with the GIL released, and every core error becomes a `bayeslora.errors` class.
 
+mod analysis;
+
 use bayeslora_core as core;
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 /// The one place that maps core errors to Python exception classes (DESIGN.md, polars style).
-fn to_pyerr(py: Python<'_>, err: core::Error) -> PyErr {
+pub(crate) fn to_pyerr(py: Python<'_>, err: core::Error) -> PyErr {
     let class = match &err {
         core::Error::Shape(_) => "ShapeError",
         core::Error::Value(_) => "InvalidValueError",
@@ -133,5 +135,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kl_additive, m)?)?;
     m.add_function(wrap_pyfunction!(rank_scores_gate, m)?)?;
     m.add_function(wrap_pyfunction!(rank_scores_additive, m)?)?;
+    analysis::register(m)?;
     Ok(())
 }
