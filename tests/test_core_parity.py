@@ -86,3 +86,12 @@ def test_core_errors_are_bayeslora_errors():
         _core.rank_scores_additive(np.zeros(2), np.zeros((2, 4)), np.zeros((5, 3)))
     with pytest.raises(bl.errors.InvalidValueError):
         _core.kl_gate(np.zeros(3), -1.0)
+
+
+def test_fortran_ordered_arrays_are_rejected_not_misread():
+    a = np.asfortranarray(np.arange(6.0).reshape(2, 3) + 1)
+    b = np.ones((4, 2))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.rank_scores_additive(np.zeros(2), a, b)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.kl_additive(np.zeros(2), a, b)

@@ -12,14 +12,21 @@ import pytest
 
 def _cli(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "bayeslora.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "bayeslora.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 @pytest.mark.slow
 def test_quickstart_smoke_and_evaluate_both_engines(tmp_path):
     out = tmp_path / "qs"
-    res = _cli("quickstart", "--out", str(out), "--max-train", "64", "--epochs", "1", "--max-eval", "48", "--json")
+    res = _cli(
+        "quickstart", "--out", str(out), "--max-train", "64", "--epochs", "1", "--max-eval", "48", "--json"
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     for method in ("bayeslora", "lora"):
@@ -30,12 +37,28 @@ def test_quickstart_smoke_and_evaluate_both_engines(tmp_path):
     assert len(summary["showcase"]) == 6
     report = (out / "report.md").read_text()
     assert "Learned rank per module" in report and "Rust runtime" in report
-    for png in ("reliability_bayeslora.png", "reliability_lora.png", "ranks.png", "hist_bayeslora_mutual_info.png"):
+    for png in (
+        "reliability_bayeslora.png",
+        "reliability_lora.png",
+        "ranks.png",
+        "hist_bayeslora_mutual_info.png",
+    ):
         assert (out / "figures" / png).stat().st_size > 1000, png
 
     # evaluate: the checkpoint through torch and its bundle through the Rust runtime agree in mean mode
-    common = ["--data", "vader-movies", "--ood", "bbc", "--shift", "vader-tweets", "--samples", "0",
-              "--max-eval", "40", "--json"]
+    common = [
+        "--data",
+        "vader-movies",
+        "--ood",
+        "bbc",
+        "--shift",
+        "vader-tweets",
+        "--samples",
+        "0",
+        "--max-eval",
+        "40",
+        "--json",
+    ]
     torch_res = _cli("evaluate", str(out / "bayeslora"), *common)
     assert torch_res.returncode == 0, torch_res.stderr[-3000:]
     rust_res = _cli("evaluate", str(out / "bundle"), *common, "--plots", str(tmp_path / "plots"))
