@@ -27,7 +27,9 @@ pub(crate) fn to_pyerr(py: Python<'_>, err: core::Error) -> PyErr {
 
 fn contiguous<'a>(name: &str, a: &'a PyReadonlyArray1<'_, f64>) -> PyResult<&'a [f64]> {
     if !a.is_c_contiguous() {
-        return Err(PyValueError::new_err(format!("{name} must be a C-contiguous float64 array")));
+        return Err(PyValueError::new_err(format!(
+            "{name} must be a C-contiguous float64 array"
+        )));
     }
     a.as_slice()
         .map_err(|_| PyValueError::new_err(format!("{name} must be a C-contiguous float64 array")))
@@ -67,7 +69,9 @@ fn additive_inputs(
     let ls = contiguous("log_sigma2", log_sigma2)?;
     if !m_a.is_c_contiguous() || !m_b.is_c_contiguous() {
         // as_slice() also accepts Fortran order, which would be read transposed here
-        return Err(PyValueError::new_err("m_a and m_b must be C-contiguous float64 arrays"));
+        return Err(PyValueError::new_err(
+            "m_a and m_b must be C-contiguous float64 arrays",
+        ));
     }
     let a = m_a
         .as_slice()
