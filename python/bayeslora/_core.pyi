@@ -1,0 +1,88 @@
+"""Type stubs of the Rust extension ``bayeslora._core`` (rust/bayeslora-py)."""
+
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+__version__: str
+
+# ---- KL and rank scores (SPEC §2, §3) --------------------------------------------------------
+def kl_molchanov(log_alpha: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Elementwise Molchanov KL, ``[n] -> [n]``."""
+
+def kl_gate(log_alpha: NDArray[np.float64], group_weight: float) -> float:
+    """``group_weight · Σ_k KL(log_alpha_k)``; ``log_alpha [r]``."""
+
+def kl_additive(log_sigma2: NDArray[np.float64], m_a: NDArray[np.float64], m_b: NDArray[np.float64]) -> float:
+    """KL of an additive module; ``log_sigma2 [r]``, ``m_a [r, d_in]``, ``m_b [d_out, r]`` (C order)."""
+
+def rank_scores_gate(log_alpha: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``log_alpha`` itself, ``[r]``."""
+
+def rank_scores_additive(
+    log_sigma2: NDArray[np.float64],
+    m_a: NDArray[np.float64],
+    m_b: NDArray[np.float64],
+    eps: float | None = None,
+) -> NDArray[np.float64]:
+    """Median scores ``ℓ_k``, ``[r]``."""
+
+# ---- rank analysis (SPEC §8) ---------------------------------------------------------------
+def low_rank_svd(
+    a: NDArray[np.float64], b: NDArray[np.float64], ez: NDArray[np.float64], scale: float
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Thin SVD ``(U [d_out, p], s [p], V [d_in, p])`` of ``scale · B diag(ez) A``."""
+
+def subspace_angles(x: NDArray[np.float64], y: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Principal angles between the column spans of ``x`` and ``y`` (as scipy)."""
+
+def spearman(x: NDArray[np.float64], y: NDArray[np.float64]) -> float:
+    """Spearman rank correlation with average ranks for ties."""
+
+def analyze_modules(
+    modules: Sequence[
+        tuple[
+            NDArray[np.float64],
+            NDArray[np.float64],
+            NDArray[np.float64],
+            NDArray[np.float64] | None,
+            float,
+        ]
+    ],
+    num_threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Analyse ``(a, b, ez, relevance, scale)`` per module, in parallel."""
+
+# ---- runtime (SPEC §6) ---------------------------------------------------------------------
+class Runtime:
+    """A loaded, validated bundle."""
+
+    def __init__(self, bundle_dir: str | PathLike[str], num_threads: int | None = None) -> None: ...
+    @property
+    def num_threads(self) -> int: ...
+    @property
+    def labels(self) -> list[str]: ...
+    @property
+    def num_labels(self) -> int: ...
+    @property
+    def max_length(self) -> int: ...
+    @property
+    def module_ranks(self) -> dict[str, int]: ...
+    def logits(
+        self,
+        input_ids: NDArray[np.int64],
+        attention_mask: NDArray[np.int64],
+        gates: Mapping[str, NDArray[np.float32]] | None = None,
+    ) -> NDArray[np.float32]:
+        """Logits ``[N, C]`` (mean mode, or explicit gates ``{module: [N, r]}``)."""
+    def sample_logits(
+        self, input_ids: NDArray[np.int64], attention_mask: NDArray[np.int64], samples: int, seed: int = 0
+    ) -> NDArray[np.float32]:
+        """Per-sample logits ``[N, S, C]``."""
+    def score(
+        self, input_ids: NDArray[np.int64], attention_mask: NDArray[np.int64], samples: int = 0, seed: int = 0
+    ) -> dict[str, NDArray[Any]]:
+        """SPEC §6 fields per input."""
