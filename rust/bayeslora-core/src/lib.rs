@@ -3,8 +3,12 @@
 //! No Python here: the bindings live in `bayeslora-py`. Everything a caller controls
 //! (shapes, values, files) is validated and reported through [`Error`], never a panic.
 
+pub mod bundle;
+pub mod encoder;
 pub mod error;
+pub mod kernels;
 pub mod kl;
+pub mod mc;
 pub mod rank;
 
 pub use error::{Error, Result};
