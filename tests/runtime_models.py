@@ -13,35 +13,76 @@ VOCAB = 64
 FAMILIES = ("bert", "distilbert", "roberta")
 # per family: the linear layers a test may adapt (attention, FFN, head)
 TARGETS = {
-    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense",
-             "pooler.dense", "classifier"],
+    "bert": [
+        "query",
+        "key",
+        "value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+        "pooler.dense",
+        "classifier",
+    ],
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2", "pre_classifier", "classifier"],
     "roberta": ["query", "value", "intermediate.dense", "classifier.dense", "out_proj"],
 }
 
 
-def build(family: str, hidden: int = 16, heads: int = 2, layers: int = 2, inter: int = 24, labels: int = 3,
-          seed: int = 0, act: str = "gelu") -> torch.nn.Module:
+def build(
+    family: str,
+    hidden: int = 16,
+    heads: int = 2,
+    layers: int = 2,
+    inter: int = 24,
+    labels: int = 3,
+    seed: int = 0,
+    act: str = "gelu",
+) -> torch.nn.Module:
     """A random sequence classifier in eval mode with dropout off."""
     import transformers as tf
 
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, num_labels=labels, initializer_range=0.2)
     if family == "bert":
-        cfg = tf.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                            intermediate_size=inter, max_position_embeddings=64, hidden_act=act,
-                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
+        cfg = tf.BertConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=inter,
+            max_position_embeddings=64,
+            hidden_act=act,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            **common,
+        )
         model = tf.BertForSequenceClassification(cfg)
     elif family == "distilbert":
-        cfg = tf.DistilBertConfig(dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=inter,
-                                  max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
-                                  seq_classif_dropout=0.0, activation=act, **common)
+        cfg = tf.DistilBertConfig(
+            dim=hidden,
+            n_layers=layers,
+            n_heads=heads,
+            hidden_dim=inter,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            seq_classif_dropout=0.0,
+            activation=act,
+            **common,
+        )
         model = tf.DistilBertForSequenceClassification(cfg)
     elif family == "roberta":
-        cfg = tf.RobertaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                               intermediate_size=inter, max_position_embeddings=64 + 2, hidden_act=act,
-                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=1,
-                               **common)
+        cfg = tf.RobertaConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=inter,
+            max_position_embeddings=64 + 2,
+            hidden_act=act,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            pad_token_id=1,
+            **common,
+        )
         model = tf.RobertaForSequenceClassification(cfg)
     else:
         raise ValueError(family)
@@ -50,12 +91,20 @@ def build(family: str, hidden: int = 16, heads: int = 2, layers: int = 2, inter:
     return model.eval()
 
 
-def adapt(model: torch.nn.Module, targets: list[str], rank: int = 4, method: str = "bayeslora",
-          posterior: str = "gate", seed: int = 0, log_alpha: tuple[float, float] = (-4.0, 1.0),
-          **config: object) -> torch.nn.Module:
+def adapt(
+    model: torch.nn.Module,
+    targets: list[str],
+    rank: int = 4,
+    method: str = "bayeslora",
+    posterior: str = "gate",
+    seed: int = 0,
+    log_alpha: tuple[float, float] = (-4.0, 1.0),
+    **config: object,
+) -> torch.nn.Module:
     """Inject adapters with non-zero B and random rank parameters (all below τ = 3)."""
-    cfg = bl.BayesLoRAConfig(rank=rank, target_modules=targets, method=method, posterior=posterior,
-                             init_b_std=0.3, **config)
+    cfg = bl.BayesLoRAConfig(
+        rank=rank, target_modules=targets, method=method, posterior=posterior, init_b_std=0.3, **config
+    )
     bl.inject(model, cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -68,7 +117,9 @@ def adapt(model: torch.nn.Module, targets: list[str], rank: int = 4, method: str
     return model.eval()
 
 
-def batch(n: int = 3, t: int = 7, seed: int = 0, pad: bool = True, family: str = "bert") -> dict[str, torch.Tensor]:
+def batch(
+    n: int = 3, t: int = 7, seed: int = 0, pad: bool = True, family: str = "bert"
+) -> dict[str, torch.Tensor]:
     """Random ids in [4, VOCAB) with right padding on odd rows (pad id 1 for RoBERTa, else 0)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, VOCAB, (n, t), generator=g)

@@ -9,12 +9,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from runtime_models import FAMILIES, TARGETS, adapt, batch, build, softmax, torch_logits
 
 import bayeslora as bl
 from bayeslora.injection import adapted_layers
 from bayeslora.prediction import summarize
 from bayeslora.runtime import FIELDS, Scorer
+from runtime_models import FAMILIES, TARGETS, adapt, batch, build, softmax, torch_logits
 
 TOL = 1e-4
 
@@ -52,8 +52,15 @@ def tiny_cases(draw):
 @settings(max_examples=25, deadline=None)
 @given(case=tiny_cases())
 def test_mean_mode_matches_torch_on_random_configs(case, tmp_path_factory):
-    model = build(case["family"], case["hidden"], case["heads"], case["layers"], case["inter"],
-                  case["labels"], seed=case["seed"])
+    model = build(
+        case["family"],
+        case["hidden"],
+        case["heads"],
+        case["layers"],
+        case["inter"],
+        case["labels"],
+        seed=case["seed"],
+    )
     adapt(model, case["targets"], rank=case["rank"], seed=case["seed"])
     g = torch.Generator().manual_seed(case["seed"])
     layers = [layer for _, layer in adapted_layers(model)]
@@ -69,12 +76,16 @@ def test_mean_mode_matches_torch_on_random_configs(case, tmp_path_factory):
     got = scorer.score((ids, mask), samples=0)
     np.testing.assert_allclose(got["probs"], softmax(want), atol=TOL, rtol=0)
     np.testing.assert_allclose(scorer.logits(ids, mask), want, atol=TOL, rtol=0)
-    assert (got["label"] == softmax(want).argmax(-1)).all() or np.abs(np.diff(np.sort(softmax(want))[:, -2:])).min() < TOL
+    assert (got["label"] == softmax(want).argmax(-1)).all() or np.abs(
+        np.diff(np.sort(softmax(want))[:, -2:])
+    ).min() < TOL
     if case["zero_module"]:
-        assert scorer.module_ranks[[n for n, _ in adapted_layers(model)][0]] == 0
+        assert scorer.module_ranks[next(n for n, _ in adapted_layers(model))] == 0
 
 
-@pytest.mark.parametrize("method,posterior", [("lora", "gate"), ("mcdropout", "gate"), ("bayeslora", "additive")])
+@pytest.mark.parametrize(
+    "method,posterior", [("lora", "gate"), ("mcdropout", "gate"), ("bayeslora", "additive")]
+)
 @pytest.mark.parametrize("act", ["gelu", "relu", "gelu_new"])
 def test_mean_mode_matches_torch_for_every_method(method, posterior, act, tmp_path):
     model = build("bert", 24, 3, 2, 40, 3, seed=1, act=act)
@@ -106,11 +117,19 @@ def test_mean_mode_matches_torch_on_minilm(tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method,posterior", [("bayeslora", "gate"), ("mcdropout", "gate"), ("bayeslora", "additive")])
+@pytest.mark.parametrize(
+    "method,posterior", [("bayeslora", "gate"), ("mcdropout", "gate"), ("bayeslora", "additive")]
+)
 def test_explicit_gates_match_torch_fixed_gates(family, method, posterior, tmp_path):
     model = build(family, 16, 2, 2, 24, 3, seed=4)
-    adapt(model, TARGETS[family][:3] + ["classifier" if family != "roberta" else "out_proj"], rank=4,
-          method=method, posterior=posterior, seed=4)
+    adapt(
+        model,
+        [*TARGETS[family][:3], "classifier" if family != "roberta" else "out_proj"],
+        rank=4,
+        method=method,
+        posterior=posterior,
+        seed=4,
+    )
     layers = dict(adapted_layers(model))
     with torch.no_grad():
         next(iter(layers.values())).rank_mask[1] = 0.0  # a pruned rank: the bundle drops its column
@@ -137,15 +156,25 @@ def test_explicit_gates_match_torch_fixed_gates(family, method, posterior, tmp_p
 )
 def test_mc_mean_matches_torch_mc_predict_within_sampling_error(method, posterior, extra, tmp_path):
     model = build("bert", 16, 2, 2, 24, 3, seed=7)
-    adapt(model, ["query", "value", "classifier"], rank=4, method=method, posterior=posterior, seed=7,
-          log_alpha=(-1.0, 0.5), **extra)
+    adapt(
+        model,
+        ["query", "value", "classifier"],
+        rank=4,
+        method=method,
+        posterior=posterior,
+        seed=7,
+        log_alpha=(-1.0, 0.5),
+        **extra,
+    )
     if posterior == "additive":
         with torch.no_grad():
             for _, layer in adapted_layers(model):
                 layer.log_sigma2.uniform_(-2.0, 0.0)
     inputs = batch(3, 8, seed=8)
     s = 400
-    torch_p = bl.mc_predict(model, inputs, samples=s, seed=11, return_samples=True)["sample_probs"].double().numpy()
+    torch_p = (
+        bl.mc_predict(model, inputs, samples=s, seed=11, return_samples=True)["sample_probs"].double().numpy()
+    )
     scorer = export_scorer(model, tmp_path, prune=False)  # keep the deliberately noisy ranks
     assert sum(scorer.module_ranks.values()) == 4 * 5  # q, v in two layers + classifier
     rust_p = softmax(scorer.sample_logits(*np_inputs(inputs), samples=s, seed=11).astype(np.float64))

@@ -155,8 +155,12 @@ def bundle_tensors(
         param = layer.rank_parameter()
         if param is not None:
             pname = "log_alpha" if layer.uses_gate else "log_sigma2"
-            tensors[f"{name}.{pname}"] = param.detach().index_select(0, keep).to("cpu", torch.float32).contiguous()
-        tensors[f"{name}.rank_index"] = layer.rank_index.index_select(0, keep).to("cpu", torch.int64).contiguous()
+            tensors[f"{name}.{pname}"] = (
+                param.detach().index_select(0, keep).to("cpu", torch.float32).contiguous()
+            )
+        tensors[f"{name}.rank_index"] = (
+            layer.rank_index.index_select(0, keep).to("cpu", torch.int64).contiguous()
+        )
     return tensors, modules, extra_pruned
 
 

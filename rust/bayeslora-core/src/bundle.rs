@@ -113,13 +113,22 @@ impl BundleMeta {
             return Err(bundle_err(format!("{p}: unknown method {:?}", self.method)));
         }
         if !["gate", "additive"].contains(&self.posterior.as_str()) {
-            return Err(bundle_err(format!("{p}: unknown posterior {:?}", self.posterior)));
+            return Err(bundle_err(format!(
+                "{p}: unknown posterior {:?}",
+                self.posterior
+            )));
         }
         if !["float32", "bfloat16"].contains(&self.dtype.as_str()) {
-            return Err(bundle_err(format!("{p}: unsupported dtype {:?}", self.dtype)));
+            return Err(bundle_err(format!(
+                "{p}: unsupported dtype {:?}",
+                self.dtype
+            )));
         }
         if self.num_labels == 0 || self.num_labels > 1_000_000 {
-            return Err(bundle_err(format!("{p}: num_labels {} out of range", self.num_labels)));
+            return Err(bundle_err(format!(
+                "{p}: num_labels {} out of range",
+                self.num_labels
+            )));
         }
         if !self.labels.is_empty() && self.labels.len() != self.num_labels {
             return Err(bundle_err(format!(
@@ -129,10 +138,16 @@ impl BundleMeta {
             )));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(bundle_err(format!("{p}: dropout {} not in [0, 1)", self.dropout)));
+            return Err(bundle_err(format!(
+                "{p}: dropout {} not in [0, 1)",
+                self.dropout
+            )));
         }
         if self.max_length == 0 || self.max_length > 1 << 20 {
-            return Err(bundle_err(format!("{p}: max_length {} out of range", self.max_length)));
+            return Err(bundle_err(format!(
+                "{p}: max_length {} out of range",
+                self.max_length
+            )));
         }
         for (name, m) in &self.modules {
             if m.rank > m.initial_rank || m.initial_rank > 1 << 16 {
@@ -142,7 +157,9 @@ impl BundleMeta {
                 )));
             }
             if !m.scale.is_finite() {
-                return Err(bundle_err(format!("{p}: module {name:?} has a non-finite scale")));
+                return Err(bundle_err(format!(
+                    "{p}: module {name:?} has a non-finite scale"
+                )));
             }
         }
         Ok(())
@@ -213,11 +230,17 @@ fn get_usize(cfg: &Value, key: &str, path: &Path, max: usize) -> Result<usize> {
     let v = cfg
         .get(key)
         .ok_or_else(|| bundle_err(format!("{}: missing key {key:?}", path.display())))?;
-    let n = v
-        .as_u64()
-        .ok_or_else(|| bundle_err(format!("{}: {key:?} must be a non-negative integer, got {v}", path.display())))?;
+    let n = v.as_u64().ok_or_else(|| {
+        bundle_err(format!(
+            "{}: {key:?} must be a non-negative integer, got {v}",
+            path.display()
+        ))
+    })?;
     if n == 0 || n as u128 > max as u128 {
-        return Err(bundle_err(format!("{}: {key:?} = {n} is out of range 1..={max}", path.display())));
+        return Err(bundle_err(format!(
+            "{}: {key:?} = {n} is out of range 1..={max}",
+            path.display()
+        )));
     }
     Ok(n as usize)
 }
@@ -237,7 +260,9 @@ impl ModelConfig {
             Arch::Roberta => ["roberta", "xlm-roberta", "camembert"].contains(&model_type),
         };
         if !family_ok {
-            return Err(bundle_err(format!("{p}: model_type {model_type:?} does not match architecture {arch:?}")));
+            return Err(bundle_err(format!(
+                "{p}: model_type {model_type:?} does not match architecture {arch:?}"
+            )));
         }
         const BIG: usize = 1 << 20;
         let (hidden, layers, heads, intermediate, act, eps, type_vocab) = match arch {
@@ -259,11 +284,15 @@ impl ModelConfig {
                     Some(v) => v
                         .as_f64()
                         .filter(|e| e.is_finite() && *e >= 0.0 && *e < 1.0)
-                        .ok_or_else(|| bundle_err(format!("{p}: layer_norm_eps must be a number in [0, 1)")))?,
+                        .ok_or_else(|| {
+                            bundle_err(format!("{p}: layer_norm_eps must be a number in [0, 1)"))
+                        })?,
                 };
                 if let Some(kind) = get_str(cfg, "position_embedding_type") {
                     if kind != "absolute" {
-                        return Err(bundle_err(format!("{p}: position_embedding_type {kind:?} is not supported")));
+                        return Err(bundle_err(format!(
+                            "{p}: position_embedding_type {kind:?} is not supported"
+                        )));
                     }
                 }
                 (
@@ -278,13 +307,19 @@ impl ModelConfig {
             }
         };
         if hidden % heads != 0 {
-            return Err(bundle_err(format!("{p}: hidden size {hidden} is not a multiple of heads {heads}")));
+            return Err(bundle_err(format!(
+                "{p}: hidden size {hidden} is not a multiple of heads {heads}"
+            )));
         }
         let activation = match act {
             "gelu" => Activation::Gelu,
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
             "relu" => Activation::Relu,
-            other => return Err(bundle_err(format!("{p}: activation {other:?} is not supported"))),
+            other => {
+                return Err(bundle_err(format!(
+                    "{p}: activation {other:?} is not supported"
+                )))
+            }
         };
         let pad_token_id = match arch {
             Arch::Roberta => cfg.get("pad_token_id").and_then(Value::as_u64).unwrap_or(1) as usize,
@@ -374,9 +409,18 @@ impl ModelConfig {
     pub fn head_linears(&self, num_labels: usize) -> Vec<(String, usize)> {
         let h = self.hidden;
         match self.arch {
-            Arch::Bert => vec![("bert.pooler.dense".into(), h), ("classifier".into(), num_labels)],
-            Arch::DistilBert => vec![("pre_classifier".into(), h), ("classifier".into(), num_labels)],
-            Arch::Roberta => vec![("classifier.dense".into(), h), ("classifier.out_proj".into(), num_labels)],
+            Arch::Bert => vec![
+                ("bert.pooler.dense".into(), h),
+                ("classifier".into(), num_labels),
+            ],
+            Arch::DistilBert => vec![
+                ("pre_classifier".into(), h),
+                ("classifier".into(), num_labels),
+            ],
+            Arch::Roberta => vec![
+                ("classifier.dense".into(), h),
+                ("classifier.out_proj".into(), num_labels),
+            ],
         }
     }
 
@@ -385,13 +429,22 @@ impl ModelConfig {
         let p = self.prefix();
         let h = self.hidden;
         let mut v = vec![
-            (format!("{p}.embeddings.word_embeddings.weight"), vec![self.vocab_size, h]),
-            (format!("{p}.embeddings.position_embeddings.weight"), vec![self.max_positions, h]),
+            (
+                format!("{p}.embeddings.word_embeddings.weight"),
+                vec![self.vocab_size, h],
+            ),
+            (
+                format!("{p}.embeddings.position_embeddings.weight"),
+                vec![self.max_positions, h],
+            ),
             (format!("{p}.embeddings.LayerNorm.weight"), vec![h]),
             (format!("{p}.embeddings.LayerNorm.bias"), vec![h]),
         ];
         if self.type_vocab_size > 0 {
-            v.push((format!("{p}.embeddings.token_type_embeddings.weight"), vec![self.type_vocab_size, h]));
+            v.push((
+                format!("{p}.embeddings.token_type_embeddings.weight"),
+                vec![self.type_vocab_size, h],
+            ));
         }
         v
     }
@@ -439,13 +492,25 @@ fn read_json(path: &Path) -> Result<Value> {
         .map_err(|e| bundle_err(format!("{}: {e}", path.display())))?
         .len();
     if size > MAX_JSON_BYTES {
-        return Err(bundle_err(format!("{}: {size} bytes is too large for a JSON file", path.display())));
+        return Err(bundle_err(format!(
+            "{}: {size} bytes is too large for a JSON file",
+            path.display()
+        )));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| bundle_err(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| bundle_err(format!("{}: invalid JSON: {e}", path.display())))
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bundle_err(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| bundle_err(format!("{}: invalid JSON: {e}", path.display())))
 }
 
-const ADAPTER_SUFFIXES: [&str; 6] = ["lora_A", "lora_B", "log_alpha", "log_sigma2", "rank_index", "rank_mask"];
+const ADAPTER_SUFFIXES: [&str; 6] = [
+    "lora_A",
+    "lora_B",
+    "log_alpha",
+    "log_sigma2",
+    "rank_index",
+    "rank_mask",
+];
 
 struct Expect {
     name: String,
@@ -465,30 +530,52 @@ impl Bundle {
             .map_err(|e| bundle_err(format!("{}: {e}", meta_path.display())))?;
         meta.validate(&meta_path)?;
         let arch = Arch::parse(&meta.architecture).ok_or_else(|| {
-            bundle_err(format!("{}: unsupported architecture {:?}", meta_path.display(), meta.architecture))
+            bundle_err(format!(
+                "{}: unsupported architecture {:?}",
+                meta_path.display(),
+                meta.architecture
+            ))
         })?;
         let cfg_path = dir.join(CONFIG_FILE);
         let config = ModelConfig::from_json(&read_json(&cfg_path)?, arch, &cfg_path)?;
 
         // every expected tensor, then every adapter, checked against the header
         let linears = config.linears(meta.num_labels);
-        let known: HashMap<&str, (usize, usize)> =
-            linears.iter().map(|(n, i, o)| (n.as_str(), (*i, *o))).collect();
+        let known: HashMap<&str, (usize, usize)> = linears
+            .iter()
+            .map(|(n, i, o)| (n.as_str(), (*i, *o)))
+            .collect();
         let mut expect: Vec<Expect> = Vec::new();
         for (name, shape) in config.embedding_tensors() {
-            expect.push(Expect { name, shape, int: false });
+            expect.push(Expect {
+                name,
+                shape,
+                int: false,
+            });
         }
         for l in 0..config.layers {
             for ln in config.layer_norm_suffixes() {
                 for part in ["weight", "bias"] {
                     let name = format!("{}.{ln}.{part}", config.layer_prefix(l));
-                    expect.push(Expect { name, shape: vec![config.hidden], int: false });
+                    expect.push(Expect {
+                        name,
+                        shape: vec![config.hidden],
+                        int: false,
+                    });
                 }
             }
         }
         for (name, d_in, d_out) in &linears {
-            expect.push(Expect { name: format!("{name}.weight"), shape: vec![*d_out, *d_in], int: false });
-            expect.push(Expect { name: format!("{name}.bias"), shape: vec![*d_out], int: false });
+            expect.push(Expect {
+                name: format!("{name}.weight"),
+                shape: vec![*d_out, *d_in],
+                int: false,
+            });
+            expect.push(Expect {
+                name: format!("{name}.bias"),
+                shape: vec![*d_out],
+                int: false,
+            });
         }
         let noise = meta.noise();
         for (name, m) in &meta.modules {
@@ -511,14 +598,32 @@ impl Bundle {
                 continue;
             }
             let r = m.rank;
-            expect.push(Expect { name: format!("{name}.lora_A"), shape: vec![r, d_in], int: false });
-            expect.push(Expect { name: format!("{name}.lora_B"), shape: vec![d_out, r], int: false });
-            expect.push(Expect { name: format!("{name}.rank_index"), shape: vec![r], int: true });
+            expect.push(Expect {
+                name: format!("{name}.lora_A"),
+                shape: vec![r, d_in],
+                int: false,
+            });
+            expect.push(Expect {
+                name: format!("{name}.lora_B"),
+                shape: vec![d_out, r],
+                int: false,
+            });
+            expect.push(Expect {
+                name: format!("{name}.rank_index"),
+                shape: vec![r],
+                int: true,
+            });
             match noise {
-                NoiseKind::Gate => expect.push(Expect { name: format!("{name}.log_alpha"), shape: vec![r], int: false }),
-                NoiseKind::Additive => {
-                    expect.push(Expect { name: format!("{name}.log_sigma2"), shape: vec![r], int: false })
-                }
+                NoiseKind::Gate => expect.push(Expect {
+                    name: format!("{name}.log_alpha"),
+                    shape: vec![r],
+                    int: false,
+                }),
+                NoiseKind::Additive => expect.push(Expect {
+                    name: format!("{name}.log_sigma2"),
+                    shape: vec![r],
+                    int: false,
+                }),
                 _ => {}
             }
         }
@@ -529,7 +634,8 @@ impl Bundle {
         // SAFETY: the map is read-only and dropped before this function returns; the bundle's
         // files are not expected to change while being opened (a concurrent truncation would be
         // the caller's bug, as for any memory-mapped reader).
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| bundle_err(format!("{wp}: cannot map: {e}")))?;
+        let mmap = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| bundle_err(format!("{wp}: cannot map: {e}")))?;
         let st = SafeTensors::deserialize(&mmap)
             .map_err(|e| bundle_err(format!("{wp}: not a valid safetensors file: {e}")))?;
         let (_, header) = SafeTensors::read_metadata(&mmap)
@@ -537,13 +643,21 @@ impl Bundle {
         if let Some(md) = header.metadata() {
             if let Some(fmt) = md.get("format") {
                 if fmt != "bayeslora-bundle" && fmt != "pt" {
-                    return Err(bundle_err(format!("{wp}: metadata format {fmt:?} is not a bayeslora bundle")));
+                    return Err(bundle_err(format!(
+                        "{wp}: metadata format {fmt:?} is not a bayeslora bundle"
+                    )));
                 }
             }
         }
-        let want_float = if meta.dtype == "bfloat16" { Dtype::BF16 } else { Dtype::F32 };
+        let want_float = if meta.dtype == "bfloat16" {
+            Dtype::BF16
+        } else {
+            Dtype::F32
+        };
         for e in &expect {
-            let view = st.tensor(&e.name).map_err(|_| bundle_err(format!("{wp}: missing tensor {:?}", e.name)))?;
+            let view = st
+                .tensor(&e.name)
+                .map_err(|_| bundle_err(format!("{wp}: missing tensor {:?}", e.name)))?;
             if view.shape() != e.shape.as_slice() {
                 return Err(bundle_err(format!(
                     "{wp}: tensor {:?} has shape {:?}, expected {:?}",
@@ -562,7 +676,11 @@ impl Bundle {
                     "{wp}: tensor {:?} has dtype {:?}, expected {}",
                     e.name,
                     view.dtype(),
-                    if e.int { "I64".to_string() } else { format!("F32 or {want_float:?}") }
+                    if e.int {
+                        "I64".to_string()
+                    } else {
+                        format!("F32 or {want_float:?}")
+                    }
                 )));
             }
         }
@@ -572,7 +690,9 @@ impl Bundle {
                 continue;
             }
             if name.split('.').any(|part| part == "base_layer") {
-                return Err(bundle_err(format!("{wp}: tensor {name:?} still has a `.base_layer` name")));
+                return Err(bundle_err(format!(
+                    "{wp}: tensor {name:?} still has a `.base_layer` name"
+                )));
             }
             if let Some((module, suffix)) = name.rsplit_once('.') {
                 if ADAPTER_SUFFIXES.contains(&suffix) {
@@ -588,10 +708,14 @@ impl Bundle {
         let mut tensors = HashMap::new();
         let mut adapters = HashMap::new();
         let take = |name: &str| -> Result<Vec<f32>> {
-            let view = st.tensor(name).map_err(|_| bundle_err(format!("{wp}: missing tensor {name:?}")))?;
+            let view = st
+                .tensor(name)
+                .map_err(|_| bundle_err(format!("{wp}: missing tensor {name:?}")))?;
             let data = to_f32(view.dtype(), view.data());
             if data.iter().any(|v| !v.is_finite()) {
-                return Err(bundle_err(format!("{wp}: tensor {name:?} contains NaN or infinite values")));
+                return Err(bundle_err(format!(
+                    "{wp}: tensor {name:?} contains NaN or infinite values"
+                )));
             }
             Ok(data)
         };
@@ -603,14 +727,22 @@ impl Bundle {
             {
                 continue;
             }
-            tensors.insert(e.name.clone(), Tensor { shape: e.shape.clone(), data: take(&e.name)? });
+            tensors.insert(
+                e.name.clone(),
+                Tensor {
+                    shape: e.shape.clone(),
+                    data: take(&e.name)?,
+                },
+            );
         }
         for (name, m) in &meta.modules {
             if m.rank == 0 {
                 continue;
             }
             let idx_name = format!("{name}.rank_index");
-            let view = st.tensor(&idx_name).map_err(|_| bundle_err(format!("{wp}: missing tensor {idx_name:?}")))?;
+            let view = st
+                .tensor(&idx_name)
+                .map_err(|_| bundle_err(format!("{wp}: missing tensor {idx_name:?}")))?;
             let mut rank_index = Vec::with_capacity(m.rank);
             let mut seen = HashSet::new();
             for chunk in view.data().chunks_exact(8) {
@@ -642,7 +774,13 @@ impl Bundle {
         }
         drop(st);
         drop(mmap);
-        Ok(Self { dir, meta, config, tensors, adapters })
+        Ok(Self {
+            dir,
+            meta,
+            config,
+            tensors,
+            adapters,
+        })
     }
 
     /// A base tensor by name (validated at open, so present).

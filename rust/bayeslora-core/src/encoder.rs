@@ -133,7 +133,11 @@ impl Layout {
 }
 
 /// Split `data` (rows of `width`) into the mutable row blocks of `segments`.
-fn split_segments<'a>(mut data: &'a mut [f32], segments: &[(usize, usize, usize, usize)], width: usize) -> Vec<&'a mut [f32]> {
+fn split_segments<'a>(
+    mut data: &'a mut [f32],
+    segments: &[(usize, usize, usize, usize)],
+    width: usize,
+) -> Vec<&'a mut [f32]> {
     let mut out = Vec::with_capacity(segments.len());
     for &(_, _, _, n) in segments {
         let (head, tail) = std::mem::take(&mut data).split_at_mut(n * width);
@@ -202,8 +206,16 @@ fn build_linear(bundle: &Bundle, names: &[String]) -> Result<Linear> {
                 }
             }
             let std = match noise {
-                NoiseKind::Gate => t.rank_param.iter().map(|&la| (0.5 * la.clamp(-10.0, 10.0)).exp()).collect(),
-                NoiseKind::Additive => t.rank_param.iter().map(|&ls| (0.5 * ls.clamp(-20.0, 2.0)).exp()).collect(),
+                NoiseKind::Gate => t
+                    .rank_param
+                    .iter()
+                    .map(|&la| (0.5 * la.clamp(-10.0, 10.0)).exp())
+                    .collect(),
+                NoiseKind::Additive => t
+                    .rank_param
+                    .iter()
+                    .map(|&ls| (0.5 * ls.clamp(-20.0, 2.0)).exp())
+                    .collect(),
                 _ => Vec::new(),
             };
             adapter = Some(Adapter {
@@ -221,10 +233,20 @@ fn build_linear(bundle: &Bundle, names: &[String]) -> Result<Linear> {
             });
         }
         rows.extend_from_slice(&w);
-        parts.push(Part { name: name.clone(), col, adapter });
+        parts.push(Part {
+            name: name.clone(),
+            col,
+            adapter,
+        });
     }
     let d_out = bias.len();
-    Ok(Linear { d_in, d_out, w: Packed::from_weight(&rows, d_out, d_in), bias, parts })
+    Ok(Linear {
+        d_in,
+        d_out,
+        w: Packed::from_weight(&rows, d_out, d_in),
+        bias,
+        parts,
+    })
 }
 
 impl Encoder {
@@ -241,10 +263,16 @@ impl Encoder {
             layers.push(Layer {
                 qkv: build_linear(bundle, &[name(0), name(1), name(2)])?,
                 out: build_linear(bundle, &[name(3)])?,
-                ln1: (take(bundle, &format!("{lp}.{ln1}.weight"))?, take(bundle, &format!("{lp}.{ln1}.bias"))?),
+                ln1: (
+                    take(bundle, &format!("{lp}.{ln1}.weight"))?,
+                    take(bundle, &format!("{lp}.{ln1}.bias"))?,
+                ),
                 ffn1: build_linear(bundle, &[name(4)])?,
                 ffn2: build_linear(bundle, &[name(5)])?,
-                ln2: (take(bundle, &format!("{lp}.{ln2}.weight"))?, take(bundle, &format!("{lp}.{ln2}.bias"))?),
+                ln2: (
+                    take(bundle, &format!("{lp}.{ln2}.weight"))?,
+                    take(bundle, &format!("{lp}.{ln2}.bias"))?,
+                ),
             });
         }
         let heads = cfg.head_linears(bundle.meta.num_labels);
@@ -267,7 +295,10 @@ impl Encoder {
             noise: bundle.meta.noise(),
             dropout: bundle.meta.dropout as f32,
             word: take(bundle, &format!("{p}.embeddings.word_embeddings.weight"))?,
-            position: take(bundle, &format!("{p}.embeddings.position_embeddings.weight"))?,
+            position: take(
+                bundle,
+                &format!("{p}.embeddings.position_embeddings.weight"),
+            )?,
             token_type0,
             emb_ln: (
                 take(bundle, &format!("{p}.embeddings.LayerNorm.weight"))?,
@@ -276,7 +307,12 @@ impl Encoder {
             layers,
             head1: build_linear(bundle, &[heads[0].0.clone()])?,
             head2: build_linear(bundle, &[heads[1].0.clone()])?,
-            module_ranks: bundle.meta.modules.iter().map(|(k, m)| (k.clone(), m.rank)).collect(),
+            module_ranks: bundle
+                .meta
+                .modules
+                .iter()
+                .map(|(k, m)| (k.clone(), m.rank))
+                .collect(),
         })
     }
 
@@ -304,7 +340,11 @@ impl Encoder {
         for i in 0..n {
             let row = &ids[i * t..(i + 1) * t];
             let m = &mask[i * t..(i + 1) * t];
-            let mut seq = Sequence { ids: Vec::new(), positions: Vec::new(), hash: 0 };
+            let mut seq = Sequence {
+                ids: Vec::new(),
+                positions: Vec::new(),
+                hash: 0,
+            };
             let mut keep = Vec::with_capacity(t);
             let mut roberta_count = 0u32;
             for (j, (&id, &mv)) in row.iter().zip(m).enumerate() {
@@ -341,7 +381,9 @@ impl Encoder {
                 }
             }
             if seq.ids.is_empty() {
-                return Err(Error::Value(format!("input {i} has no attended tokens (attention_mask is all 0)")));
+                return Err(Error::Value(format!(
+                    "input {i} has no attended tokens (attention_mask is all 0)"
+                )));
             }
             let ids_u32: Vec<u32> = row.iter().map(|&v| v as u32).collect();
             seq.hash = mc::input_hash(&ids_u32, &keep);
@@ -354,7 +396,9 @@ impl Encoder {
     pub fn check_gates(&self, gates: &HashMap<String, Vec<f32>>, n: usize) -> Result<()> {
         for (name, g) in gates {
             let Some(&r) = self.module_ranks.get(name) else {
-                return Err(Error::Value(format!("gates: {name:?} is not an adapted module of this bundle")));
+                return Err(Error::Value(format!(
+                    "gates: {name:?} is not an adapted module of this bundle"
+                )));
             };
             if g.len() != n * r {
                 return Err(Error::Shape(format!(
@@ -363,7 +407,9 @@ impl Encoder {
                 )));
             }
             if g.iter().any(|v| !v.is_finite()) {
-                return Err(Error::Value(format!("gates[{name:?}] contains NaN or infinite values")));
+                return Err(Error::Value(format!(
+                    "gates[{name:?}] contains NaN or infinite values"
+                )));
             }
         }
         Ok(())
@@ -391,16 +437,28 @@ impl Encoder {
 
     fn forward_chunk(&self, seqs: &[Sequence], offset: usize, noise: Noise<'_>) -> Vec<f32> {
         let h = self.hidden;
-        let ctx = Ctx { noise, samples: noise.samples(), offset, seqs, threads: rayon::current_num_threads() };
+        let ctx = Ctx {
+            noise,
+            samples: noise.samples(),
+            offset,
+            seqs,
+            threads: rayon::current_num_threads(),
+        };
         // embeddings (shared)
-        let mut lay = Layout { n: seqs.iter().map(|q| q.ids.len()).collect(), reps: 1 };
+        let mut lay = Layout {
+            n: seqs.iter().map(|q| q.ids.len()).collect(),
+            reps: 1,
+        };
         let mut x = vec![0.0f32; lay.rows() * h];
         let mut r = 0;
         for q in seqs {
             for (&id, &pos) in q.ids.iter().zip(&q.positions) {
                 let row = &mut x[r * h..(r + 1) * h];
                 row.copy_from_slice(&self.word[id as usize * h..(id as usize + 1) * h]);
-                kernels::add_assign(row, &self.position[pos as usize * h..(pos as usize + 1) * h]);
+                kernels::add_assign(
+                    row,
+                    &self.position[pos as usize * h..(pos as usize + 1) * h],
+                );
                 if let Some(tt) = &self.token_type0 {
                     kernels::add_assign(row, tt);
                 }
@@ -413,7 +471,10 @@ impl Encoder {
             (x, lay) = self.layer(layer, x, lay, l == last, &ctx);
         }
         // token 0 of each copy
-        let first = Layout { n: vec![1; seqs.len()], reps: lay.reps };
+        let first = Layout {
+            n: vec![1; seqs.len()],
+            reps: lay.reps,
+        };
         let x = conform(&x, &lay, &first, h);
         let (mut y, lay1) = self.linear(&self.head1, &x, &first, &ctx);
         match self.arch {
@@ -421,14 +482,31 @@ impl Encoder {
             _ => kernels::tanh(&mut y),
         }
         let (logits, lay2) = self.linear(&self.head2, &y, &lay1, &ctx);
-        let full = Layout { n: vec![1; seqs.len()], reps: ctx.samples };
+        let full = Layout {
+            n: vec![1; seqs.len()],
+            reps: ctx.samples,
+        };
         conform(&logits, &lay2, &full, self.num_labels)
     }
 
-    fn layer(&self, layer: &Layer, x: Vec<f32>, lay: Layout, last: bool, ctx: &Ctx<'_>) -> (Vec<f32>, Layout) {
+    fn layer(
+        &self,
+        layer: &Layer,
+        x: Vec<f32>,
+        lay: Layout,
+        last: bool,
+        ctx: &Ctx<'_>,
+    ) -> (Vec<f32>, Layout) {
         let h = self.hidden;
         let (qkv, lay_q) = self.linear(&layer.qkv, &x, &lay, ctx);
-        let lay_c = if last { Layout { n: vec![1; lay_q.n.len()], reps: lay_q.reps } } else { lay_q.clone() };
+        let lay_c = if last {
+            Layout {
+                n: vec![1; lay_q.n.len()],
+                reps: lay_q.reps,
+            }
+        } else {
+            lay_q.clone()
+        };
         let attn = self.attention(&qkv, &lay_q, last);
         let (mut a, lay_a) = self.linear(&layer.out, &attn, &lay_c, ctx);
         let resid = conform(&x, &lay, &lay_a, h);
@@ -453,7 +531,9 @@ impl Encoder {
         let dh = h / self.heads;
         let scale = 1.0 / (dh as f32).sqrt();
         let segs = lay.segments();
-        let tasks: Vec<(usize, usize)> = (0..segs.len()).flat_map(|g| (0..self.heads).map(move |hd| (g, hd))).collect();
+        let tasks: Vec<(usize, usize)> = (0..segs.len())
+            .flat_map(|g| (0..self.heads).map(move |hd| (g, hd)))
+            .collect();
         let blocks: Vec<Vec<f32>> = tasks
             .par_iter()
             .map(|&(g, hd)| {
@@ -462,7 +542,15 @@ impl Encoder {
                 let base = &qkv[start * 3 * h..(start + n) * 3 * h];
                 let kt = Packed::from_nk(&base[h + hd * dh..], n, dh, 3 * h);
                 let mut scores = vec![0.0f32; nq * n];
-                kernels::gemm(nq, &base[hd * dh..], 3 * h, &kt, &mut scores, n, Epilogue::Store);
+                kernels::gemm(
+                    nq,
+                    &base[hd * dh..],
+                    3 * h,
+                    &kt,
+                    &mut scores,
+                    n,
+                    Epilogue::Store,
+                );
                 kernels::softmax_rows(&mut scores, n, scale);
                 let v = Packed::from_kn(&base[2 * h + hd * dh..], n, dh, 3 * h);
                 let mut out = vec![0.0f32; nq * dh];
@@ -470,7 +558,10 @@ impl Encoder {
                 out
             })
             .collect();
-        let rows: usize = segs.iter().map(|&(_, _, _, n)| if first_only { 1 } else { n }).sum();
+        let rows: usize = segs
+            .iter()
+            .map(|&(_, _, _, n)| if first_only { 1 } else { n })
+            .sum();
         let mut ctxv = vec![0.0f32; rows * h];
         let mut row0 = Vec::with_capacity(segs.len());
         let mut r = 0;
@@ -507,33 +598,61 @@ impl Encoder {
     fn linear(&self, lin: &Linear, x: &[f32], lay: &Layout, ctx: &Ctx<'_>) -> (Vec<f32>, Layout) {
         let rows = lay.rows();
         let mut y = vec![0.0f32; rows * lin.d_out];
-        kernels::par_gemm(rows, x, lin.d_in, &lin.w, &mut y, lin.d_out, Epilogue::Bias(&lin.bias), ctx.threads);
+        kernels::par_gemm(
+            rows,
+            x,
+            lin.d_in,
+            &lin.w,
+            &mut y,
+            lin.d_out,
+            Epilogue::Bias(&lin.bias),
+            ctx.threads,
+        );
         let noisy: Vec<&Part> = lin
             .parts
             .iter()
-            .filter(|p| p.adapter.as_ref().is_some_and(|a| self.noisy(a, &p.name, ctx)))
+            .filter(|p| {
+                p.adapter
+                    .as_ref()
+                    .is_some_and(|a| self.noisy(a, &p.name, ctx))
+            })
             .collect();
         if noisy.is_empty() {
             return (y, lay.clone());
         }
-        let out_lay = Layout { n: lay.n.clone(), reps: ctx.samples };
+        let out_lay = Layout {
+            n: lay.n.clone(),
+            reps: ctx.samples,
+        };
         if out_lay != *lay {
             y = conform(&y, lay, &out_lay, lin.d_out);
         }
         let in_segs = lay.segments();
         let out_segs = out_lay.segments();
         let ys = split_segments(&mut y, &out_segs, lin.d_out);
-        ys.into_par_iter().zip(out_segs.par_iter()).for_each(|(yseg, &(i, s, _, n))| {
-            // the input rows of this copy: its own, or the shared ones
-            let src = if lay.reps == 1 { i } else { i * lay.reps + s };
-            let (_, _, xs, _) = in_segs[src];
-            let xrows = &x[xs * lin.d_in..(xs + n) * lin.d_in];
-            for part in &noisy {
-                if let Some(ad) = &part.adapter {
-                    self.adapter_term(ad, &part.name, xrows, n, &mut yseg[part.col..], lin.d_out, i, s, ctx);
+        ys.into_par_iter()
+            .zip(out_segs.par_iter())
+            .for_each(|(yseg, &(i, s, _, n))| {
+                // the input rows of this copy: its own, or the shared ones
+                let src = if lay.reps == 1 { i } else { i * lay.reps + s };
+                let (_, _, xs, _) = in_segs[src];
+                let xrows = &x[xs * lin.d_in..(xs + n) * lin.d_in];
+                for part in &noisy {
+                    if let Some(ad) = &part.adapter {
+                        self.adapter_term(
+                            ad,
+                            &part.name,
+                            xrows,
+                            n,
+                            &mut yseg[part.col..],
+                            lin.d_out,
+                            i,
+                            s,
+                            ctx,
+                        );
+                    }
                 }
-            }
-        });
+            });
         (y, out_lay)
     }
 

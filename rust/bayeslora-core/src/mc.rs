@@ -190,8 +190,14 @@ mod tests {
         assert_eq!(fnv1a(b""), 0xcbf29ce484222325);
         assert_eq!(fnv1a(b"a"), 0xaf63dc4c8601ec8c);
         assert_eq!(fnv1a(b"foobar"), 0x85944171f73967e8);
-        assert_eq!(input_hash(&[0x6f6f66, 0x726162], &[true, true]), fnv1a(b"foo\0bar\0"));
-        assert_eq!(input_hash(&[1, 2, 3], &[true, false, true]), input_hash(&[1, 3], &[true, true]));
+        assert_eq!(
+            input_hash(&[0x6f6f66, 0x726162], &[true, true]),
+            fnv1a(b"foo\0bar\0")
+        );
+        assert_eq!(
+            input_hash(&[1, 2, 3], &[true, false, true]),
+            input_hash(&[1, 3], &[true, true])
+        );
     }
 
     #[test]
@@ -224,11 +230,17 @@ mod tests {
             probs.push(l.iter().map(|&v| (v as f64).exp() / z).collect::<Vec<_>>());
         }
         let s = acc.finish();
-        let mean: Vec<f64> = (0..3).map(|c| probs.iter().map(|p| p[c]).sum::<f64>() / 3.0).collect();
-        for c in 0..3 {
-            assert!((s.probs[c] - mean[c]).abs() < 1e-12);
+        let mean: Vec<f64> = (0..3)
+            .map(|c| probs.iter().map(|p| p[c]).sum::<f64>() / 3.0)
+            .collect();
+        for (got, want) in s.probs.iter().zip(&mean) {
+            assert!((got - want).abs() < 1e-12);
         }
-        let var = probs.iter().map(|p| (p[s.label] - mean[s.label]).powi(2)).sum::<f64>() / 3.0;
+        let var = probs
+            .iter()
+            .map(|p| (p[s.label] - mean[s.label]).powi(2))
+            .sum::<f64>()
+            / 3.0;
         assert!((s.variance - var).abs() < 1e-12);
         let eh = probs.iter().map(|p| entropy(p)).sum::<f64>() / 3.0;
         assert!((s.expected_entropy - eh).abs() < 1e-12);

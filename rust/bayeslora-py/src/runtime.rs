@@ -54,9 +54,14 @@ impl Runtime {
             .num_threads(self.threads)
             .thread_name(|i| format!("bayeslora-{i}"))
             .build()
-            .map_err(|e| PyRuntimeError::new_err(format!("cannot start {} threads: {e}", self.threads)))?;
+            .map_err(|e| {
+                PyRuntimeError::new_err(format!("cannot start {} threads: {e}", self.threads))
+            })?;
         let pool = Arc::new(pool);
-        *guard = Some(Pool { pid, pool: pool.clone() });
+        *guard = Some(Pool {
+            pid,
+            pool: pool.clone(),
+        });
         Ok(pool)
     }
 
@@ -74,9 +79,9 @@ impl Runtime {
         let ids = input_ids
             .as_slice()
             .map_err(|_| PyValueError::new_err("input_ids must be a C-contiguous int64 array"))?;
-        let mask = attention_mask
-            .as_slice()
-            .map_err(|_| PyValueError::new_err("attention_mask must be a C-contiguous int64 array"))?;
+        let mask = attention_mask.as_slice().map_err(|_| {
+            PyValueError::new_err("attention_mask must be a C-contiguous int64 array")
+        })?;
         self.encoder
             .prepare(ids, mask, shape_i[0], shape_i[1])
             .map_err(|e| to_pyerr(py, e))
@@ -102,7 +107,9 @@ impl Runtime {
         let threads = match num_threads {
             Some(0) => return Err(PyValueError::new_err("num_threads must be >= 1")),
             Some(n) => n,
-            None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
         };
         let (encoder, labels, max_length) = py
             .detach(|| -> core::Result<_> {
@@ -112,7 +119,13 @@ impl Runtime {
                 Ok((Encoder::new(&bundle)?, labels, max_length))
             })
             .map_err(|e| to_pyerr(py, e))?;
-        Ok(Self { encoder: Arc::new(encoder), labels, max_length, threads, pool: Mutex::new(None) })
+        Ok(Self {
+            encoder: Arc::new(encoder),
+            labels,
+            max_length,
+            threads,
+            pool: Mutex::new(None),
+        })
     }
 
     /// Threads of the pool.
@@ -164,10 +177,13 @@ impl Runtime {
                 for (k, v) in d.iter() {
                     let name: String = k.extract()?;
                     let arr: PyReadonlyArray2<'_, f32> = v.extract().map_err(|_| {
-                        PyValueError::new_err(format!("gates[{name:?}] must be a 2-d float32 array"))
+                        PyValueError::new_err(format!(
+                            "gates[{name:?}] must be a 2-d float32 array"
+                        ))
                     })?;
                     if arr.shape()[0] != n {
-                        let msg = format!("gates[{name:?}] has {} rows for {n} inputs", arr.shape()[0]);
+                        let msg =
+                            format!("gates[{name:?}] has {} rows for {n} inputs", arr.shape()[0]);
                         return Err(to_pyerr(py, core::Error::Shape(msg)));
                     }
                     let vals = arr.as_slice().map_err(|_| {
@@ -175,7 +191,9 @@ impl Runtime {
                     })?;
                     map.insert(name, vals.to_vec());
                 }
-                self.encoder.check_gates(&map, n).map_err(|e| to_pyerr(py, e))?;
+                self.encoder
+                    .check_gates(&map, n)
+                    .map_err(|e| to_pyerr(py, e))?;
                 self.run(py, &seqs, Noise::Explicit(&map))?
             }
         };
@@ -201,7 +219,9 @@ impl Runtime {
         let n = seqs.len();
         let logits = self.run(py, &seqs, Noise::Sampled { samples, seed })?;
         let c = self.encoder.num_labels();
-        Ok(PyArray1::from_vec(py, logits).reshape([n, samples, c])?.into_any())
+        Ok(PyArray1::from_vec(py, logits)
+            .reshape([n, samples, c])?
+            .into_any())
     }
 
     /// SPEC §6 fields of S samples per input (S = 0: mean mode), reduced online:
@@ -219,7 +239,11 @@ impl Runtime {
         let seed = check_seed(seed)?;
         let seqs = self.sequences(py, &input_ids, &attention_mask)?;
         let n = seqs.len();
-        let noise = if samples == 0 { Noise::Mean } else { Noise::Sampled { samples, seed } };
+        let noise = if samples == 0 {
+            Noise::Mean
+        } else {
+            Noise::Sampled { samples, seed }
+        };
         let logits = self.run(py, &seqs, noise)?;
         let c = self.encoder.num_labels();
         let s = samples.max(1);
@@ -247,7 +271,13 @@ impl Runtime {
         let out = PyDict::new(py);
         out.set_item("probs", PyArray1::from_vec(py, probs).reshape([n, c])?)?;
         out.set_item("label", PyArray1::from_vec(py, label))?;
-        let names = ["confidence", "entropy", "expected_entropy", "mutual_info", "variance"];
+        let names = [
+            "confidence",
+            "entropy",
+            "expected_entropy",
+            "mutual_info",
+            "variance",
+        ];
         for (name, f) in names.iter().zip(fields) {
             out.set_item(*name, PyArray1::from_vec(py, f))?;
         }
