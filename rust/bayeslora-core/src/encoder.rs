@@ -16,7 +16,9 @@
 //! - The classifier reads token 0 only, so the last layer computes queries, attention output and
 //!   FFN for token 0 only (keys and values for all tokens).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 
@@ -443,13 +445,14 @@ impl Encoder {
             offset,
             seqs,
             threads: rayon::current_num_threads(),
+            buffers: Mutex::new(Vec::new()),
         };
         // embeddings (shared)
         let mut lay = Layout {
             n: seqs.iter().map(|q| q.ids.len()).collect(),
             reps: 1,
         };
-        let mut x = vec![0.0f32; lay.rows() * h];
+        let mut x = ctx.buf(lay.rows() * h);
         let mut r = 0;
         for q in seqs {
             for (&id, &pos) in q.ids.iter().zip(&q.positions) {
@@ -475,7 +478,7 @@ impl Encoder {
             n: vec![1; seqs.len()],
             reps: lay.reps,
         };
-        let x = conform(&x, &lay, &first, h);
+        let x = conform(&x, &lay, &first, h, &ctx);
         let (mut y, lay1) = self.linear(&self.head1, &x, &first, &ctx);
         match self.arch {
             Arch::DistilBert => kernels::relu(&mut y),
@@ -486,7 +489,7 @@ impl Encoder {
             n: vec![1; seqs.len()],
             reps: ctx.samples,
         };
-        conform(&logits, &lay2, &full, self.num_labels)
+        conform(&logits, &lay2, &full, self.num_labels, &ctx).into_owned()
     }
 
     fn layer(
@@ -507,11 +510,16 @@ impl Encoder {
         } else {
             lay_q.clone()
         };
-        let attn = self.attention(&qkv, &lay_q, last);
+        let attn = self.attention(&qkv, &lay_q, last, ctx);
+        ctx.put(qkv);
         let (mut a, lay_a) = self.linear(&layer.out, &attn, &lay_c, ctx);
-        let resid = conform(&x, &lay, &lay_a, h);
+        ctx.put(attn);
+        let resid = conform(&x, &lay, &lay_a, h, ctx);
         kernels::add_layer_norm(&mut a, &resid, &layer.ln1.0, &layer.ln1.1, self.eps);
-        drop(resid);
+        if let Cow::Owned(v) = resid {
+            ctx.put(v);
+        }
+        ctx.put(x);
         let (mut f, lay_f) = self.linear(&layer.ffn1, &a, &lay_a, ctx);
         match self.activation {
             Activation::Gelu => par_elementwise(&mut f, kernels::gelu),
@@ -519,14 +527,18 @@ impl Encoder {
             Activation::Relu => par_elementwise(&mut f, kernels::relu),
         }
         let (mut g, lay_g) = self.linear(&layer.ffn2, &f, &lay_f, ctx);
-        drop(f);
-        let resid = conform(&a, &lay_a, &lay_g, h);
+        ctx.put(f);
+        let resid = conform(&a, &lay_a, &lay_g, h, ctx);
         kernels::add_layer_norm(&mut g, &resid, &layer.ln2.0, &layer.ln2.1, self.eps);
+        if let Cow::Owned(v) = resid {
+            ctx.put(v);
+        }
+        ctx.put(a);
         (g, lay_g)
     }
 
     /// Scaled dot-product attention per (segment, head); queries of token 0 only if `first_only`.
-    fn attention(&self, qkv: &[f32], lay: &Layout, first_only: bool) -> Vec<f32> {
+    fn attention(&self, qkv: &[f32], lay: &Layout, first_only: bool, ctx: &Ctx<'_>) -> Vec<f32> {
         let h = self.hidden;
         let dh = h / self.heads;
         let scale = 1.0 / (dh as f32).sqrt();
@@ -562,7 +574,7 @@ impl Encoder {
             .iter()
             .map(|&(_, _, _, n)| if first_only { 1 } else { n })
             .sum();
-        let mut ctxv = vec![0.0f32; rows * h];
+        let mut ctxv = ctx.buf(rows * h);
         let mut row0 = Vec::with_capacity(segs.len());
         let mut r = 0;
         for &(_, _, _, n) in &segs {
@@ -597,7 +609,7 @@ impl Encoder {
     /// `y = x W'ᵀ + b` plus the noisy adapter terms; expands a shared input when needed.
     fn linear(&self, lin: &Linear, x: &[f32], lay: &Layout, ctx: &Ctx<'_>) -> (Vec<f32>, Layout) {
         let rows = lay.rows();
-        let mut y = vec![0.0f32; rows * lin.d_out];
+        let mut y = ctx.buf(rows * lin.d_out);
         kernels::par_gemm(
             rows,
             x,
@@ -625,7 +637,8 @@ impl Encoder {
             reps: ctx.samples,
         };
         if out_lay != *lay {
-            y = conform(&y, lay, &out_lay, lin.d_out);
+            let expanded = conform(&y, lay, &out_lay, lin.d_out, ctx).into_owned();
+            ctx.put(std::mem::replace(&mut y, expanded));
         }
         let in_segs = lay.segments();
         let out_segs = out_lay.segments();
@@ -742,25 +755,63 @@ struct Ctx<'a> {
     offset: usize,
     seqs: &'a [Sequence],
     threads: usize,
+    /// Recycled activation buffers: large fresh allocations cost page faults on every layer.
+    buffers: Mutex<Vec<Vec<f32>>>,
+}
+
+impl Ctx<'_> {
+    /// A zeroed buffer of `n` floats, reusing a returned one when possible.
+    fn buf(&self, n: usize) -> Vec<f32> {
+        let mut v = match self.buffers.lock() {
+            Ok(mut pool) => {
+                let best = pool
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|(_, b)| b.capacity())
+                    .map(|(i, _)| i);
+                best.map(|i| pool.swap_remove(i)).unwrap_or_default()
+            }
+            Err(_) => Vec::new(),
+        };
+        v.clear();
+        v.resize(n, 0.0);
+        v
+    }
+
+    /// Give a buffer back for reuse.
+    fn put(&self, v: Vec<f32>) {
+        if let Ok(mut pool) = self.buffers.lock() {
+            pool.push(v);
+        }
+    }
 }
 
 /// Re-lay rows of width `w` from `from` into `to`: copy `s` of input `i` takes its source copy
 /// (or the shared one) and keeps the first `to.n[i]` rows of it.
-fn conform(x: &[f32], from: &Layout, to: &Layout, w: usize) -> Vec<f32> {
+fn conform<'x>(
+    x: &'x [f32],
+    from: &Layout,
+    to: &Layout,
+    w: usize,
+    ctx: &Ctx<'_>,
+) -> Cow<'x, [f32]> {
     if from == to {
-        return x.to_vec();
+        return Cow::Borrowed(x);
     }
     let from_segs = from.segments();
-    let mut out = Vec::with_capacity(to.rows() * w);
+    let mut out = ctx.buf(to.rows() * w);
+    let mut r = 0;
     for (i, &n) in to.n.iter().enumerate() {
         for s in 0..to.reps {
             let src = if from.reps == 1 { i } else { i * from.reps + s };
             let (_, _, start, len) = from_segs[src];
             let take = n.min(len);
-            out.extend_from_slice(&x[start * w..(start + take) * w]);
+            out[r * w..(r + take) * w].copy_from_slice(&x[start * w..(start + take) * w]);
+            r += take;
         }
     }
-    out
+    out.truncate(r * w);
+    Cow::Owned(out)
 }
 
 fn par_elementwise(x: &mut [f32], f: fn(&mut [f32])) {

@@ -234,6 +234,33 @@ fn micro(
     bias: Option<&[f32]>,
     acc_in: bool,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx && cols == NR {
+            // full tile: the epilogue runs on the registers
+            let mode = match (bias, acc_in) {
+                (Some(_), _) => avx2::BIAS,
+                (None, true) => avx2::ACCUMULATE,
+                (None, false) => avx2::STORE,
+            };
+            let bp = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+            // SAFETY: AVX2/FMA present; `a` holds `rows` rows of `k` floats at stride `lda`,
+            // `panel` `k * NR` floats, `c` `rows` rows of NR floats at stride `ldc` (asserted by
+            // `gemm`), and `bias` NR floats when given.
+            unsafe {
+                let (a, p, c) = (a.as_ptr(), panel.as_ptr(), c.as_mut_ptr());
+                match rows {
+                    6 => avx2::kernel_out::<6>(k, a, lda, p, c, ldc, bp, mode),
+                    5 => avx2::kernel_out::<5>(k, a, lda, p, c, ldc, bp, mode),
+                    4 => avx2::kernel_out::<4>(k, a, lda, p, c, ldc, bp, mode),
+                    3 => avx2::kernel_out::<3>(k, a, lda, p, c, ldc, bp, mode),
+                    2 => avx2::kernel_out::<2>(k, a, lda, p, c, ldc, bp, mode),
+                    _ => avx2::kernel_out::<1>(k, a, lda, p, c, ldc, bp, mode),
+                }
+            }
+            return;
+        }
+    }
     let mut tile = [[0.0f32; NR]; MR];
     #[cfg(target_arch = "x86_64")]
     {
@@ -301,6 +328,68 @@ fn scalar_kernel(
 mod avx2 {
     use super::{MR, NR};
     use std::arch::x86_64::*;
+
+    pub(super) const STORE: u8 = 0;
+    pub(super) const BIAS: u8 = 1;
+    pub(super) const ACCUMULATE: u8 = 2;
+
+    /// Like [`kernel`], storing a full 16-column tile straight into `c` (row stride `ldc`):
+    /// `c = acc` (STORE), `c = acc + bias` (BIAS) or `c += acc` (ACCUMULATE). Same arithmetic
+    /// as the tile path (the product first, then one addition).
+    ///
+    /// # Safety
+    /// As [`kernel`]; also `c` must point at `R` rows of 16 writable floats at stride `ldc`, and
+    /// `bias` at 16 readable floats when `mode == BIAS`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn kernel_out<const R: usize>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        panel: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        bias: *const f32,
+        mode: u8,
+    ) {
+        let mut acc0 = [_mm256_setzero_ps(); R];
+        let mut acc1 = [_mm256_setzero_ps(); R];
+        let mut bp = panel;
+        for kk in 0..k {
+            // SAFETY: as in `kernel`.
+            unsafe {
+                let b0 = _mm256_loadu_ps(bp);
+                let b1 = _mm256_loadu_ps(bp.add(8));
+                for i in 0..R {
+                    let av = _mm256_broadcast_ss(&*a.add(i * lda + kk));
+                    acc0[i] = _mm256_fmadd_ps(av, b0, acc0[i]);
+                    acc1[i] = _mm256_fmadd_ps(av, b1, acc1[i]);
+                }
+                bp = bp.add(NR);
+            }
+        }
+        // SAFETY: row i of `c` has 16 writable floats; `bias` 16 readable ones in BIAS mode.
+        unsafe {
+            let (e0, e1) = if mode == BIAS {
+                (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8)))
+            } else {
+                (_mm256_setzero_ps(), _mm256_setzero_ps())
+            };
+            for i in 0..R {
+                let row = c.add(i * ldc);
+                let (o0, o1) = match mode {
+                    BIAS => (_mm256_add_ps(acc0[i], e0), _mm256_add_ps(acc1[i], e1)),
+                    ACCUMULATE => (
+                        _mm256_add_ps(_mm256_loadu_ps(row), acc0[i]),
+                        _mm256_add_ps(_mm256_loadu_ps(row.add(8)), acc1[i]),
+                    ),
+                    _ => (acc0[i], acc1[i]),
+                };
+                _mm256_storeu_ps(row, o0);
+                _mm256_storeu_ps(row.add(8), o1);
+            }
+        }
+    }
 
     /// `tile[0..R] = A[0..R, 0..k] · panel`, one FMA chain per output in `k` order.
     ///
@@ -513,8 +602,16 @@ multiversion! {
     /// Row-wise softmax in place of `rows × width` values after multiplying by `scale`.
     pub fn softmax_rows(x: &mut [f32], width: usize, scale: f32) {
         for row in x.chunks_exact_mut(width) {
-            let mut m = f32::NEG_INFINITY;
-            for v in row.iter_mut() {
+            let mut lanes = [f32::NEG_INFINITY; 8];
+            let mut chunks = row.chunks_exact_mut(8);
+            for c in &mut chunks {
+                for j in 0..8 {
+                    c[j] *= scale;
+                    lanes[j] = if c[j] > lanes[j] { c[j] } else { lanes[j] };
+                }
+            }
+            let mut m = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            for v in chunks.into_remainder() {
                 *v *= scale;
                 m = m.max(*v);
             }
