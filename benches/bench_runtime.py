@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             x = inputs(batch)
             xn = {k: v.numpy() for k, v in x.items()}
             t_torch = timeit(lambda x=x, s=samples: run_torch(model, x, s), args.min_time)
-            t_rust = timeit(lambda xn=xn, s=samples: run_rust(scorer, xn, s), args.min_time)
+            t_rust = timeit(lambda sc=scorer, xn=xn, s=samples: run_rust(sc, xn, s), args.min_time)
             f = flops(batch, samples)
             rows.append(
                 (
