@@ -29,6 +29,8 @@ use crate::mc::{self, Stream};
 
 /// Stacked rows kept below this per chunk of inputs (bounds the memory of MC mode).
 const MAX_ROWS: usize = 8192;
+/// Activation buffers kept for the next call, at most this many bytes.
+const KEEP_BYTES: usize = 96 << 20;
 
 /// An adapter kept apart from the merged weight, for the noisy terms.
 #[derive(Debug)]
@@ -172,6 +174,8 @@ pub struct Encoder {
     head2: Linear,
     /// rank of every module named in the bundle (0 for pruned-away modules)
     module_ranks: HashMap<String, usize>,
+    /// Activation buffers kept between calls (bounded by [`KEEP_BYTES`]).
+    buffers: Mutex<Vec<Vec<f32>>>,
 }
 
 fn take(bundle: &Bundle, name: &str) -> Result<Vec<f32>> {
@@ -315,6 +319,7 @@ impl Encoder {
                 .iter()
                 .map(|(k, m)| (k.clone(), m.rank))
                 .collect(),
+            buffers: Mutex::new(Vec::new()),
         })
     }
 
@@ -445,7 +450,7 @@ impl Encoder {
             offset,
             seqs,
             threads: rayon::current_num_threads(),
-            buffers: Mutex::new(Vec::new()),
+            buffers: &self.buffers,
         };
         // embeddings (shared)
         let mut lay = Layout {
@@ -489,7 +494,17 @@ impl Encoder {
             n: vec![1; seqs.len()],
             reps: ctx.samples,
         };
-        conform(&logits, &lay2, &full, self.num_labels, &ctx).into_owned()
+        let out = conform(&logits, &lay2, &full, self.num_labels, &ctx).into_owned();
+        // keep the largest buffers for the next call, within KEEP_BYTES
+        if let Ok(mut pool) = self.buffers.lock() {
+            pool.sort_by_key(|b| std::cmp::Reverse(b.capacity()));
+            let mut kept = 0;
+            pool.retain(|b| {
+                kept += b.capacity() * 4;
+                kept <= KEEP_BYTES
+            });
+        }
+        out
     }
 
     fn layer(
@@ -756,7 +771,7 @@ struct Ctx<'a> {
     seqs: &'a [Sequence],
     threads: usize,
     /// Recycled activation buffers: large fresh allocations cost page faults on every layer.
-    buffers: Mutex<Vec<Vec<f32>>>,
+    buffers: &'a Mutex<Vec<Vec<f32>>>,
 }
 
 impl Ctx<'_> {
