@@ -457,9 +457,9 @@ mod avx512 {
             // element (i, kk) of a row the caller guarantees.
             unsafe {
                 let b = _mm512_loadu_ps(bp);
-                for i in 0..R {
+                for (i, v) in acc.iter_mut().enumerate() {
                     let av = _mm512_set1_ps(*a.add(i * lda + kk));
-                    acc[i] = _mm512_fmadd_ps(av, b, acc[i]);
+                    *v = _mm512_fmadd_ps(av, b, *v);
                 }
                 bp = bp.add(NR);
             }
@@ -471,12 +471,12 @@ mod avx512 {
             } else {
                 _mm512_setzero_ps()
             };
-            for i in 0..R {
+            for (i, v) in acc.iter().enumerate() {
                 let row = c.add(i * ldc);
                 let o = match mode {
-                    BIAS => _mm512_add_ps(acc[i], e),
-                    ACCUMULATE => _mm512_add_ps(_mm512_loadu_ps(row), acc[i]),
-                    _ => acc[i],
+                    BIAS => _mm512_add_ps(*v, e),
+                    ACCUMULATE => _mm512_add_ps(_mm512_loadu_ps(row), *v),
+                    _ => *v,
                 };
                 _mm512_storeu_ps(row, o);
             }
