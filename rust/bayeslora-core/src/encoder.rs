@@ -775,7 +775,9 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// A zeroed buffer of `n` floats, reusing a returned one when possible.
+    /// A buffer of `n` floats, reusing a returned one when possible. Its contents are
+    /// unspecified (stale values of a previous use): every caller overwrites all `n` entries
+    /// (products with a Store/Bias epilogue, row copies), so no time goes into zeroing.
     fn buf(&self, n: usize) -> Vec<f32> {
         let mut v = match self.buffers.lock() {
             Ok(mut pool) => {
@@ -788,8 +790,11 @@ impl Ctx<'_> {
             }
             Err(_) => Vec::new(),
         };
-        v.clear();
-        v.resize(n, 0.0);
+        if v.len() >= n {
+            v.truncate(n);
+        } else {
+            v.resize(n, 0.0);
+        }
         v
     }
 
