@@ -32,10 +32,12 @@ _LAZY = {
     "save_adapter": "io",
     "load_adapter": "io",
     "BayesLoRALayer": "layers",
+    "export": "bundle",
 }
 _SUBMODULES = ("metrics", "calibration", "plots", "analysis", "runtime", "training", "data")
 
 if TYPE_CHECKING:
+    from .bundle import export
     from .injection import inject
     from .io import load_adapter, save_adapter
     from .layers import BayesLoRALayer
@@ -62,6 +64,7 @@ __all__ = [
     "adapter_parameter_count",
     "elbo_loss",
     "errors",
+    "export",
     "inject",
     "kl_divergence",
     "load_adapter",

@@ -108,11 +108,13 @@ def run_quickstart(
         }
 
     say("\n== exporting the BayesLoRA bundle and scoring with the Rust runtime (no torch)")
-    from .export import export
+    from .bundle import export
     from .runtime import Scorer
 
     bundle = out / "bundle"
-    export(runs["bayeslora"]["model"], runs["bayeslora"]["tokenizer"], bundle)
+    export(
+        runs["bayeslora"]["model"], runs["bayeslora"]["tokenizer"], bundle, max_length=budget["max_length"]
+    )
     scorer = Scorer(bundle, num_threads=2)
     showcase = SHOWCASE_IN + SHOWCASE_OUT
     scored = scorer.score(showcase, samples=32, seed=seed)

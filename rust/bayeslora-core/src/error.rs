@@ -10,6 +10,9 @@ pub enum Error {
     /// A value is NaN or infinite, or out of its allowed range.
     #[error("invalid value: {0}")]
     Value(String),
+    /// A bundle on disk is missing, malformed, inconsistent, or uses something unsupported.
+    #[error("bundle error: {0}")]
+    Bundle(String),
 }
 
 /// Result alias for the core.

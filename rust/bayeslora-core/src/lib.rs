@@ -4,9 +4,13 @@
 //! (shapes, values, files) is validated and reported through [`Error`], never a panic.
 
 pub mod analysis;
+pub mod bundle;
+pub mod encoder;
 pub mod error;
+pub mod kernels;
 pub mod kl;
 pub mod linalg;
+pub mod mc;
 pub mod rank;
 
 pub use error::{Error, Result};

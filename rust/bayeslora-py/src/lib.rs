@@ -8,11 +8,14 @@ use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntyped
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+mod runtime;
+
 /// The one place that maps core errors to Python exception classes (DESIGN.md, polars style).
 pub(crate) fn to_pyerr(py: Python<'_>, err: core::Error) -> PyErr {
     let class = match &err {
         core::Error::Shape(_) => "ShapeError",
         core::Error::Value(_) => "InvalidValueError",
+        core::Error::Bundle(_) => "BundleError",
     };
     let msg = err.to_string();
     match py.import("bayeslora.errors").and_then(|m| m.getattr(class)) {
@@ -147,5 +150,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rank_scores_gate, m)?)?;
     m.add_function(wrap_pyfunction!(rank_scores_additive, m)?)?;
     analysis::register(m)?;
+    runtime::register(m)?;
     Ok(())
 }

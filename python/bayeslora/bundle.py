@@ -1,0 +1,260 @@
+"""Export a trained model as a bundle the torch-free Rust runtime scores (DESIGN.md, "Bundle").
+
+A bundle is a directory with
+
+- ``model.safetensors``: the base weights under their HF state-dict names (an adapted layer's
+  frozen weight as ``<name>.weight``/``<name>.bias``, without ``.base_layer``), plus per adapted
+  module with rank r > 0: ``<name>.lora_A [r, d_in]``, ``<name>.lora_B [d_out, r]``,
+  ``<name>.log_alpha [r]`` (gate) or ``<name>.log_sigma2 [r]`` (additive), and
+  ``<name>.rank_index [r]`` (int64, the ranks' original positions). Pruned ranks are removed; a
+  module pruned to rank 0 keeps its ``bayeslora.json`` entry (``"rank": 0``) and has no adapter
+  tensors at all.
+- ``config.json``: the HF model config.
+- ``bayeslora.json``: format version, architecture, method, posterior, labels, per-module
+  rank/scale/dims (see :func:`export`).
+- ``tokenizer.json`` (when a tokenizer is given).
+
+The directory is written beside its destination under a temporary name, checked by loading it
+with the Rust runtime, then renamed into place: a crash never leaves a half bundle that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import BundleError, ConfigError
+from .injection import adapted_layers, get_config
+from .layers import BayesLoRALayer
+from .objective import _unwrap
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+HF_CONFIG = "config.json"
+META = "bayeslora.json"
+TOKENIZER = "tokenizer.json"
+
+# HF model_type -> runtime architecture
+ARCHITECTURES = {
+    "bert": "bert",
+    "distilbert": "distilbert",
+    "roberta": "roberta",
+    "xlm-roberta": "roberta",
+    "camembert": "roberta",
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@torch.no_grad()
+def kept_ranks(layer: BayesLoRALayer, prune: bool, threshold: float, min_rank: int) -> torch.Tensor:
+    """Indices (into the layer's current ranks) that the bundle keeps: the active ranks, and with
+    ``prune`` only those whose relevance score is at most ``threshold`` (keeping the ``min_rank``
+    least noisy). Same rule as :meth:`BayesLoRALayer.prune_`, without touching the layer."""
+    active = layer.rank_mask > 0
+    keep = active.clone()
+    if prune and layer.rank_parameter() is not None:
+        scores = layer.rank_scores()
+        keep = active & (scores <= threshold)
+        need = min(min_rank, int(active.sum())) - int(keep.sum())
+        if need > 0:
+            candidates = torch.nonzero(active & ~keep).flatten()
+            order = torch.argsort(scores[candidates])
+            keep[candidates[order[:need]]] = True
+    return torch.nonzero(keep).flatten()
+
+
+def _tokenizer_json(tokenizer: Any) -> str | None:
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, (str, os.PathLike)):
+        path = Path(tokenizer)
+        if path.is_dir():
+            path = path / TOKENIZER
+        try:
+            return path.read_text()
+        except OSError as e:
+            raise BundleError(f"cannot read tokenizer file {path}: {e}") from e
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # transformers' fast tokenizers
+    if backend is not None:
+        return backend.to_str()
+    if hasattr(tokenizer, "to_str"):  # a tokenizers.Tokenizer
+        return tokenizer.to_str()
+    raise ConfigError(
+        f"cannot export a tokenizer of type {type(tokenizer).__name__}: pass a fast (Rust) tokenizer, "
+        "a tokenizers.Tokenizer or the path of a tokenizer.json"
+    )
+
+
+def _labels(hf_config: Any, num_labels: int) -> list[str]:
+    id2label = getattr(hf_config, "id2label", None) or {}
+    labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(num_labels)]
+    return labels
+
+
+def _max_length(tokenizer: Any, hf_config: Any, arch: str, max_length: int | None) -> int:
+    positions = int(getattr(hf_config, "max_position_embeddings", 512))
+    if arch == "roberta":  # positions start after padding_idx
+        positions -= int(getattr(hf_config, "pad_token_id", 1) or 0) + 1
+    if max_length is not None:
+        if not 0 < max_length <= positions:
+            raise ConfigError(f"max_length must be in 1..{positions}, got {max_length}")
+        return int(max_length)
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(model_max, int) and 0 < model_max < positions:
+        return model_max
+    return positions
+
+
+@torch.no_grad()
+def bundle_tensors(
+    model: nn.Module, dtype: str = "float32", prune: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], int]:
+    """(tensors, per-module metadata, ranks removed by export-time pruning) of ``model``."""
+    base = _unwrap(model)
+    config = get_config(base)
+    store = _DTYPES[dtype]
+    layers = dict(adapted_layers(base))
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in base.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        if module in layers:
+            continue  # adapter tensors: written below, sliced
+        if module.endswith(".base_layer") and module[: -len(".base_layer")] in layers:
+            key = f"{module[: -len('.base_layer')]}.{leaf}"
+        v = value.detach().to("cpu")
+        tensors[key] = (v.to(store) if v.is_floating_point() else v).contiguous().clone()
+    modules: dict[str, dict[str, Any]] = {}
+    extra_pruned = 0
+    for name, layer in layers.items():
+        keep = kept_ranks(layer, prune, config.prune_threshold, config.min_rank)
+        extra_pruned += layer.active_rank - int(keep.numel())
+        r = int(keep.numel())
+        modules[name] = {
+            "rank": r,
+            "initial_rank": int(layer.initial_rank),
+            "scale": float(layer.scale),
+            "d_in": int(layer.d_in),
+            "d_out": int(layer.d_out),
+        }
+        if r == 0:
+            continue
+        keep = keep.to(layer.lora_A.device)
+        tensors[f"{name}.lora_A"] = layer.lora_A.detach().index_select(0, keep).to("cpu", store).contiguous()
+        tensors[f"{name}.lora_B"] = layer.lora_B.detach().index_select(1, keep).to("cpu", store).contiguous()
+        param = layer.rank_parameter()
+        if param is not None:
+            pname = "log_alpha" if layer.uses_gate else "log_sigma2"
+            tensors[f"{name}.{pname}"] = (
+                param.detach().index_select(0, keep).to("cpu", torch.float32).contiguous()
+            )
+        tensors[f"{name}.rank_index"] = (
+            layer.rank_index.index_select(0, keep).to("cpu", torch.int64).contiguous()
+        )
+    return tensors, modules, extra_pruned
+
+
+def export(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    prune: bool = True,
+    max_length: int | None = None,
+    validate: bool = True,
+) -> Path:
+    """Write ``model`` (a BERT/DistilBERT/RoBERTa sequence classifier after :func:`bl.inject`) and
+    ``tokenizer`` as a bundle at ``out_dir``, atomically. The caller's model is not modified.
+
+    Args:
+        tokenizer: a transformers fast tokenizer, a ``tokenizers.Tokenizer``, the path of a
+            ``tokenizer.json`` (or of a directory holding one), or None (the bundle then scores
+            token ids only).
+        dtype: storage dtype of the weights and adapter factors, ``"float32"`` or ``"bfloat16"``
+            (rank parameters stay float32); the runtime computes in float32.
+        prune: also remove ranks whose relevance score exceeds the config's τ (SPEC §4: a loop
+            that never pruned still gets pruned here, with a warning saying how many ranks went).
+            Masked ranks are always removed.
+        max_length: tokens per input the runtime's tokenizer truncates to (default: the
+            tokenizer's ``model_max_length`` capped by the position table).
+        validate: load the written bundle with the Rust runtime before moving it into place.
+
+    Returns:
+        The bundle directory.
+
+    ``bayeslora.json``: ``{"format_version": 1, "architecture", "model_type", "method",
+    "posterior", "num_labels", "labels", "prune_threshold", "dropout", "dtype", "max_length",
+    "modules": {name: {"rank", "initial_rank", "scale", "d_in", "d_out"}}}``.
+    """
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    base = _unwrap(model)
+    config = get_config(base)
+    hf_config = getattr(base, "config", None)
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ConfigError(
+            f"cannot export model_type {model_type!r}: the runtime supports {sorted(ARCHITECTURES)} "
+            "sequence classifiers"
+        )
+    arch = ARCHITECTURES[model_type]
+    tokenizer_text = _tokenizer_json(tokenizer)
+    tensors, modules, extra_pruned = bundle_tensors(base, dtype, prune)
+    if extra_pruned > 0:
+        warnings.warn(
+            f"export pruned {extra_pruned} rank(s) whose relevance exceeds τ = {config.prune_threshold} "
+            "and that training had not masked",
+            stacklevel=2,
+        )
+    num_labels = int(hf_config.num_labels)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "architecture": arch,
+        "model_type": model_type,
+        "method": config.method,
+        "posterior": config.posterior,
+        "num_labels": num_labels,
+        "labels": _labels(hf_config, num_labels),
+        "prune_threshold": float(config.prune_threshold),
+        "dropout": float(config.dropout),
+        "dtype": dtype,
+        "max_length": _max_length(tokenizer, hf_config, arch, max_length),
+        "modules": modules,
+    }
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "bayeslora-bundle", "format_version": "1"})
+        (tmp / HF_CONFIG).write_text(hf_config.to_json_string(use_diff=False))
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if tokenizer_text is not None:
+            (tmp / TOKENIZER).write_text(tokenizer_text)
+        if validate:
+            from . import _core
+
+            _core.Runtime(str(tmp), 1)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["bundle_tensors", "export", "kept_ranks"]

@@ -1,0 +1,186 @@
+"""Score texts with an exported bundle on CPU, with uncertainty, without torch.
+
+This module imports only numpy, ``tokenizers``, the standard library and ``bayeslora._core``.
+
+The Rust runtime computes in float32. Mean mode (``samples=0``) uses the adapters merged into
+the weights. MC mode draws S posterior samples per input from counter-based streams keyed by
+``(seed, hash of the input's token ids, sample, module, rank)`` (the hash is 64-bit FNV-1a over
+the little-endian uint32 bytes of the ids whose mask is 1; see ``rust/bayeslora-core/src/mc.rs``),
+so an input's scores depend only on the bundle, the input, the seed and S: not on its
+batch-mates, its position in the batch, or the number of threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from .errors import BundleError, ShapeError
+
+FIELDS = ("probs", "label", "confidence", "entropy", "expected_entropy", "mutual_info", "variance")
+_CHUNK = 1024  # texts tokenised and scored per call into the core (bounds padding memory)
+
+
+def _as_ids(input_ids: Any, attention_mask: Any | None) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.ascontiguousarray(np.asarray(input_ids), dtype=np.int64)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2:
+        raise ShapeError(f"input_ids must be [N, T], got shape {ids.shape}")
+    if attention_mask is None:
+        mask = np.ones_like(ids)
+    else:
+        mask = np.ascontiguousarray(np.asarray(attention_mask), dtype=np.int64)
+        if mask.ndim == 1:
+            mask = mask[None, :]
+    if mask.shape != ids.shape:
+        raise ShapeError(f"attention_mask is {mask.shape} but input_ids is {ids.shape}")
+    return ids, mask
+
+
+class Scorer:
+    """A loaded bundle.
+
+    Args:
+        bundle_dir: directory written by :func:`bayeslora.export`.
+        num_threads: size of the runtime's thread pool (None = all cores).
+
+    Raises:
+        bayeslora.errors.BundleError: the bundle is missing, malformed or inconsistent.
+    """
+
+    def __init__(self, bundle_dir: str | os.PathLike, num_threads: int | None = None) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self._rt = _core.Runtime(str(self.bundle_dir), num_threads)
+        self._tokenizer: Any = None
+        self.labels: list[str] = list(self._rt.labels)
+        self.num_labels: int = int(self._rt.num_labels)
+        self.max_length: int = int(self._rt.max_length)
+        self.num_threads: int = int(self._rt.num_threads)
+
+    @property
+    def module_ranks(self) -> dict[str, int]:
+        """``{module name: rank}`` of the bundle's adapted modules."""
+        return dict(self._rt.module_ranks)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The bundle's ``tokenizers.Tokenizer``, truncating to ``max_length``, no padding."""
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            path = self.bundle_dir / "tokenizer.json"
+            if not path.is_file():
+                raise BundleError(f"{path} not found: this bundle scores token ids only")
+            try:
+                tok = Tokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises a bare Exception for bad files
+                raise BundleError(f"cannot read {path}: {e}") from e
+            tok.no_padding()
+            tok.enable_truncation(self.max_length)
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and attention mask ``int64 [N, T]`` of ``texts`` (right-padded with id 0)."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        t = max((len(e.ids) for e in encodings), default=0)
+        ids = np.zeros((len(encodings), max(t, 1)), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for i, e in enumerate(encodings):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = e.attention_mask
+        return ids, mask
+
+    def _inputs(self, inputs: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if isinstance(inputs, Mapping):
+            return [_as_ids(inputs["input_ids"], inputs.get("attention_mask"))]
+        if isinstance(inputs, tuple) and len(inputs) == 2 and not isinstance(inputs[0], str):
+            return [_as_ids(*inputs)]
+        if isinstance(inputs, np.ndarray):
+            return [_as_ids(inputs, None)]
+        texts = list(inputs)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("inputs must be texts, (input_ids, attention_mask) or a mapping of them")
+        return [self.encode(texts[i : i + _CHUNK]) for i in range(0, len(texts), _CHUNK)] or [
+            (np.zeros((0, 1), np.int64), np.zeros((0, 1), np.int64))
+        ]
+
+    def score(self, inputs: Any, samples: int = 0, seed: int = 0) -> dict[str, np.ndarray]:
+        """SPEC §6 prediction with uncertainty.
+
+        Args:
+            inputs: a text, a list of texts, ``(input_ids, attention_mask)`` (``[N, T]`` ints), or a
+                mapping with those keys.
+            samples: S posterior samples per input; 0 = mean mode (one deterministic pass).
+            seed: seeds the noise streams.
+
+        Returns:
+            ``probs float32[N, C]`` (mean over samples), ``label int64[N]``, and float32 ``[N]``:
+            ``confidence`` (max prob), ``entropy`` (total), ``expected_entropy`` (aleatoric),
+            ``mutual_info`` (epistemic), ``variance`` (of the predicted class's probability).
+        """
+        parts = [self._rt.score(ids, mask, int(samples), int(seed)) for ids, mask in self._inputs(inputs)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in FIELDS}
+
+    def logits(
+        self,
+        input_ids: Any,
+        attention_mask: Any | None = None,
+        gates: Mapping[str, Any] | None = None,
+    ) -> np.ndarray:
+        """Logits ``float32[N, C]``: mean mode, or one pass with explicit gate values
+        ``gates = {module name: float32[N, r]}`` (z of each rank, one row per input; modules not
+        named use z = 1). Matches torch's ``BayesLoRALayer.fixed_gates`` with sampling off."""
+        ids, mask = _as_ids(input_ids, attention_mask)
+        g = None
+        if gates is not None:
+            g = {k: np.ascontiguousarray(np.asarray(v), dtype=np.float32) for k, v in gates.items()}
+        return self._rt.logits(ids, mask, g)
+
+    def sample_logits(
+        self, input_ids: Any, attention_mask: Any | None = None, samples: int = 16, seed: int = 0
+    ) -> np.ndarray:
+        """Per-sample logits ``float32[N, S, C]`` of S ≥ 1 posterior samples."""
+        ids, mask = _as_ids(input_ids, attention_mask)
+        return self._rt.sample_logits(ids, mask, int(samples), int(seed))
+
+    def label_name(self, label: int) -> str | int:
+        """The class name of ``label`` when the bundle has names, else the index."""
+        return self.labels[label] if self.labels else int(label)
+
+    def records(self, texts: Sequence[str], samples: int = 0, seed: int = 0) -> list[dict[str, Any]]:
+        """One JSON-ready dict per text: ``text, label, probs, confidence, entropy,
+        expected_entropy, mutual_info, variance`` (label as its name when the bundle has names)."""
+        out = self.score(list(texts), samples=samples, seed=seed)
+        rows = []
+        for i, text in enumerate(texts):
+            rows.append(
+                {
+                    "text": text,
+                    "label": self.label_name(int(out["label"][i])),
+                    "probs": [float(p) for p in out["probs"][i]],
+                    **{k: float(out[k][i]) for k in FIELDS[2:]},
+                }
+            )
+        return rows
+
+
+def read_meta(bundle_dir: str | os.PathLike) -> dict[str, Any]:
+    """The bundle's ``bayeslora.json`` as a dict (no validation beyond JSON)."""
+    path = Path(bundle_dir) / "bayeslora.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"cannot read {path}: {e}") from e
+
+
+__all__ = ["FIELDS", "Scorer", "read_meta"]

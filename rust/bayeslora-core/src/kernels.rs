@@ -1,0 +1,960 @@
+//! Dense f32 kernels of the runtime: a register-blocked matrix product against a prepacked right
+//! operand, and the elementwise/row ops of a BERT encoder (LayerNorm, exact GELU, softmax).
+//!
+//! Design choices, and why:
+//! - The right operand (a layer's weight, transposed) is packed once at load into panels of
+//!   [`NR`] columns (`[K][NR]`, zero padded), so a product never re-packs weights; the left
+//!   operand is read in place (any row stride), so no copies of activations either.
+//! - Every output element is accumulated by one fused multiply-add chain over `k = 0..K` in
+//!   order, whatever the row's position in the matrix or the number of rows: the result of a
+//!   row never depends on the other rows or on how rows are split across threads. The runtime's
+//!   "an input's score does not depend on its batch-mates or the thread count" rests on this.
+//! - AVX2+FMA is used when the CPU has it (runtime detection); otherwise a scalar path with the
+//!   same arithmetic (`mul_add`) runs.
+
+use rayon::prelude::*;
+
+/// Columns per packed panel (two 8-lane AVX registers).
+pub const NR: usize = 16;
+/// Rows per micro-kernel call.
+pub const MR: usize = 6;
+/// Rows per cache block: the left block (`MB × K`) stays in L2 while the panels stream past it.
+const MB: usize = 96;
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    // std caches the CPUID answer; this is a load and a test.
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx2_fma() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::is_x86_feature_detected!("avx512f") && has_avx2_fma()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx512() -> bool {
+    false
+}
+
+/// Rows per micro-kernel call with AVX-512 (one 16-lane register per row).
+const MR_WIDE: usize = 12;
+
+/// A `K × N` right operand packed into `ceil(N / NR)` panels of `[K][NR]` floats.
+#[derive(Clone, Debug)]
+pub struct Packed {
+    k: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl Packed {
+    /// Rows of the logical `K × N` operand.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns of the logical `K × N` operand.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    fn panels(&self) -> usize {
+        self.n.div_ceil(NR)
+    }
+
+    fn with_fill(k: usize, n: usize, mut get: impl FnMut(usize, usize) -> f32) -> Self {
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0.0f32; panels * k * NR];
+        for p in 0..panels {
+            let panel = &mut data[p * k * NR..(p + 1) * k * NR];
+            let cols = NR.min(n - p * NR);
+            for kk in 0..k {
+                let row = &mut panel[kk * NR..kk * NR + cols];
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = get(kk, p * NR + j);
+                }
+            }
+        }
+        Self { k, n, data }
+    }
+
+    /// Pack `Wᵀ` of a torch-layout weight `w: [n_out, k_in]` (row-major), i.e. `y = x Wᵀ`.
+    pub fn from_weight(w: &[f32], n_out: usize, k_in: usize) -> Self {
+        debug_assert_eq!(w.len(), n_out * k_in);
+        Self::with_fill(k_in, n_out, |k, j| w[j * k_in + k])
+    }
+
+    /// Pack a row-major `K × N` matrix stored with row stride `ld`.
+    pub fn from_kn(b: &[f32], k: usize, n: usize, ld: usize) -> Self {
+        Self::with_fill(k, n, |kk, j| b[kk * ld + j])
+    }
+
+    /// Pack the transpose of a row-major `N × K` matrix stored with row stride `ld` (so the
+    /// product is `A · Bᵀ`).
+    pub fn from_nk(b: &[f32], n: usize, k: usize, ld: usize) -> Self {
+        Self::with_fill(k, n, |kk, j| b[j * ld + kk])
+    }
+
+    /// Overwrite this packing with a row-major `K × N` matrix (row stride `ld`), reusing the
+    /// buffer; `k`, `n` may change.
+    pub fn refill_kn(&mut self, b: &[f32], k: usize, n: usize, ld: usize) {
+        self.refill(k, n, |kk, j| b[kk * ld + j]);
+    }
+
+    /// Like [`Packed::refill_kn`] for the transpose of a row-major `N × K` matrix.
+    pub fn refill_nk(&mut self, b: &[f32], n: usize, k: usize, ld: usize) {
+        self.refill(k, n, |kk, j| b[j * ld + kk]);
+    }
+
+    fn refill(&mut self, k: usize, n: usize, mut get: impl FnMut(usize, usize) -> f32) {
+        let panels = n.div_ceil(NR);
+        self.k = k;
+        self.n = n;
+        self.data.clear();
+        self.data.resize(panels * k * NR, 0.0);
+        for p in 0..panels {
+            let cols = NR.min(n - p * NR);
+            for kk in 0..k {
+                let base = p * k * NR + kk * NR;
+                for j in 0..cols {
+                    self.data[base + j] = get(kk, p * NR + j);
+                }
+            }
+        }
+    }
+
+    /// An empty packing (0 × 0) to be refilled.
+    pub fn empty() -> Self {
+        Self {
+            k: 0,
+            n: 0,
+            data: Vec::new(),
+        }
+    }
+}
+
+/// What is added to the product `A·B` when it is stored into `C`.
+#[derive(Clone, Copy, Debug)]
+pub enum Epilogue<'a> {
+    /// `C = A·B`.
+    Store,
+    /// `C = A·B + bias` (bias has `N` entries, broadcast over rows).
+    Bias(&'a [f32]),
+    /// `C += A·B`.
+    Accumulate,
+}
+
+/// `C[m × N] (row stride ldc) ⟵ A[m × K] (row stride lda) · B` with the given epilogue,
+/// single-threaded. `a` must hold `(m−1)·lda + K` floats and `c` `(m−1)·ldc + N`.
+pub fn gemm(
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    b: &Packed,
+    c: &mut [f32],
+    ldc: usize,
+    epi: Epilogue<'_>,
+) {
+    if m == 0 || b.n == 0 {
+        return;
+    }
+    let k = b.k;
+    assert!(lda >= k && ldc >= b.n, "gemm: leading dimensions too small");
+    assert!(a.len() >= (m - 1) * lda + k, "gemm: left operand too short");
+    assert!(c.len() >= (m - 1) * ldc + b.n, "gemm: output too short");
+    if let Epilogue::Bias(bias) = epi {
+        assert!(bias.len() >= b.n, "gemm: bias too short");
+    }
+    let avx = has_avx2_fma();
+    let wide = has_avx512();
+    let mr = if wide { MR_WIDE } else { MR };
+    let acc_in = matches!(epi, Epilogue::Accumulate);
+    // K blocks keep the panel slice and the left rows in L1. A block's partial sums go through
+    // `c` as f32 and are reloaded into the registers: the FMA chain of every element is the same
+    // as without blocking, bit for bit. `C += A·B` needs `c` for its old values: not blocked.
+    let kc = if acc_in || k <= KC { k.max(1) } else { KC };
+    for i_block in (0..m).step_by(MB) {
+        let i_end = (i_block + MB).min(m);
+        let mut kb = 0;
+        loop {
+            let klen = kc.min(k - kb);
+            let (first, last) = (kb == 0, kb + klen >= k);
+            for p in 0..b.panels() {
+                let panel = &b.data[p * k * NR..(p + 1) * k * NR];
+                let j0 = p * NR;
+                let cols = NR.min(b.n - j0);
+                let bias = match epi {
+                    Epilogue::Bias(bias) => Some(&bias[j0..j0 + cols]),
+                    _ => None,
+                };
+                let mut i0 = i_block;
+                while i0 < i_end {
+                    let rows = mr.min(i_end - i0);
+                    let a_rows = &a[i0 * lda..];
+                    let c_rows = &mut c[i0 * ldc + j0..];
+                    if avx && cols == NR {
+                        let mode = match (last, bias, acc_in) {
+                            (false, _, _) => STORE,
+                            (true, Some(_), _) => BIAS,
+                            (true, None, true) => ACCUMULATE,
+                            (true, None, false) => STORE,
+                        };
+                        full_tile(
+                            wide,
+                            rows,
+                            klen,
+                            &a_rows[kb..],
+                            lda,
+                            &panel[kb * NR..],
+                            c_rows,
+                            ldc,
+                            bias,
+                            mode,
+                            !first,
+                        );
+                    } else if first {
+                        // partial panel or no AVX2: the whole chain at once, same arithmetic
+                        let mut r0 = 0;
+                        while r0 < rows {
+                            let r = MR.min(rows - r0);
+                            micro(
+                                avx,
+                                r,
+                                k,
+                                &a_rows[r0 * lda..],
+                                lda,
+                                panel,
+                                &mut c_rows[r0 * ldc..],
+                                ldc,
+                                cols,
+                                bias,
+                                acc_in,
+                            );
+                            r0 += r;
+                        }
+                    }
+                    i0 += rows;
+                }
+            }
+            kb += klen;
+            if kb >= k {
+                break;
+            }
+        }
+    }
+}
+
+const STORE: u8 = 0;
+const BIAS: u8 = 1;
+const ACCUMULATE: u8 = 2;
+/// K block of the full-tile path. Measured on Zen 4 with the MiniLM shapes (K ≤ 1536), blocking
+/// at 256 or 512 did not pay; it is kept for the long K of larger models.
+const KC: usize = 2048;
+
+/// One full 16-column tile of up to 12 (AVX-512) or 6 (AVX2) rows over `k` terms, continuing
+/// from the partial sums in `c` when `load`; the epilogue `mode` is applied at the end.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn full_tile(
+    wide: bool,
+    rows: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    panel: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    bias: Option<&[f32]>,
+    mode: u8,
+    load: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bp = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+        let (a, p, cp) = (a.as_ptr(), panel.as_ptr(), c.as_mut_ptr());
+        if wide {
+            // SAFETY: AVX-512F present (`has_avx512`); `a` holds `rows` rows of `k` floats at
+            // stride `lda`, `panel` `k * NR` floats, `c` `rows` rows of NR floats at stride
+            // `ldc` (asserted by `gemm`), and `bias` NR floats when given.
+            unsafe {
+                match rows {
+                    12 => avx512::kernel_out::<12>(k, a, lda, p, cp, ldc, bp, mode, load),
+                    11 => avx512::kernel_out::<11>(k, a, lda, p, cp, ldc, bp, mode, load),
+                    10 => avx512::kernel_out::<10>(k, a, lda, p, cp, ldc, bp, mode, load),
+                    9 => avx512::kernel_out::<9>(k, a, lda, p, cp, ldc, bp, mode, load),
+                    8 => avx512::kernel_out::<8>(k, a, lda, p, cp, ldc, bp, mode, load),
+                    7 => avx512::kernel_out::<7>(k, a, lda, p, cp, ldc, bp, mode, load),
+                    6 => avx512::kernel_out::<6>(k, a, lda, p, cp, ldc, bp, mode, load),
+                    5 => avx512::kernel_out::<5>(k, a, lda, p, cp, ldc, bp, mode, load),
+                    4 => avx512::kernel_out::<4>(k, a, lda, p, cp, ldc, bp, mode, load),
+                    3 => avx512::kernel_out::<3>(k, a, lda, p, cp, ldc, bp, mode, load),
+                    2 => avx512::kernel_out::<2>(k, a, lda, p, cp, ldc, bp, mode, load),
+                    _ => avx512::kernel_out::<1>(k, a, lda, p, cp, ldc, bp, mode, load),
+                }
+            }
+            return;
+        }
+        let mut r0 = 0;
+        while r0 < rows {
+            let r = MR.min(rows - r0);
+            // SAFETY: AVX2/FMA present (the caller checked `has_avx2_fma`); bounds as above.
+            unsafe {
+                let (a, cp) = (a.add(r0 * lda), cp.add(r0 * ldc));
+                match r {
+                    6 => avx2::kernel_out::<6>(k, a, lda, p, cp, ldc, bp, mode, load),
+                    5 => avx2::kernel_out::<5>(k, a, lda, p, cp, ldc, bp, mode, load),
+                    4 => avx2::kernel_out::<4>(k, a, lda, p, cp, ldc, bp, mode, load),
+                    3 => avx2::kernel_out::<3>(k, a, lda, p, cp, ldc, bp, mode, load),
+                    2 => avx2::kernel_out::<2>(k, a, lda, p, cp, ldc, bp, mode, load),
+                    _ => avx2::kernel_out::<1>(k, a, lda, p, cp, ldc, bp, mode, load),
+                }
+            }
+            r0 += r;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (wide, rows, k, a, lda, panel, c, ldc, bias, mode, load);
+        unreachable!("the full-tile kernels are x86_64 only");
+    }
+}
+
+/// [`gemm`] with the rows split into chunks run on the current rayon pool. The split never
+/// changes a result (see the module docs).
+#[allow(clippy::too_many_arguments)]
+pub fn par_gemm(
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    b: &Packed,
+    c: &mut [f32],
+    ldc: usize,
+    epi: Epilogue<'_>,
+    threads: usize,
+) {
+    if m == 0 || b.n == 0 {
+        return;
+    }
+    // Enough chunks to balance two threads with uneven speed; chunks of whole micro-tiles.
+    let target = (threads.max(1) * 2).max(1);
+    let chunk = m.div_ceil(target).div_ceil(MR_WIDE).max(1) * MR_WIDE;
+    let chunk = chunk.max(if threads <= 1 { m } else { MR_WIDE });
+    if chunk >= m {
+        gemm(m, a, lda, b, c, ldc, epi);
+        return;
+    }
+    let c_len = (m - 1) * ldc + b.n;
+    c[..c_len]
+        .par_chunks_mut(chunk * ldc)
+        .enumerate()
+        .for_each(|(t, c_chunk)| {
+            let i0 = t * chunk;
+            let rows = chunk.min(m - i0);
+            gemm(rows, &a[i0 * lda..], lda, b, c_chunk, ldc, epi);
+        });
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn micro(
+    avx: bool,
+    rows: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    panel: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    cols: usize,
+    bias: Option<&[f32]>,
+    acc_in: bool,
+) {
+    let mut tile = [[0.0f32; NR]; MR];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx {
+            // SAFETY: the CPU supports AVX2 and FMA (checked by `has_avx2_fma`); `a` holds
+            // `rows` rows of `k` floats at stride `lda` and `panel` holds `k * NR` floats
+            // (bounds asserted by `gemm`), which is all the kernel reads.
+            unsafe {
+                match rows {
+                    6 => avx2::kernel::<6>(k, a.as_ptr(), lda, panel.as_ptr(), &mut tile),
+                    5 => avx2::kernel::<5>(k, a.as_ptr(), lda, panel.as_ptr(), &mut tile),
+                    4 => avx2::kernel::<4>(k, a.as_ptr(), lda, panel.as_ptr(), &mut tile),
+                    3 => avx2::kernel::<3>(k, a.as_ptr(), lda, panel.as_ptr(), &mut tile),
+                    2 => avx2::kernel::<2>(k, a.as_ptr(), lda, panel.as_ptr(), &mut tile),
+                    _ => avx2::kernel::<1>(k, a.as_ptr(), lda, panel.as_ptr(), &mut tile),
+                }
+            }
+        } else {
+            scalar_kernel(rows, k, a, lda, panel, &mut tile);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = avx;
+        scalar_kernel(rows, k, a, lda, panel, &mut tile);
+    }
+    for (i, t) in tile.iter().enumerate().take(rows) {
+        let out = &mut c[i * ldc..i * ldc + cols];
+        match (bias, acc_in) {
+            (Some(b), _) => {
+                for j in 0..cols {
+                    out[j] = t[j] + b[j];
+                }
+            }
+            (None, true) => {
+                for j in 0..cols {
+                    out[j] += t[j];
+                }
+            }
+            (None, false) => out.copy_from_slice(&t[..cols]),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{ACCUMULATE, BIAS, NR};
+    use std::arch::x86_64::*;
+
+    /// 16-lane version of `avx2::kernel_out` for up to 12 rows: the same FMA chain per output
+    /// in `k` order, so the same numbers.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `a` must point at `R` rows of `k` readable floats with row
+    /// stride `lda`; `panel` at `k * NR` readable floats; `c` at `R` rows of 16 writable floats
+    /// with stride `ldc`; `bias` at 16 readable floats when `mode == BIAS`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn kernel_out<const R: usize>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        panel: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        bias: *const f32,
+        mode: u8,
+        load: bool,
+    ) {
+        let mut acc = [_mm512_setzero_ps(); R];
+        if load {
+            for (i, v) in acc.iter_mut().enumerate() {
+                // SAFETY: row i of `c` has 16 readable floats (the partial sums).
+                *v = unsafe { _mm512_loadu_ps(c.add(i * ldc)) };
+            }
+        }
+        let mut bp = panel;
+        for kk in 0..k {
+            // SAFETY: kk < k: the 16-float load stays in the panel, each scalar read is
+            // element (i, kk) of a row the caller guarantees.
+            unsafe {
+                let b = _mm512_loadu_ps(bp);
+                for (i, v) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(i * lda + kk));
+                    *v = _mm512_fmadd_ps(av, b, *v);
+                }
+                bp = bp.add(NR);
+            }
+        }
+        // SAFETY: row i of `c` has 16 writable floats; `bias` 16 readable ones in BIAS mode.
+        unsafe {
+            let e = if mode == BIAS {
+                _mm512_loadu_ps(bias)
+            } else {
+                _mm512_setzero_ps()
+            };
+            for (i, v) in acc.iter().enumerate() {
+                let row = c.add(i * ldc);
+                let o = match mode {
+                    BIAS => _mm512_add_ps(*v, e),
+                    ACCUMULATE => _mm512_add_ps(_mm512_loadu_ps(row), *v),
+                    _ => *v,
+                };
+                _mm512_storeu_ps(row, o);
+            }
+        }
+    }
+}
+
+fn scalar_kernel(
+    rows: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    panel: &[f32],
+    tile: &mut [[f32; NR]; MR],
+) {
+    for kk in 0..k {
+        let b = &panel[kk * NR..kk * NR + NR];
+        for i in 0..rows {
+            let av = a[i * lda + kk];
+            for j in 0..NR {
+                tile[i][j] = av.mul_add(b[j], tile[i][j]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    use super::{ACCUMULATE, BIAS};
+
+    /// Like [`kernel`], storing a full 16-column tile straight into `c` (row stride `ldc`):
+    /// `c = acc` (STORE), `c = acc + bias` (BIAS) or `c += acc` (ACCUMULATE). Same arithmetic
+    /// as the tile path (the product first, then one addition).
+    ///
+    /// # Safety
+    /// As [`kernel`]; also `c` must point at `R` rows of 16 writable floats at stride `ldc`, and
+    /// `bias` at 16 readable floats when `mode == BIAS`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn kernel_out<const R: usize>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        panel: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        bias: *const f32,
+        mode: u8,
+        load: bool,
+    ) {
+        let mut acc0 = [_mm256_setzero_ps(); R];
+        let mut acc1 = [_mm256_setzero_ps(); R];
+        if load {
+            for i in 0..R {
+                // SAFETY: row i of `c` has 16 readable floats (the partial sums).
+                unsafe {
+                    acc0[i] = _mm256_loadu_ps(c.add(i * ldc));
+                    acc1[i] = _mm256_loadu_ps(c.add(i * ldc + 8));
+                }
+            }
+        }
+        let mut bp = panel;
+        for kk in 0..k {
+            // SAFETY: as in `kernel`.
+            unsafe {
+                let b0 = _mm256_loadu_ps(bp);
+                let b1 = _mm256_loadu_ps(bp.add(8));
+                for i in 0..R {
+                    let av = _mm256_broadcast_ss(&*a.add(i * lda + kk));
+                    acc0[i] = _mm256_fmadd_ps(av, b0, acc0[i]);
+                    acc1[i] = _mm256_fmadd_ps(av, b1, acc1[i]);
+                }
+                bp = bp.add(NR);
+            }
+        }
+        // SAFETY: row i of `c` has 16 writable floats; `bias` 16 readable ones in BIAS mode.
+        unsafe {
+            let (e0, e1) = if mode == BIAS {
+                (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8)))
+            } else {
+                (_mm256_setzero_ps(), _mm256_setzero_ps())
+            };
+            for i in 0..R {
+                let row = c.add(i * ldc);
+                let (o0, o1) = match mode {
+                    BIAS => (_mm256_add_ps(acc0[i], e0), _mm256_add_ps(acc1[i], e1)),
+                    ACCUMULATE => (
+                        _mm256_add_ps(_mm256_loadu_ps(row), acc0[i]),
+                        _mm256_add_ps(_mm256_loadu_ps(row.add(8)), acc1[i]),
+                    ),
+                    _ => (acc0[i], acc1[i]),
+                };
+                _mm256_storeu_ps(row, o0);
+                _mm256_storeu_ps(row.add(8), o1);
+            }
+        }
+    }
+
+    /// `tile[0..R] = A[0..R, 0..k] · panel`, one FMA chain per output in `k` order.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `a` must point at `R` rows of `k` readable floats with row
+    /// stride `lda`; `panel` at `k * NR` readable floats.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn kernel<const R: usize>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        panel: *const f32,
+        tile: &mut [[f32; NR]; MR],
+    ) {
+        let mut acc0 = [_mm256_setzero_ps(); R];
+        let mut acc1 = [_mm256_setzero_ps(); R];
+        let mut bp = panel;
+        for kk in 0..k {
+            // SAFETY: kk < k, so both 8-float loads stay inside the panel and every broadcast
+            // reads element (i, kk) of a row the caller guarantees.
+            unsafe {
+                let b0 = _mm256_loadu_ps(bp);
+                let b1 = _mm256_loadu_ps(bp.add(8));
+                for i in 0..R {
+                    let av = _mm256_broadcast_ss(&*a.add(i * lda + kk));
+                    acc0[i] = _mm256_fmadd_ps(av, b0, acc0[i]);
+                    acc1[i] = _mm256_fmadd_ps(av, b1, acc1[i]);
+                }
+                bp = bp.add(NR);
+            }
+        }
+        for i in 0..R {
+            // SAFETY: each tile row holds NR = 16 floats.
+            unsafe {
+                _mm256_storeu_ps(tile[i].as_mut_ptr(), acc0[i]);
+                _mm256_storeu_ps(tile[i].as_mut_ptr().add(8), acc1[i]);
+            }
+        }
+    }
+}
+
+// ---- elementwise and row ops (auto-vectorised; AVX2 clones chosen at run time) --------------
+
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+            #[cfg(target_arch = "x86_64")]
+            {
+                if has_avx2_fma() {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    return unsafe { avx($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+/// Sum of a slice with 8 independent lanes (vectorisable; a fixed order, so deterministic).
+#[inline(always)]
+fn lane_sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for j in 0..8 {
+            acc[j] += c[j];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for v in chunks.remainder() {
+        s += v;
+    }
+    s
+}
+
+multiversion! {
+    /// In place over rows of width `gamma.len()`: `x ← (x − mean) / sqrt(var + eps) · γ + β`.
+    pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+        let h = gamma.len();
+        let inv_h = 1.0 / h as f32;
+        for row in x.chunks_exact_mut(h) {
+            let mean = lane_sum(row) * inv_h;
+            let mut sq = [0.0f32; 8];
+            let mut chunks = row.chunks_exact(8);
+            for c in &mut chunks {
+                for j in 0..8 {
+                    let d = c[j] - mean;
+                    sq[j] += d * d;
+                }
+            }
+            let mut var = ((sq[0] + sq[4]) + (sq[1] + sq[5])) + ((sq[2] + sq[6]) + (sq[3] + sq[7]));
+            for v in chunks.remainder() {
+                var += (v - mean) * (v - mean);
+            }
+            let inv = 1.0 / (var * inv_h + eps).sqrt();
+            for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+                *v = (*v - mean) * inv * g + b;
+            }
+        }
+    }
+}
+
+/// `x ← LayerNorm(x + r)` over rows (the post-LN residual of BERT).
+pub fn add_layer_norm(x: &mut [f32], r: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    add_assign(x, r);
+    layer_norm(x, gamma, beta, eps);
+}
+
+multiversion! {
+    /// `x ← x + r`.
+    pub fn add_assign(x: &mut [f32], r: &[f32]) {
+        for (a, b) in x.iter_mut().zip(r) {
+            *a += b;
+        }
+    }
+}
+
+/// erf(x) in f32: a rational minimax approximation on [−4, 4] (as in Eigen / XLA), absolute
+/// error below 5e-7; outside the range erf is ±1 in f32.
+#[inline(always)]
+fn erf_f32(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = -2.726_142_3e-10_f32;
+    p = p * x2 + 2.770_681_4e-8;
+    p = p * x2 + -2.101_024e-6;
+    p = p * x2 + -5.692_506_4e-5;
+    p = p * x2 + -7.349_906_3e-4;
+    p = p * x2 + -2.954_600_2e-3;
+    p = p * x2 + -1.609_603_3e-2;
+    let p = p * x;
+    let mut q = -1.456_607_2e-5_f32;
+    q = q * x2 + -2.133_740_6e-4;
+    q = q * x2 + -1.682_827e-3;
+    q = q * x2 + -7.373_329e-3;
+    q = q * x2 + -1.426_474e-2;
+    p / q
+}
+
+multiversion! {
+    /// Exact (erf) GELU in place: `x · ½ · (1 + erf(x / √2))`, as `nn.GELU()` / HF `"gelu"`.
+    pub fn gelu(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = 0.5 * *v * (1.0 + erf_f32(*v * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
+}
+
+multiversion! {
+    /// Tanh-approximated GELU in place (HF `"gelu_new"`, `"gelu_pytorch_tanh"`).
+    pub fn gelu_tanh(x: &mut [f32]) {
+        const C: f32 = 0.797_884_6; // sqrt(2/pi)
+        for v in x.iter_mut() {
+            let u = C * (*v + 0.044_715 * *v * *v * *v);
+            // tanh(u) = 1 − 2 / (exp(2u) + 1)
+            let t = 1.0 - 2.0 / (exp_f32(2.0 * u) + 1.0);
+            *v = 0.5 * *v * (1.0 + t);
+        }
+    }
+}
+
+multiversion! {
+    /// ReLU in place.
+    pub fn relu(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = v.max(0.0);
+        }
+    }
+}
+
+/// tanh in place (only used on the few pooled rows).
+pub fn tanh(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = v.tanh();
+    }
+}
+
+/// e^x in f32 for the softmax: Cephes-style range reduction `x = n·ln2 + r` and a degree-6
+/// polynomial; relative error about 2 ulp; flushes to 0 below −87.3 and saturates above 88.
+#[inline(always)]
+fn exp_f32(x_in: f32) -> f32 {
+    let x = x_in.clamp(-87.3, 88.0);
+    // round-to-nearest of x·log2(e) without a libm call (vectorises on plain SSE2)
+    let t = x * std::f32::consts::LOG2_E;
+    let n = (t + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let p = p * r * r + r + 1.0;
+    let bits = ((n as i32 + 127) as u32) << 23;
+    let e = p * f32::from_bits(bits);
+    if x_in < -87.3 {
+        0.0
+    } else {
+        e
+    }
+}
+
+multiversion! {
+    /// Row-wise softmax in place of `rows × width` values after multiplying by `scale`.
+    pub fn softmax_rows(x: &mut [f32], width: usize, scale: f32) {
+        for row in x.chunks_exact_mut(width) {
+            let mut lanes = [f32::NEG_INFINITY; 8];
+            let mut chunks = row.chunks_exact_mut(8);
+            for c in &mut chunks {
+                for j in 0..8 {
+                    c[j] *= scale;
+                    lanes[j] = if c[j] > lanes[j] { c[j] } else { lanes[j] };
+                }
+            }
+            let mut m = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            for v in chunks.into_remainder() {
+                *v *= scale;
+                m = m.max(*v);
+            }
+            for v in row.iter_mut() {
+                *v = exp_f32(*v - m);
+            }
+            let inv = 1.0 / lane_sum(row);
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, k: usize, n: usize, a: &[f32], w: &[f32]) -> Vec<f64> {
+        let mut c = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0f64;
+                for kk in 0..k {
+                    s += a[i * k + kk] as f64 * w[j * k + kk] as f64;
+                }
+                c[i * n + j] = s;
+            }
+        }
+        c
+    }
+
+    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn gemm_matches_naive_on_ragged_shapes() {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (7, 5, 17),
+            (13, 33, 40),
+            (100, 64, 48),
+            (6, 384, 16),
+        ] {
+            let a = pseudo(m * k, 1);
+            let w = pseudo(n * k, 2);
+            let bias = pseudo(n, 3);
+            let b = Packed::from_weight(&w, n, k);
+            let mut c = vec![0.0f32; m * n];
+            gemm(m, &a, k, &b, &mut c, n, Epilogue::Bias(&bias));
+            let r = naive(m, k, n, &a, &w);
+            for i in 0..m * n {
+                let want = r[i] + bias[i % n] as f64;
+                assert!((c[i] as f64 - want).abs() < 1e-4, "{m}x{k}x{n} at {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_path_computes_the_same_fma_chain_bit_for_bit() {
+        // K > KC (blocked full tiles), ragged N (partial panel), ragged M (short micro tiles)
+        let (m, k, n) = (29, 2100, 37);
+        let a = pseudo(m * k, 7);
+        let w = pseudo(n * k, 8);
+        let bias = pseudo(n, 9);
+        let b = Packed::from_weight(&w, n, k);
+        let mut c = vec![0.0f32; m * n];
+        gemm(m, &a, k, &b, &mut c, n, Epilogue::Bias(&bias));
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0.0f32;
+                for kk in 0..k {
+                    acc = a[i * k + kk].mul_add(w[j * k + kk], acc);
+                }
+                assert_eq!(
+                    c[i * n + j].to_bits(),
+                    (acc + bias[j]).to_bits(),
+                    "({i}, {j})"
+                );
+            }
+        }
+        let mut acc_c = c.clone();
+        gemm(m, &a, k, &b, &mut acc_c, n, Epilogue::Accumulate);
+        for i in 0..m * n {
+            let mut acc = 0.0f32;
+            for kk in 0..k {
+                acc = a[(i / n) * k + kk].mul_add(w[(i % n) * k + kk], acc);
+            }
+            assert_eq!(acc_c[i].to_bits(), (c[i] + acc).to_bits());
+        }
+    }
+
+    #[test]
+    fn row_results_do_not_depend_on_other_rows_or_threads() {
+        let (m, k, n) = (37, 50, 33);
+        let a = pseudo(m * k, 4);
+        let w = pseudo(n * k, 5);
+        let b = Packed::from_weight(&w, n, k);
+        let mut full = vec![0.0f32; m * n];
+        gemm(m, &a, k, &b, &mut full, n, Epilogue::Store);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .expect("pool");
+        let mut par = vec![0.0f32; m * n];
+        pool.install(|| par_gemm(m, &a, k, &b, &mut par, n, Epilogue::Store, 2));
+        assert_eq!(full, par);
+        for i in [0, 5, 6, 36] {
+            let mut one = vec![0.0f32; n];
+            gemm(1, &a[i * k..], k, &b, &mut one, n, Epilogue::Store);
+            assert_eq!(&full[i * n..(i + 1) * n], &one[..]);
+        }
+    }
+
+    #[test]
+    fn exp_and_erf_are_accurate() {
+        let mut x = -20.0f32;
+        while x < 20.0 {
+            let e = exp_f32(x) as f64;
+            let want = (x as f64).exp();
+            assert!(((e - want) / want).abs() < 1e-6, "exp({x})");
+            x += 0.01;
+        }
+        // erf against a 60-term Taylor series in f64 on [-3, 3]
+        let mut x = -3.0f64;
+        while x <= 3.0 {
+            let mut term = x;
+            let mut sum = x;
+            for n in 1..200 {
+                term *= -x * x / n as f64;
+                sum += term / (2 * n + 1) as f64;
+            }
+            let want = sum * 2.0 / std::f64::consts::PI.sqrt();
+            assert!((erf_f32(x as f32) as f64 - want).abs() < 1e-6, "erf({x})");
+            x += 0.01;
+        }
+    }
+
+    #[test]
+    fn layer_norm_and_softmax_basics() {
+        let mut x = vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0];
+        layer_norm(&mut x, &[1.0; 10], &[0.0; 10], 1e-12);
+        let mean: f32 = x.iter().sum::<f32>() / 10.0;
+        let var: f32 = x.iter().map(|v| v * v).sum::<f32>() / 10.0;
+        assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5);
+        let mut s = vec![0.0f32, 1.0, 2.0, -1e30];
+        softmax_rows(&mut s, 4, 1.0);
+        assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6 && s[3] == 0.0);
+    }
+}

@@ -1,0 +1,292 @@
+//! `bayeslora._core.Runtime`: a loaded bundle that scores token ids with uncertainty.
+//!
+//! The work runs with the GIL released on a rayon pool of the size the caller chose. Fork
+//! guard (as in `tokenizers`): the pool remembers the pid that built it; in a forked child the
+//! parent's worker threads do not exist, so a pool from another pid is dropped and rebuilt.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bayeslora_core as core;
+use core::encoder::{Encoder, Noise, Sequence};
+use core::mc::OnlineSummary;
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::to_pyerr;
+
+struct Pool {
+    pid: u32,
+    pool: Arc<rayon::ThreadPool>,
+}
+
+/// A validated bundle ready to score; see `bayeslora.runtime.Scorer` for the Python face.
+#[pyclass(frozen, module = "bayeslora._core")]
+pub struct Runtime {
+    encoder: Arc<Encoder>,
+    labels: Vec<String>,
+    max_length: usize,
+    threads: usize,
+    pool: Mutex<Option<Pool>>,
+}
+
+impl Runtime {
+    fn pool(&self) -> PyResult<Arc<rayon::ThreadPool>> {
+        let mut guard = self
+            .pool
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("runtime pool lock poisoned"))?;
+        let pid = std::process::id();
+        if let Some(p) = guard.as_ref() {
+            if p.pid == pid {
+                return Ok(p.pool.clone());
+            }
+        }
+        // built here, or inherited through fork from another process: (re)build it
+        if let Some(old) = guard.take() {
+            // the parent's threads do not exist in this process; never join or drop them here
+            std::mem::forget(old);
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(self.threads)
+            .thread_name(|i| format!("bayeslora-{i}"))
+            .build()
+            .map_err(|e| {
+                PyRuntimeError::new_err(format!("cannot start {} threads: {e}", self.threads))
+            })?;
+        let pool = Arc::new(pool);
+        *guard = Some(Pool {
+            pid,
+            pool: pool.clone(),
+        });
+        Ok(pool)
+    }
+
+    fn sequences(
+        &self,
+        py: Python<'_>,
+        input_ids: &PyReadonlyArray2<'_, i64>,
+        attention_mask: &PyReadonlyArray2<'_, i64>,
+    ) -> PyResult<Vec<Sequence>> {
+        let (shape_i, shape_m) = (input_ids.shape(), attention_mask.shape());
+        if shape_i != shape_m {
+            let msg = format!("input_ids is {shape_i:?} but attention_mask is {shape_m:?}");
+            return Err(to_pyerr(py, core::Error::Shape(msg)));
+        }
+        let ids = input_ids
+            .as_slice()
+            .map_err(|_| PyValueError::new_err("input_ids must be a C-contiguous int64 array"))?;
+        let mask = attention_mask.as_slice().map_err(|_| {
+            PyValueError::new_err("attention_mask must be a C-contiguous int64 array")
+        })?;
+        self.encoder
+            .prepare(ids, mask, shape_i[0], shape_i[1])
+            .map_err(|e| to_pyerr(py, e))
+    }
+
+    fn run(&self, py: Python<'_>, seqs: &[Sequence], noise: Noise<'_>) -> PyResult<Vec<f32>> {
+        let pool = self.pool()?;
+        let enc = &self.encoder;
+        Ok(py.detach(|| pool.install(|| enc.forward(seqs, noise))))
+    }
+}
+
+fn check_seed(seed: i64) -> PyResult<u64> {
+    u64::try_from(seed).map_err(|_| PyValueError::new_err(format!("seed must be >= 0, got {seed}")))
+}
+
+#[pymethods]
+impl Runtime {
+    /// Load and validate a bundle directory; `num_threads` None = all available cores.
+    #[new]
+    #[pyo3(signature = (bundle_dir, num_threads=None))]
+    fn new(py: Python<'_>, bundle_dir: PathBuf, num_threads: Option<usize>) -> PyResult<Self> {
+        let threads = match num_threads {
+            Some(0) => return Err(PyValueError::new_err("num_threads must be >= 1")),
+            Some(n) => n,
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        };
+        let (encoder, labels, max_length) = py
+            .detach(|| -> core::Result<_> {
+                let bundle = core::bundle::Bundle::open(&bundle_dir)?;
+                let labels = bundle.meta.labels.clone();
+                let max_length = bundle.meta.max_length;
+                Ok((Encoder::new(&bundle)?, labels, max_length))
+            })
+            .map_err(|e| to_pyerr(py, e))?;
+        Ok(Self {
+            encoder: Arc::new(encoder),
+            labels,
+            max_length,
+            threads,
+            pool: Mutex::new(None),
+        })
+    }
+
+    /// Threads of the pool.
+    #[getter]
+    fn num_threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Class names (empty if the bundle has none).
+    #[getter]
+    fn labels(&self) -> Vec<String> {
+        self.labels.clone()
+    }
+
+    /// Classes.
+    #[getter]
+    fn num_labels(&self) -> usize {
+        self.encoder.num_labels()
+    }
+
+    /// Tokens per input the tokenizer should truncate to.
+    #[getter]
+    fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// `{module name: current rank}` of every adapted module.
+    #[getter]
+    fn module_ranks(&self) -> HashMap<String, usize> {
+        self.encoder.module_ranks().clone()
+    }
+
+    /// Logits float32[N, C]: mean mode, or one pass with explicit gate values
+    /// `gates = {module name: float32[N, r]}` (modules not named use z = 1).
+    #[pyo3(signature = (input_ids, attention_mask, gates=None))]
+    fn logits<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: PyReadonlyArray2<'py, i64>,
+        attention_mask: PyReadonlyArray2<'py, i64>,
+        gates: Option<Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let seqs = self.sequences(py, &input_ids, &attention_mask)?;
+        let n = seqs.len();
+        let logits = match gates {
+            None => self.run(py, &seqs, Noise::Mean)?,
+            Some(d) => {
+                let mut map = HashMap::new();
+                for (k, v) in d.iter() {
+                    let name: String = k.extract()?;
+                    let arr: PyReadonlyArray2<'_, f32> = v.extract().map_err(|_| {
+                        PyValueError::new_err(format!(
+                            "gates[{name:?}] must be a 2-d float32 array"
+                        ))
+                    })?;
+                    if arr.shape()[0] != n {
+                        let msg =
+                            format!("gates[{name:?}] has {} rows for {n} inputs", arr.shape()[0]);
+                        return Err(to_pyerr(py, core::Error::Shape(msg)));
+                    }
+                    let vals = arr.as_slice().map_err(|_| {
+                        PyValueError::new_err(format!("gates[{name:?}] must be C-contiguous"))
+                    })?;
+                    map.insert(name, vals.to_vec());
+                }
+                self.encoder
+                    .check_gates(&map, n)
+                    .map_err(|e| to_pyerr(py, e))?;
+                self.run(py, &seqs, Noise::Explicit(&map))?
+            }
+        };
+        let c = self.encoder.num_labels();
+        Ok(PyArray1::from_vec(py, logits).reshape([n, c])?.into_any())
+    }
+
+    /// Per-sample logits float32[N, S, C] of S posterior samples (S ≥ 1).
+    #[pyo3(signature = (input_ids, attention_mask, samples, seed=0))]
+    fn sample_logits<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: PyReadonlyArray2<'py, i64>,
+        attention_mask: PyReadonlyArray2<'py, i64>,
+        samples: usize,
+        seed: i64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if samples == 0 {
+            return Err(PyValueError::new_err("samples must be >= 1"));
+        }
+        let seed = check_seed(seed)?;
+        let seqs = self.sequences(py, &input_ids, &attention_mask)?;
+        let n = seqs.len();
+        let logits = self.run(py, &seqs, Noise::Sampled { samples, seed })?;
+        let c = self.encoder.num_labels();
+        Ok(PyArray1::from_vec(py, logits)
+            .reshape([n, samples, c])?
+            .into_any())
+    }
+
+    /// SPEC §6 fields of S samples per input (S = 0: mean mode), reduced online:
+    /// dict of numpy arrays `probs [N, C]`, `label [N]` (int64), `confidence`, `entropy`,
+    /// `expected_entropy`, `mutual_info`, `variance` (float32 [N]).
+    #[pyo3(signature = (input_ids, attention_mask, samples=0, seed=0))]
+    fn score<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: PyReadonlyArray2<'py, i64>,
+        attention_mask: PyReadonlyArray2<'py, i64>,
+        samples: usize,
+        seed: i64,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let seed = check_seed(seed)?;
+        let seqs = self.sequences(py, &input_ids, &attention_mask)?;
+        let n = seqs.len();
+        let noise = if samples == 0 {
+            Noise::Mean
+        } else {
+            Noise::Sampled { samples, seed }
+        };
+        let logits = self.run(py, &seqs, noise)?;
+        let c = self.encoder.num_labels();
+        let s = samples.max(1);
+        let mut probs = Vec::with_capacity(n * c);
+        let mut fields: [Vec<f32>; 5] = Default::default();
+        let mut label = Vec::with_capacity(n);
+        for per_input in logits.chunks_exact(s * c) {
+            let mut acc = OnlineSummary::new(c);
+            for sample in per_input.chunks_exact(c) {
+                acc.push_logits(sample);
+            }
+            let sm = acc.finish();
+            probs.extend(sm.probs.iter().map(|&p| p as f32));
+            label.push(sm.label as i64);
+            for (f, v) in fields.iter_mut().zip([
+                sm.confidence,
+                sm.entropy,
+                sm.expected_entropy,
+                sm.mutual_info,
+                sm.variance,
+            ]) {
+                f.push(v as f32);
+            }
+        }
+        let out = PyDict::new(py);
+        out.set_item("probs", PyArray1::from_vec(py, probs).reshape([n, c])?)?;
+        out.set_item("label", PyArray1::from_vec(py, label))?;
+        let names = [
+            "confidence",
+            "entropy",
+            "expected_entropy",
+            "mutual_info",
+            "variance",
+        ];
+        for (name, f) in names.iter().zip(fields) {
+            out.set_item(*name, PyArray1::from_vec(py, f))?;
+        }
+        Ok(out)
+    }
+}
+
+/// Register the runtime class.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Runtime>()?;
+    Ok(())
+}

@@ -1,0 +1,333 @@
+"""`bayeslora score` / `bayeslora export`, scoring without torch, malformed bundles, fork safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import bayeslora as bl
+from bayeslora import cli
+from bayeslora.errors import BundleError, InvalidValueError, ShapeError
+from bayeslora.injection import adapted_layers
+from bayeslora.runtime import Scorer
+from runtime_models import adapt, batch, build, softmax, torch_logits, word_tokenizer
+
+PYTHON_DIR = Path(bl.__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    model = build("bert", 16, 2, 2, 24, 3, seed=21)
+    adapt(model, ["query", "value", "classifier"], rank=4, seed=21, log_alpha=(-1.0, 0.5))
+    with torch.no_grad():
+        next(iter(adapted_layers(model)))[1].rank_mask.zero_()  # a module pruned to rank 0
+    return bl.export(model, word_tokenizer(), tmp_path_factory.mktemp("cli") / "bundle")
+
+
+def run_cli(args: list[str], env_extra: dict[str, str] | None = None, shim: Path | None = None):
+    env = dict(os.environ)
+    path = [str(PYTHON_DIR)]
+    if shim is not None:
+        path.insert(0, str(shim))
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "bayeslora.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def torch_blocking_shim(root: Path) -> Path:
+    for pkg in ("torch", "transformers"):
+        (root / pkg).mkdir(parents=True, exist_ok=True)
+        (root / pkg / "__init__.py").write_text(f"raise ImportError('{pkg} is blocked in this test')\n")
+    return root
+
+
+def test_score_cli_runs_where_torch_cannot_be_imported(bundle, tmp_path):
+    shim = torch_blocking_shim(tmp_path / "shim")
+    check = subprocess.run(
+        [sys.executable, "-c", "import torch"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(shim)},
+    )
+    assert check.returncode != 0 and "blocked" in check.stderr
+    texts = ["w5 w6 w7", "w40 w41", "w9"]
+    res = run_cli(
+        ["score", str(bundle), "--text", *texts, "--samples", "8", "--seed", "3", "--threads", "2", "--json"],
+        shim=shim,
+    )
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["text"] for r in rows] == texts
+    want = Scorer(bundle, num_threads=1).score(texts, samples=8, seed=3)
+    for i, r in enumerate(rows):
+        assert set(r) == {
+            "text",
+            "label",
+            "probs",
+            "confidence",
+            "entropy",
+            "expected_entropy",
+            "mutual_info",
+            "variance",
+        }
+        assert r["label"] == f"class_{want['label'][i]}"
+        np.testing.assert_allclose(r["probs"], want["probs"][i], rtol=1e-6)
+        for k in ("confidence", "entropy", "expected_entropy", "mutual_info", "variance"):
+            assert r[k] == pytest.approx(float(want[k][i]), rel=1e-6, abs=1e-9)
+
+
+def test_runtime_module_never_imports_torch(bundle):
+    code = textwrap.dedent(f"""
+        import sys
+        from bayeslora.runtime import Scorer
+        Scorer({str(bundle)!r}).score(["w4 w5"], samples=2)
+        bad = [m for m in ("torch", "transformers", "safetensors.torch") if m in sys.modules]
+        assert not bad, bad
+    """)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(PYTHON_DIR)},
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+
+
+def test_score_cli_reads_a_file_and_matches_the_torch_model(tmp_path, capsys):
+    model = build("distilbert", 16, 2, 2, 24, 2, seed=22)
+    adapt(model, ["q_lin", "v_lin"], rank=3, seed=22)
+    out = bl.export(model, word_tokenizer(), tmp_path / "b")
+    texts = ["w4 w8 w15", "w60 w61 w62 w63 w5"]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n\n")
+    assert cli.main(["score", str(out), "--file", str(tmp_path / "in.txt"), "--samples", "0"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    tok = word_tokenizer()
+    for text, row in zip(texts, rows, strict=True):
+        ids = torch.tensor([tok.encode(text).ids])
+        want = softmax(torch_logits(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))[0]
+        np.testing.assert_allclose(row["probs"], want, atol=1e-4)
+        assert row["mutual_info"] == 0.0 and row["variance"] == 0.0
+
+
+def test_score_cli_reports_a_bad_bundle_without_a_traceback(tmp_path):
+    res = run_cli(["score", str(tmp_path), "--text", "hello"])
+    assert res.returncode == 2
+    assert "bayeslora.json" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_export_cli_from_a_saved_adapter_and_base_model(tmp_path, capsys):
+    model = build("bert", 16, 2, 2, 24, 3, seed=23)
+    model.save_pretrained(tmp_path / "base")
+    adapt(model, ["query", "value"], rank=4, seed=23, modules_to_save=["classifier"])
+    with torch.no_grad():
+        model.classifier.weight.mul_(2.0)  # a trained head travels in modules_to_save
+    bl.save_adapter(model, tmp_path / "ckpt")
+    code = cli.main(
+        [
+            "export",
+            str(tmp_path / "ckpt"),
+            "--model",
+            str(tmp_path / "base"),
+            "--out",
+            str(tmp_path / "bundle"),
+            "--json",
+        ]
+    )
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["total_rank"] == 16
+    x = batch(3, 9, seed=24)
+    got = Scorer(tmp_path / "bundle").logits(x["input_ids"].numpy(), x["attention_mask"].numpy())
+    np.testing.assert_allclose(got, torch_logits(model, x), atol=1e-4)
+
+
+def test_scorer_forks_safely(bundle):
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        import numpy as np
+        from bayeslora.runtime import Scorer
+        s = Scorer({str(bundle)!r}, num_threads=2)
+        before = s.score(["w4 w5 w6"] * 8, samples=4, seed=1)["probs"]
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(60)  # a pool inherited from the parent would hang here
+            after = s.score(["w4 w5 w6"] * 8, samples=4, seed=1)["probs"]
+            os._exit(0 if np.array_equal(before, after) else 3)
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(PYTHON_DIR)},
+        timeout=120,
+    )
+    assert res.returncode == 0, (res.returncode, res.stderr)
+
+
+# ---- malformed bundles: a clear BundleError naming the problem, never a crash or a hang ------------
+def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "bad"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def rewrite_tensors(path: Path, edit) -> None:
+    tensors = load_file(str(path / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(path / "model.safetensors"))
+
+
+def edit_json(path: Path, name: str, edit) -> None:
+    data = json.loads((path / name).read_text())
+    edit(data)
+    (path / name).write_text(json.dumps(data))
+
+
+Q = "bert.encoder.layer.1.attention.self.query"
+
+
+def _truncate(p):
+    f = p / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+
+
+def _header_len(p):
+    f = p / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(struct.pack("<Q", 1 << 62) + data[8:])
+
+
+def _absurd_shape(p):
+    f = p / "model.safetensors"
+    data = f.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    name = "bert.embeddings.word_embeddings.weight"
+    header[name]["shape"] = [10**12, 10**7]
+    text = json.dumps(header).encode()
+    f.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
+
+
+def _del(name):
+    return lambda p: rewrite_tensors(p, lambda t: t.pop(name))
+
+
+def _set(name, value):
+    def edit(t):
+        t[name] = value(t[name])
+
+    return lambda p: rewrite_tensors(p, edit)
+
+
+def _put(name, value):
+    return lambda p: rewrite_tensors(p, lambda t: t.__setitem__(name, value))
+
+
+MALFORMED = {
+    "truncated file": (_truncate, "not a valid safetensors file"),
+    "absurd header length": (_header_len, "not a valid safetensors file"),
+    "absurd tensor shape": (_absurd_shape, "not a valid safetensors file"),
+    "empty file": (lambda p: (p / "model.safetensors").write_bytes(b""), "not a valid safetensors file"),
+    "missing weights file": (lambda p: (p / "model.safetensors").unlink(), "model.safetensors"),
+    "missing base tensor": (_del("bert.pooler.dense.weight"), 'missing tensor "bert.pooler.dense.weight"'),
+    "missing adapter tensor": (_del(f"{Q}.lora_B"), f'missing tensor "{Q}.lora_B"'),
+    "wrong base shape": (_set("classifier.weight", lambda v: v[:2]), '"classifier.weight" has shape [2, 16]'),
+    "wrong adapter shape": (_set(f"{Q}.lora_A", lambda v: v[:, :8]), f'"{Q}.lora_A" has shape [4, 8]'),
+    "wrong dtype": (
+        _set("classifier.bias", lambda v: v.astype(np.float16)),
+        '"classifier.bias" has dtype F16',
+    ),
+    "NaN weights": (_set("classifier.bias", lambda v: v * np.nan), "NaN"),
+    "rank_index out of range": (_set(f"{Q}.rank_index", lambda v: v + 7), "rank_index"),
+    "duplicate rank_index": (_set(f"{Q}.rank_index", lambda v: np.zeros_like(v)), "distinct"),
+    "stray adapter tensor": (
+        _put("bert.encoder.layer.0.attention.self.key.lora_A", np.zeros((4, 16), np.float32)),
+        "unexpected adapter tensor",
+    ),
+    "base_layer name": (_put(f"{Q}.base_layer.weight", np.zeros((16, 16), np.float32)), "base_layer"),
+    "bad bayeslora.json": (lambda p: (p / "bayeslora.json").write_text("{not json"), "invalid JSON"),
+    "bad config.json": (lambda p: (p / "config.json").write_text("[1, 2"), "invalid JSON"),
+    "missing field": (lambda p: edit_json(p, "bayeslora.json", lambda d: d.pop("modules")), "modules"),
+    "wrong format version": (
+        lambda p: edit_json(p, "bayeslora.json", lambda d: d.update(format_version=9)),
+        "format_version",
+    ),
+    "unknown architecture": (
+        lambda p: edit_json(p, "bayeslora.json", lambda d: d.update(architecture="gpt2")),
+        "architecture",
+    ),
+    "absurd hidden size": (
+        lambda p: edit_json(p, "config.json", lambda d: d.update(hidden_size=10**12)),
+        "hidden_size",
+    ),
+    "rank above initial rank": (
+        lambda p: edit_json(p, "bayeslora.json", lambda d: d["modules"][Q].update(rank=9)),
+        "initial_rank",
+    ),
+    "module that is not a linear": (
+        lambda p: edit_json(
+            p,
+            "bayeslora.json",
+            lambda d: d["modules"].update(
+                {"bert.embeddings": {"rank": 0, "initial_rank": 4, "scale": 1.0, "d_in": 1, "d_out": 1}}
+            ),
+        ),
+        "not a linear layer",
+    ),
+    "labels do not match": (
+        lambda p: edit_json(p, "bayeslora.json", lambda d: d.update(labels=["a"])),
+        "label",
+    ),
+    "missing bundle json": (lambda p: (p / "bayeslora.json").unlink(), "bayeslora.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_bundle_raises_bundle_error(case, bundle, tmp_path):
+    corrupt, message = MALFORMED[case]
+    bad = copy_bundle(bundle, tmp_path)
+    corrupt(bad)
+    with pytest.raises(BundleError) as info:
+        Scorer(bad)
+    assert message in str(info.value)
+    assert isinstance(info.value, OSError)
+
+
+def test_bundle_that_is_not_a_directory(tmp_path):
+    with pytest.raises(BundleError, match="not a directory"):
+        Scorer(tmp_path / "nothing")
+
+
+def test_bad_inputs_raise_typed_errors(bundle):
+    s = Scorer(bundle, num_threads=1)
+    ids = np.array([[2, 5, 6, 3]])
+    with pytest.raises(InvalidValueError, match="outside the vocabulary"):
+        s.score((np.array([[2, 64]]), np.ones((1, 2))))
+    with pytest.raises(InvalidValueError, match="no attended tokens"):
+        s.score((ids, np.zeros_like(ids)))
+    with pytest.raises(ShapeError):
+        s.score((ids, np.ones((1, 3))))
+    with pytest.raises(InvalidValueError, match="too long"):
+        s.score(np.full((1, 80), 5))
+    with pytest.raises(ShapeError, match="gates"):
+        s.logits(ids, gates={Q: np.ones((2, 4), np.float32)})
+    with pytest.raises(InvalidValueError, match="not an adapted module"):
+        s.logits(ids, gates={"bert.pooler.dense": np.ones((1, 4), np.float32)})
+    with pytest.raises(ValueError, match="seed"):
+        s.score(ids, samples=2, seed=-1)
