@@ -269,8 +269,8 @@ def _num_labels(ckpt: Path) -> int | None:
 def _export(args: argparse.Namespace) -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .errors import BayesLoRAError
     from .bundle import export
+    from .errors import BayesLoRAError
     from .io import load_adapter
 
     ckpt = Path(args.ckpt)
