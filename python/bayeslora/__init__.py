@@ -33,6 +33,8 @@ _LAZY = {
     "load_adapter": "io",
     "BayesLoRALayer": "layers",
     "export": "bundle",
+    "export_peft": "peft_io",
+    "import_peft": "peft_io",
 }
 _SUBMODULES = ("metrics", "calibration", "plots", "analysis", "runtime", "training", "data")
 
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from .io import load_adapter, save_adapter
     from .layers import BayesLoRALayer
     from .objective import elbo_loss, kl_divergence
+    from .peft_io import export_peft, import_peft
     from .prediction import mc_predict, sampling
     from .pruning import adapter_parameter_count, prune, rank_scores, ranks, shrink
 
@@ -65,6 +68,8 @@ __all__ = [
     "elbo_loss",
     "errors",
     "export",
+    "export_peft",
+    "import_peft",
     "inject",
     "kl_divergence",
     "load_adapter",

@@ -60,6 +60,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
                     "initial_rank": layer.initial_rank,
                     "d_in": layer.d_in,
                     "d_out": layer.d_out,
+                    "scale": float(layer.scale),
                 }
                 for name, layer in adapted_layers(model)
             },
@@ -113,6 +114,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise BundleError(f"adapter does not fit the model: missing modules {missing}, unexpected {extra}")
     for name, layer in layers.items():
         device = layer.lora_A.device
+        if "scale" in modules[name]:  # per module: imported PEFT adapters may differ from alpha / r0
+            layer.scale = float(modules[name]["scale"])
         for t in _LAYER_TENSORS:
             key = f"{name}.{t}"
             current = getattr(layer, t, None)
