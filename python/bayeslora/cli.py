@@ -318,6 +318,113 @@ def _export_report(args: argparse.Namespace, out: Path) -> int:
     return 0
 
 
+# ---- PEFT interoperability ----------------------------------------------------------------------
+def _add_export_peft(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export-peft",
+        help="write a trained adapter as a standard PEFT LoRA directory",
+        description="Write the mean-mode adapter of CKPT (pruned ranks removed) as a PEFT LoRA directory "
+        "(adapter_config.json + adapter_model.safetensors) that peft.PeftModel.from_pretrained loads; the "
+        "posterior's rank parameters go to bayeslora_posterior.{json,safetensors} beside them.",
+    )
+    p.add_argument("ckpt", help="training checkpoint (bayeslora train --out) or adapter directory")
+    p.add_argument(
+        "--model", default=None, metavar="DIR", help="base HF model directory (adapter directories)"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="PEFT directory to write")
+    p.add_argument("--no-prune", action="store_true", help="remove masked ranks only (no pruning at τ)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(handler=_export_peft)
+
+
+def _export_peft(args: argparse.Namespace) -> int:
+    from .peft_io import PEFT_CONFIG, export_peft
+
+    ckpt = Path(args.ckpt)
+    try:
+        if (ckpt / "run.json").is_file():
+            from .pipeline import load_checkpoint
+
+            model, _, _ = load_checkpoint(ckpt)
+        elif args.model is None:
+            return _fail(f"{ckpt} is an adapter directory: name its base model with --model DIR")
+        else:
+            from transformers import AutoModelForSequenceClassification
+
+            from .io import load_adapter
+
+            n = _num_labels(ckpt) if (ckpt / "adapter.safetensors").exists() else None
+            kwargs = {"num_labels": n} if n is not None else {}
+            model = AutoModelForSequenceClassification.from_pretrained(Path(args.model), **kwargs).eval()
+            load_adapter(model, ckpt)
+        out = export_peft(model, args.out, prune=not args.no_prune)
+    except BayesLoRAError as e:
+        return _fail(str(e))
+    cfg = json.loads((out / PEFT_CONFIG).read_text())
+    ranks = cfg["rank_pattern"]
+    payload = {"peft_dir": str(out), "ranks": ranks, "total_rank": sum(ranks.values())}
+    _emit(args, payload, f"wrote {out} ({len(ranks)} LoRA modules, total rank {sum(ranks.values())})")
+    return 0
+
+
+def _add_import_peft(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "import-peft",
+        help="turn a PEFT LoRA directory into a BayesLoRA checkpoint",
+        description="Load a PEFT LoRA (adapter_config.json + adapter_model.safetensors) onto its base model "
+        "as BayesLoRA adapters (PEFT's factors become the posterior means) and write a checkpoint that "
+        "`bayeslora export` and `bayeslora evaluate` take.",
+    )
+    p.add_argument("peft_dir", help="PEFT adapter directory (save_pretrained)")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR",
+        help="base HF model directory (default: base_model_name_or_path of the PEFT config, or 'default')",
+    )
+    p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint directory to write")
+    p.add_argument(
+        "--method",
+        default=None,
+        choices=["bayeslora", "lora", "mcdropout"],
+        help="default: bayeslora, or what bayeslora_posterior.json (export-peft) says",
+    )
+    p.add_argument("--posterior", default=None, choices=["gate", "additive"], help="default: gate")
+    p.add_argument("--init-log-alpha", type=float, default=None, help="initial log α (gate; default -3)")
+    p.add_argument(
+        "--init-log-sigma2", type=float, default=None, help="initial log σ² (additive; default -8)"
+    )
+    p.add_argument("--max-length", type=int, default=64, help="tokens per input for export/evaluate")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(handler=_import_peft)
+
+
+def _import_peft(args: argparse.Namespace) -> int:
+    from .config import BayesLoRAConfig
+    from .peft_io import import_peft_checkpoint
+
+    options = {
+        k: getattr(args, k)
+        for k in ("method", "posterior", "init_log_alpha", "init_log_sigma2")
+        if getattr(args, k) is not None
+    }
+    try:
+        # no options: restore the posterior export-peft saved beside the PEFT files, if any
+        config = BayesLoRAConfig(**options) if options else None
+        run = import_peft_checkpoint(
+            args.peft_dir, args.out, model=args.model, config=config, max_length=args.max_length
+        )
+    except BayesLoRAError as e:
+        return _fail(str(e))
+    payload = {"checkpoint": str(args.out), "ranks": run["ranks"], "total_rank": run["total_rank"]}
+    _emit(
+        args,
+        payload,
+        f"wrote {args.out} ({len(run['ranks'])} adapted modules, total rank {run['total_rank']})",
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -333,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_score(sub)
     _add_analyze(sub)
+    _add_export_peft(sub)
+    _add_import_peft(sub)
     return parser
 
 

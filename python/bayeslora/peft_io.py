@@ -43,7 +43,7 @@ from torch import nn
 from .bundle import kept_ranks
 from .config import BayesLoRAConfig
 from .errors import BundleError, ConfigError
-from .injection import _matches_list, adapted_layers, get_config, inject
+from .injection import adapted_layers, get_config, inject
 from .layers import _is_conv1d, base_dims, is_adaptable
 from .objective import _unwrap
 
@@ -72,7 +72,9 @@ _UNSUPPORTED_OPTIONS = {
     "velora_config": "VeLoRA",
 }
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
-_UNSUPPORTED_KEY = re.compile(r"\.(lora_embedding_[AB]|lora_magnitude_vector|lora_[AB]\.[^.]*\.?bias|lora_[AB]\.bias)")
+_UNSUPPORTED_KEY = re.compile(
+    r"\.(lora_embedding_[AB]|lora_magnitude_vector|lora_[AB]\.[^.]*\.?bias|lora_[AB]\.bias)"
+)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -218,7 +220,9 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, *, prune: bool = T
         )
     task_type = _task_type(base)
     if task_type == "SEQ_CLS" and any(_peft_claims(n, list(_SEQ_CLS_HEADS)) for n in rank_pattern):
-        task_type = None  # PEFT's SEQ_CLS model would also claim the adapted head: load it as a plain PeftModel
+        task_type = (
+            None  # PEFT's SEQ_CLS model would also claim the adapted head: load it as a plain PeftModel
+        )
     claimed = ours + (list(_SEQ_CLS_HEADS) if task_type == "SEQ_CLS" else [])
     saved_modules = _wrapped_modules(base, claimed)
     for name in saved_modules:
@@ -265,7 +269,9 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, *, prune: bool = T
     }
 
     def write(tmp: Path) -> None:
-        save_file({k: v.contiguous().clone() for k, v in lora.items()}, str(tmp / PEFT_WEIGHTS), {"format": "pt"})
+        save_file(
+            {k: v.contiguous().clone() for k, v in lora.items()}, str(tmp / PEFT_WEIGHTS), {"format": "pt"}
+        )
         save_file(
             {k: v.contiguous().clone() for k, v in posterior.items()},
             str(tmp / POSTERIOR_WEIGHTS),
@@ -277,7 +283,9 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, *, prune: bool = T
     return _write_dir_atomically(Path(out_dir), write)
 
 
-def _peft_selects_exactly(base: nn.Module, targets: list[str], rank_pattern: dict[str, int], layers: dict) -> bool:
+def _peft_selects_exactly(
+    base: nn.Module, targets: list[str], rank_pattern: dict[str, int], layers: dict
+) -> bool:
     """Whether PEFT, reading ``targets``/``rank_pattern``, adapts exactly the exported modules and
     resolves each one's pattern to its own entry."""
     wanted = set(rank_pattern)
@@ -311,10 +319,14 @@ def read_peft_config(peft_dir: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path}: unsupported PEFT method peft_type={peft_type!r}; only LORA imports")
     for key, what in _UNSUPPORTED_OPTIONS.items():
         if cfg.get(key):
-            raise ConfigError(f"{path}: {what} ({key}={cfg[key]!r}) is not supported; only plain LoRA imports")
+            raise ConfigError(
+                f"{path}: {what} ({key}={cfg[key]!r}) is not supported; only plain LoRA imports"
+            )
     bias = cfg.get("bias", "none")
     if bias != "none":
-        raise ConfigError(f"{path}: bias={bias!r} is not supported (PEFT trained base biases); need bias='none'")
+        raise ConfigError(
+            f"{path}: bias={bias!r} is not supported (PEFT trained base biases); need bias='none'"
+        )
     for key in ("r", "lora_alpha"):
         value = cfg.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -405,7 +417,9 @@ def _read_posterior(
             or (r and (int(index.min()) < 0 or int(index.max()) >= config.rank))
             or len(set(index.tolist())) != r
         ):
-            raise BundleError(f"{weights_path}: {name}.rank_index does not fit rank {r} of r0 = {config.rank}")
+            raise BundleError(
+                f"{weights_path}: {name}.rank_index does not fit rank {r} of r0 = {config.rank}"
+            )
         out[name] = {"rank_index": index}
         if config.method == "bayeslora":
             param = tensors.get(f"{name}.{pname}")
@@ -432,9 +446,10 @@ def import_peft(
         peft_dir: a directory written by PEFT's ``save_pretrained`` (or by :func:`export_peft`).
         config: posterior family, method, init values, pruning schedule, ... (default: the
             config saved by :func:`export_peft` beside the PEFT files, whose rank parameters and
-            rank positions are then restored exactly; else ``BayesLoRAConfig()``). Its ``rank`` becomes the largest PEFT rank (r0, the width of
-            the noise streams); ``target_modules`` and ``modules_to_save`` come from the PEFT
-            directory; ``alpha`` is set so that ``config.scale`` is PEFT's default ``lora_alpha / r``.
+            rank positions are then restored exactly; else ``BayesLoRAConfig()``). Its ``rank``
+            becomes the largest PEFT rank (r0, the width of the noise streams);
+            ``target_modules`` and ``modules_to_save`` come from the PEFT directory; ``alpha`` is
+            set so that ``config.scale`` is PEFT's default ``lora_alpha / r``.
 
     Returns:
         ``base_model`` with adapters, in eval mode.
@@ -453,7 +468,9 @@ def import_peft(
         raise BundleError(f"{weights_path}: no lora_A/lora_B tensors")
     base = _unwrap(base_model)
     if getattr(base, "bayeslora_config", None) is not None:
-        raise ConfigError("import_peft needs the un-adapted base model; this one already has BayesLoRA adapters")
+        raise ConfigError(
+            "import_peft needs the un-adapted base model; this one already has BayesLoRA adapters"
+        )
     all_modules = dict(base.named_modules())
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
@@ -477,14 +494,21 @@ def import_peft(
         r_cfg = int(rank_pattern[rk]) if rk is not None else int(cfg["r"])
         ak = _pattern_key(alpha_pattern, name)
         alpha = float(alpha_pattern[ak]) if ak is not None else float(cfg["lora_alpha"])
-        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != d_in or B.shape[0] != d_out or A.shape[0] != B.shape[1]:
+        if (
+            A.dim() != 2
+            or B.dim() != 2
+            or A.shape[1] != d_in
+            or B.shape[0] != d_out
+            or A.shape[0] != B.shape[1]
+        ):
             raise BundleError(
                 f"{weights_path}: module {name!r} has lora_A {list(A.shape)} and lora_B {list(B.shape)}; "
                 f"the model needs [r, {d_in}] and [{d_out}, r]"
             )
         if int(A.shape[0]) != r_cfg:
             raise BundleError(
-                f"{weights_path}: module {name!r} has rank {A.shape[0]} but adapter_config.json says r={r_cfg}"
+                f"{weights_path}: module {name!r} has rank {A.shape[0]} "
+                f"but adapter_config.json says r={r_cfg}"
             )
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise BundleError(f"{weights_path}: module {name!r} has non-finite factors")
@@ -496,11 +520,14 @@ def import_peft(
             raise BundleError(f"{weights_path}: tensor {key!r} fits no parameter of the base model")
         if tuple(base_state[key].shape) != tuple(value.shape):
             raise BundleError(
-                f"{weights_path}: {key!r} is {list(value.shape)} but the model has {list(base_state[key].shape)}"
+                f"{weights_path}: {key!r} is {list(value.shape)} "
+                f"but the model has {list(base_state[key].shape)}"
             )
     r0 = max(int(a.shape[0]) for a, _, _ in plan.values())
     default_scale = (
-        float(cfg["lora_alpha"]) / math.sqrt(float(cfg["r"])) if rslora else float(cfg["lora_alpha"]) / float(cfg["r"])
+        float(cfg["lora_alpha"]) / math.sqrt(float(cfg["r"]))
+        if rslora
+        else float(cfg["lora_alpha"]) / float(cfg["r"])
     )
     restored = _read_posterior(root, plan) if config is None else None
     user = config if config is not None else (restored[0] if restored else BayesLoRAConfig())
@@ -550,4 +577,83 @@ def import_peft(
     return base_model.eval()
 
 
-__all__ = ["export_peft", "import_peft", "read_peft_config", "read_peft_weights"]
+def _head_rows(state: dict[str, torch.Tensor]) -> int | None:
+    for key, value in state.items():
+        if ".lora_" not in key and key.endswith(
+            ("classifier.weight", "score.weight", "classifier.out_proj.weight")
+        ):
+            return int(value.shape[0])
+    return None
+
+
+def import_peft_checkpoint(
+    peft_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    model: str | os.PathLike | None = None,
+    config: BayesLoRAConfig | None = None,
+    max_length: int = 64,
+) -> dict[str, Any]:
+    """``bayeslora import-peft``: load a PEFT LoRA sequence classifier onto its base model
+    (``model``: an HF model directory or ``"default"``; else the PEFT config's
+    ``base_model_name_or_path``) and write a checkpoint like ``bayeslora train`` does
+    (``adapter/``, ``tokenizer/``, ``run.json``). Returns the run metadata."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from .io import save_adapter
+    from .pipeline import RUN_FILE, TrainSettings, resolve_model
+    from .pruning import adapter_parameter_count, ranks
+
+    peft_cfg = read_peft_config(peft_dir)
+    name = model if model is not None else peft_cfg.get("base_model_name_or_path")
+    if not name:
+        raise ConfigError(f"{peft_dir}: the PEFT config names no base model; pass --model DIR")
+    base_dir = resolve_model(str(name))
+    n = _head_rows(read_peft_weights(peft_dir))
+    kwargs: dict[str, Any] = {}
+    if n is not None:
+        kwargs["num_labels"] = n
+        kwargs["ignore_mismatched_sizes"] = int(AutoConfig.from_pretrained(base_dir).num_labels) != n
+    hf = AutoModelForSequenceClassification.from_pretrained(base_dir, **kwargs)
+    import_peft(hf, peft_dir, config)
+    bconf = get_config(hf)
+    labels = [str(hf.config.id2label.get(i, f"LABEL_{i}")) for i in range(int(hf.config.num_labels))]
+    settings = TrainSettings(
+        model=str(base_dir),
+        data=f"peft:{peft_dir}",
+        method=bconf.method,
+        posterior=bconf.posterior,
+        rank=bconf.rank,
+        alpha=bconf.alpha,
+        targets=list(bconf.target_modules),
+        max_length=int(max_length),
+        init_log_alpha=bconf.init_log_alpha,
+        prune_threshold=bconf.prune_threshold,
+        min_rank=bconf.min_rank,
+    )
+    final = ranks(hf)
+    run = {
+        "settings": dataclasses.asdict(settings),
+        "base_model": str(base_dir),
+        "label_names": labels,
+        "source": {"peft_dir": str(Path(peft_dir).resolve()), "peft_config": peft_cfg},
+        "initial_ranks": final,
+        "ranks": final,
+        "total_rank": sum(final.values()),
+        "initial_total_rank": sum(final.values()),
+        "adapter_parameters": adapter_parameter_count(hf),
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_adapter(hf, out / "adapter")
+    try:
+        AutoTokenizer.from_pretrained(base_dir).save_pretrained(out / "tokenizer")
+    except (OSError, ValueError):
+        pass  # a base model without a tokenizer: the checkpoint scores token ids only
+    tmp = out / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(run, indent=2, default=str))
+    os.replace(tmp, out / RUN_FILE)
+    return run
+
+
+__all__ = ["export_peft", "import_peft", "import_peft_checkpoint", "read_peft_config", "read_peft_weights"]
