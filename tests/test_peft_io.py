@@ -433,3 +433,35 @@ def test_importing_into_an_adapted_model_is_refused(peft_dir):
     model = rm.adapt(rm.build("bert"), ["query"])
     with pytest.raises(ConfigError, match="un-adapted"):
         bl.import_peft(model, peft_dir)
+
+
+class _Nested(torch.nn.Module):
+    """``a`` and ``b.a``: a module name that is a ``.``-suffix of another one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(6, 6)
+        self.b = torch.nn.Module()
+        self.b.a = torch.nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b.a(torch.tanh(self.a(x)))
+
+
+def test_names_that_are_suffixes_of_other_names_round_trip_exactly(tmp_path):
+    model = _Nested()
+    bl.inject(model, bl.BayesLoRAConfig(rank=3, alpha=5.0, target_modules="a", init_b_std=0.5))
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        ours = model(x)
+    out = bl.export_peft(model, tmp_path / "p")
+    assert isinstance(json.loads((out / PEFT_CONFIG).read_text())["target_modules"], str)
+    pm = PeftModel.from_pretrained(_Nested(), str(out)).eval()
+    assert [n for n, m in pm.base_model.model.named_modules() if hasattr(m, "lora_A")] == ["a"]
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), ours, atol=1e-6, rtol=0)
+    back = bl.import_peft(_Nested(), out)
+    assert [n for n, _ in adapted_layers(back)] == ["a"]
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ours, atol=1e-6, rtol=0)

@@ -43,7 +43,7 @@ from torch import nn
 from .bundle import kept_ranks
 from .config import BayesLoRAConfig
 from .errors import BundleError, ConfigError
-from .injection import adapted_layers, get_config, inject
+from .injection import adapted_layers, get_config, inject, is_target
 from .layers import _is_conv1d, base_dims, is_adaptable
 from .objective import _unwrap
 
@@ -547,11 +547,15 @@ def import_peft(
         min_rank=min(user.min_rank, r0),
         exclude_modules=[],
     )
+    if {n for n, m in all_modules.items() if is_target(n, m, new_config)} != set(plan):
+        # a module name that is a suffix of another one: name them by an exact regex instead
+        regex = "(?:" + "|".join(re.escape(n) for n in sorted(plan)) + ")"
+        new_config = dataclasses.replace(new_config, target_modules=regex)
     inject(base, new_config)
     layers = dict(adapted_layers(base))
-    if set(layers) != set(plan):  # a module name that is a suffix of another one
-        extra = sorted(set(layers) - set(plan))
-        raise ConfigError(f"cannot target exactly the PEFT modules by name: also matched {extra[:5]}")
+    if set(layers) != set(plan):
+        extra = sorted(set(layers) ^ set(plan))
+        raise ConfigError(f"cannot target exactly the PEFT modules: {extra[:5]} differ")
     for name, layer in layers.items():
         A, B, scale = plan[name]
         r = int(A.shape[0])
