@@ -25,7 +25,7 @@ def main() -> None:
         batch_size=8,
         max_length=16,
         lr=5e-3,
-        rank_lr=0.2,
+        rank_lr=5.0,  # SGD-like group (AdamW eps=1): steps follow the gradient size
         prune_start=2,
         prune_every=2,
         prune_threshold=-2.0,
