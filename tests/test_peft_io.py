@@ -288,6 +288,11 @@ def test_cli_import_peft_export_and_export_peft(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["total_rank"] == 2 + 4 + 3 + 4 + 4 + 3  # q0=2, v0=4, ffn0=3, q1=4, v1=4, ffn1=3
     run = json.loads((tmp_path / "ck" / "run.json").read_text())
+    # PEFT's per-module scale (alpha_pattern 5 on the first query at r = 2; else 8 / r) on disk
+    scales = {m.name: m.scale for m in bl.analysis.analyze(tmp_path / "ck").modules}
+    assert scales["bert.encoder.layer.0.attention.self.query"] == pytest.approx(5 / 2)
+    assert scales["bert.encoder.layer.1.intermediate.dense"] == pytest.approx(8 / 3)
+    assert scales["bert.encoder.layer.1.attention.self.value"] == pytest.approx(8 / 4)
     assert run["base_model"] == str(base) and run["label_names"] == ["class_0", "class_1", "class_2"]
 
     assert cli.main(["export", str(tmp_path / "ck"), "--out", str(tmp_path / "bundle")]) == 0
@@ -465,3 +470,20 @@ def test_names_that_are_suffixes_of_other_names_round_trip_exactly(tmp_path):
     assert [n for n, _ in adapted_layers(back)] == ["a"]
     with torch.no_grad():
         torch.testing.assert_close(back(x), ours, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("command", ["export-peft", "import-peft"])
+def test_cli_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--out" in text and "--json" in text and "--model" in text
+
+
+def test_pissa_style_initialisation_is_flagged(peft_dir, tmp_path):
+    d = tmp_path / "pissa"
+    shutil.copytree(peft_dir, d)
+    _edit_config(d, init_lora_weights="pissa")
+    with pytest.warns(UserWarning, match="changes the base weights"):
+        bl.import_peft(rm.build("bert"), d)

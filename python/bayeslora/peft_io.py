@@ -322,6 +322,13 @@ def read_peft_config(peft_dir: str | os.PathLike) -> dict[str, Any]:
             raise ConfigError(
                 f"{path}: {what} ({key}={cfg[key]!r}) is not supported; only plain LoRA imports"
             )
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq", "eva")):
+        warnings.warn(
+            f"{path}: init_lora_weights={init!r} changes the base weights at initialisation; the adapter "
+            "reproduces PEFT only on the base model it was saved with (convert it to plain LoRA first)",
+            stacklevel=3,
+        )
     bias = cfg.get("bias", "none")
     if bias != "none":
         raise ConfigError(
