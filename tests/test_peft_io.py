@@ -487,3 +487,15 @@ def test_pissa_style_initialisation_is_flagged(peft_dir, tmp_path):
     _edit_config(d, init_lora_weights="pissa")
     with pytest.warns(UserWarning, match="changes the base weights"):
         bl.import_peft(rm.build("bert"), d)
+
+
+def test_legacy_bin_weights_import_like_safetensors(peft_dir, tmp_path):
+    d = tmp_path / "legacy"
+    shutil.copytree(peft_dir, d)
+    torch.save(load_file(str(d / PEFT_WEIGHTS)), d / "adapter_model.bin")
+    (d / PEFT_WEIGHTS).unlink()
+    x = rm.batch()
+    a = rm.torch_logits(bl.import_peft(rm.build("bert"), d), x)
+    b = rm.torch_logits(bl.import_peft(rm.build("bert"), peft_dir), x)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, rm.torch_logits(rm.build("bert"), x), atol=1e-3)  # the adapter acts
