@@ -165,7 +165,7 @@ class BayesLoRALayer(nn.Module):
         noisy = self.sampling and self.method != "lora"
         if self.uses_additive and noisy:
             if self.training:
-                return self.scale * self._additive_lrt(x)
+                return self._additive_lrt(x)
             return self.scale * self._additive_weights(x)
         h = F.linear(x, A) * mask  # [..., r]
         if self.fixed_gates is not None:
@@ -192,25 +192,27 @@ class BayesLoRALayer(nn.Module):
         return torch.exp(self.log_sigma2.clamp(*LOG_SIGMA2_CLAMP))
 
     def _additive_lrt(self, x: torch.Tensor) -> torch.Tensor:
-        """Local reparameterisation with the exact marginal variance (SPEC §2b), per token.
+        """``s · Δ(x)`` by local reparameterisation with the exact marginal variance (SPEC §2b), per token.
 
         With ``v_k = σ_k² ‖x‖²`` the variance ``Σ_k (v_k B_jk² + m_k² σ_k² + v_k σ_k²)`` factorises as
         ``‖x‖² · c_j + t`` with ``c_j = Σ_k σ_k² (B_jk² + σ_k²)`` and ``t = Σ_k m_k² σ_k²``: a broadcast
-        instead of an extra ``[tokens, r] × [r, d_out]`` product.
+        instead of an extra ``[tokens, r] × [r, d_out]`` product. Both terms are non-negative, and the
+        scale ``s`` is folded into the r-sized factors, so the per-element work is one fused
+        multiply-add for the variance, one square root and one for the sample.
         """
         mask = self.rank_mask.float()
         sigma2 = self._sigma2().float() * mask  # [r]
         A, B = self.lora_A.float(), self.lora_B.float()
+        s2 = self.scale * self.scale
         xf = x.float()
         m = F.linear(xf, A) * mask  # [..., r]
-        mean_y = F.linear(m, B)  # [..., d_out]
+        mean_y = F.linear(m, B * self.scale)  # [..., d_out]
         sq_norm = xf.pow(2).sum(-1, keepdim=True)  # [..., 1]
-        c = (B.pow(2) + sigma2).mul(sigma2).sum(1)  # [d_out]
-        t = (m.pow(2) * sigma2).sum(-1, keepdim=True)  # [..., 1]
-        var_y = torch.addcmul(t, sq_norm, c)  # [..., d_out]
+        c = (B.pow(2) + sigma2).mul(sigma2 * s2).sum(1)  # [d_out]
+        t = (m.pow(2) * (sigma2 * s2)).sum(-1, keepdim=True) + LRT_EPS * s2  # [..., 1]
+        std = torch.addcmul(t, sq_norm, c).sqrt_()  # [..., d_out]
         eps = self._randn(tuple(mean_y.shape), mean_y)
-        out = torch.addcmul(mean_y, torch.sqrt(var_y.clamp_min(0.0) + LRT_EPS), eps)
-        return out.to(x.dtype)
+        return torch.addcmul(mean_y, std, eps).to(x.dtype)
 
     def _additive_weights(self, x: torch.Tensor) -> torch.Tensor:
         """One posterior sample of (A, B) per sequence: ``A_b = M_A + σ ⊙ ε``, ``B_b = M_B + σ ⊙ ε'``."""

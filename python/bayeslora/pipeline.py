@@ -25,7 +25,15 @@ HEAD_NAMES = ("classifier", "score")
 
 @dataclass
 class TrainSettings:
-    """Everything a training run depends on (saved to ``run.json``)."""
+    """Everything a training run depends on (saved to ``run.json``).
+
+    The defaults are the quickstart's, chosen on the validation split of VADER movies with 2,000
+    training examples and 2 epochs (126 steps): the factors train as plain LoRA for ``kl_freeze`` =
+    ``sample_start`` = 30 steps, then the noise and the KL switch on. ``kl_scale`` = 0.03 tempers the
+    per-example KL (with ``kl_group="params"`` each rank carries d_in + d_out = 768 weights' worth of
+    KL, which at N = 2,000 pruned 88 % of the ranks and cost accuracy at kl_scale 0.05; 0.01 kept
+    80 %). ``rank_lr`` is in the SGD-like units of the rank group (see ``bayeslora.training``).
+    """
 
     model: str = "default"
     data: str = "vader-movies"
@@ -35,20 +43,20 @@ class TrainSettings:
     alpha: float = 16.0
     targets: list[str] = field(default_factory=lambda: ["query", "value"])
     epochs: float = 2.0
-    lr: float = 5e-4
-    rank_lr: float = 3e-2
+    lr: float = 2e-3
+    rank_lr: float = 150.0
     batch_size: int = 32
     max_length: int = 64
     seed: int = 0
-    kl_scale: float = 1.0
+    kl_scale: float = 0.03
     kl_group: str = "params"
-    kl_freeze: int = 0
+    kl_freeze: int = 30
     kl_warmup: int = 0
-    sample_start: int = 0
-    init_log_alpha: float = -3.0
+    sample_start: int = 30
+    init_log_alpha: float = -2.5
     prune_threshold: float = 3.0
-    prune_start: int = 50
-    prune_every: int = 25
+    prune_start: int = 60
+    prune_every: int = 20
     min_rank: int = 0
     dropout: float = 0.1
     max_train: int | None = None
