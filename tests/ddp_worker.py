@@ -26,7 +26,10 @@ def main() -> None:
         max_length=16,
         lr=5e-3,
         rank_lr=5.0,  # SGD-like group (AdamW eps=1): steps follow the gradient size
-        prune_start=2,
+        kl_scale=1.0,
+        kl_freeze=2,  # a KL-only phase and a no-noise phase: log_alpha is then reached only by the KL
+        sample_start=4,
+        prune_start=6,
         prune_every=2,
         prune_threshold=-2.0,
         init_log_alpha=-3.0,

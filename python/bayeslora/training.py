@@ -83,6 +83,12 @@ class BayesLoRATrainer(Trainer):
     """
 
     def __init__(self, *args: Any, rank_lr: float | None = None, num_train: int | None = None, **kwargs: Any):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None and training_args.ddp_find_unused_parameters is None:
+            # The loss reaches every adapter parameter (the KL term touches the rank parameters even
+            # while the forward does not sample), so DDP needs no unused-parameter search; with it,
+            # DDP would mark log_alpha "unused" after the forward and then see the KL's gradient.
+            training_args.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
         self.bayes_config = get_config(_unwrap(self.model))
         self.rank_lr = rank_lr
