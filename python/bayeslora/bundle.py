@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ._atomic import write_dir_atomically
 from .errors import BundleError, ConfigError
 from .injection import adapted_layers, get_config
 from .layers import BayesLoRALayer
@@ -231,9 +230,8 @@ def export(
         "modules": modules,
     }
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "bayeslora-bundle", "format_version": "1"})
         (tmp / HF_CONFIG).write_text(hf_config.to_json_string(use_diff=False))
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -243,18 +241,8 @@ def export(
             from . import _core
 
             _core.Runtime(str(tmp), 1)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_dir_atomically(out, write)
 
 
 __all__ = ["bundle_tensors", "export", "kept_ranks"]

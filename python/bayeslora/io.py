@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._atomic import write_dir_atomically
 from .config import BayesLoRAConfig
 from .errors import BundleError
 from .injection import _matches_list, adapted_layers, get_config, inject
@@ -46,9 +45,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     model = _unwrap(model)
     config = get_config(model)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         tensors = {k: v.to("cpu").contiguous().clone() for k, v in adapter_state(model).items()}
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "bayeslora-adapter"})
         meta = {
@@ -66,18 +64,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
             },
         }
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_dir_atomically(out, write)
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[BayesLoRAConfig, dict]:

@@ -30,8 +30,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._atomic import write_dir_atomically
 from .bundle import kept_ranks
 from .config import BayesLoRAConfig
 from .errors import BundleError, ConfigError
@@ -96,25 +95,6 @@ def _peft_targets(target_modules: Any, name: str) -> bool:
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules or [])
-
-
-def _write_dir_atomically(out: Path, write: Any) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -280,7 +260,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, *, prune: bool = T
         (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
         (tmp / POSTERIOR_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-    return _write_dir_atomically(Path(out_dir), write)
+    return write_dir_atomically(Path(out_dir), write)
 
 
 def _peft_selects_exactly(
