@@ -512,3 +512,18 @@ def test_cuda_matches_cpu(posterior):
         with bl.sampling(model, True):
             loss = model(**{k: v.cuda() for k, v in inputs.items()}).logits.float().sum()
     loss.backward()
+
+
+def test_lrt_sample_backward_matches_numerical_gradient():
+    """The hand-written backward of the additive LRT against torch.autograd.gradcheck (finite differences)."""
+    from bayeslora.layers import LRTSample
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    sq_norm = (torch.rand(2, 3, 1, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    c = (torch.rand(5, dtype=torch.float64, generator=g) + 0.1).requires_grad_()
+    t = (torch.rand(2, 3, 1, dtype=torch.float64, generator=g) + 0.1).requires_grad_()
+    eps = torch.randn(2, 3, 5, dtype=torch.float64, generator=g)
+    assert torch.autograd.gradcheck(LRTSample.apply, (mean, sq_norm, c, t, eps))
+    ref = mean + torch.sqrt(sq_norm * c + t) * eps
+    assert torch.allclose(LRTSample.apply(mean, sq_norm, c, t, eps), ref)

@@ -54,6 +54,40 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
+class LRTSample(torch.autograd.Function):
+    """``mean + sqrt(sq_norm · c + t) ⊙ eps`` with a hand-written backward.
+
+    Shapes: ``mean, eps [..., d]``, ``sq_norm, t [..., 1]``, ``c [d]``. Autograd would keep and
+    traverse five ``[..., d]`` intermediates; here the backward is one scaled copy of the incoming
+    gradient and three reductions of it, which is most of the local reparameterisation's cost.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        mean: torch.Tensor,
+        sq_norm: torch.Tensor,
+        c: torch.Tensor,
+        t: torch.Tensor,
+        eps: torch.Tensor,
+    ) -> torch.Tensor:
+        std = torch.addcmul(t, sq_norm, c).sqrt_()
+        ctx.save_for_backward(sq_norm, c, std, eps)
+        return torch.addcmul(mean, std, eps)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        sq_norm, c, std, eps = ctx.saved_tensors  # type: ignore[attr-defined]
+        d = grad.shape[-1]
+        g_var = (grad * eps).div_(std).mul_(0.5)  # ∂out/∂var = eps / (2 std)
+        grad_t = g_var.sum(-1, keepdim=True)
+        grad_sq = (g_var @ c).unsqueeze(-1)
+        grad_c = (sq_norm.reshape(1, -1) @ g_var.reshape(-1, d)).reshape(d)
+        return grad, grad_sq, grad_c, grad_t, None
+
+
 class BayesLoRALayer(nn.Module):
     """``y = base(x) + s · Δ(x)`` with a rank-wise posterior on the adapter (SPEC §2).
 
@@ -210,9 +244,8 @@ class BayesLoRALayer(nn.Module):
         sq_norm = xf.pow(2).sum(-1, keepdim=True)  # [..., 1]
         c = (B.pow(2) + sigma2).mul(sigma2 * s2).sum(1)  # [d_out]
         t = (m.pow(2) * (sigma2 * s2)).sum(-1, keepdim=True) + LRT_EPS * s2  # [..., 1]
-        std = torch.addcmul(t, sq_norm, c).sqrt_()  # [..., d_out]
         eps = self._randn(tuple(mean_y.shape), mean_y)
-        return torch.addcmul(mean_y, std, eps).to(x.dtype)
+        return LRTSample.apply(mean_y, sq_norm, c, t, eps).to(x.dtype)
 
     def _additive_weights(self, x: torch.Tensor) -> torch.Tensor:
         """One posterior sample of (A, B) per sequence: ``A_b = M_A + σ ⊙ ε``, ``B_b = M_B + σ ⊙ ε'``."""
