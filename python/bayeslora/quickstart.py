@@ -19,7 +19,7 @@ import numpy as np
 from .pipeline import TrainSettings, predict, train
 
 # The quickstart's budget: a few minutes per run on 2 CPU cores. Tuned on the validation split only.
-QUICK = {"max_train": 2000, "epochs": 2.0, "max_length": 48, "samples": 8}
+QUICK = {"max_train": 2000, "epochs": 3.0, "max_length": 48, "samples": 8}
 OOD_SETS = ("bbc", "vader-nyt")
 OOD_PER_SET = 250
 SHOWCASE_IN = [
