@@ -134,19 +134,11 @@ def bundle_tensors(
     modules: dict[str, dict[str, Any]] = {}
     extra_pruned = 0
     for name, layer in layers.items():
-        keep = kept_ranks(layer, prune, config.prune_threshold, config.min_rank)
+        keep, modules[name] = exported_ranks(layer, prune, config)
         extra_pruned += layer.active_rank - int(keep.numel())
         r = int(keep.numel())
-        modules[name] = {
-            "rank": r,
-            "initial_rank": int(layer.initial_rank),
-            "scale": float(layer.scale),
-            "d_in": int(layer.d_in),
-            "d_out": int(layer.d_out),
-        }
         if r == 0:
             continue
-        keep = keep.to(layer.lora_A.device)
         tensors[f"{name}.lora_A"] = layer.lora_A.detach().index_select(0, keep).to("cpu", store).contiguous()
         tensors[f"{name}.lora_B"] = layer.lora_B.detach().index_select(1, keep).to("cpu", store).contiguous()
         param = layer.rank_parameter()
@@ -159,6 +151,19 @@ def bundle_tensors(
             layer.rank_index.index_select(0, keep).to("cpu", torch.int64).contiguous()
         )
     return tensors, modules, extra_pruned
+
+
+def exported_ranks(layer: BayesLoRALayer, prune: bool, config: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The ranks of ``layer`` an export keeps (indices on the layer's device) and its module metadata."""
+    keep = kept_ranks(layer, prune, config.prune_threshold, config.min_rank).to(layer.lora_A.device)
+    meta = {
+        "rank": int(keep.numel()),
+        "initial_rank": int(layer.initial_rank),
+        "scale": float(layer.scale),
+        "d_in": int(layer.d_in),
+        "d_out": int(layer.d_out),
+    }
+    return keep, meta
 
 
 def export(

@@ -23,10 +23,6 @@ VADER_DOMAINS = ("vader-movies", "vader-tweets", "vader-amazon", "vader-nyt")
 Predictor = Callable[[Sequence[str]], dict[str, np.ndarray]]
 
 
-def _from_samples(sample_probs: np.ndarray) -> dict[str, np.ndarray]:
-    return metrics.uncertainty(sample_probs)
-
-
 def load_predictor(
     path: str | os.PathLike, samples: int, seed: int, num_threads: int | None = None
 ) -> tuple[Predictor, dict[str, Any]]:
@@ -56,7 +52,7 @@ def load_predictor(
         max_length = int(run["settings"]["max_length"])
 
         def predict_ckpt(texts: Sequence[str]) -> dict[str, np.ndarray]:
-            return _from_samples(predict(model, tokenizer, list(texts), samples, seed, max_length))
+            return metrics.uncertainty(predict(model, tokenizer, list(texts), samples, seed, max_length))
 
         info = {
             "kind": "checkpoint",

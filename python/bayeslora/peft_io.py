@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._atomic import write_dir_atomically
-from .bundle import kept_ranks
+from .bundle import exported_ranks
 from .config import BayesLoRAConfig
 from .errors import BundleError, ConfigError
 from .injection import adapted_layers, get_config, inject, is_target
@@ -160,19 +160,11 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, *, prune: bool = T
     any_conv1d = False
     extra_pruned = 0
     for name, layer in layers.items():
-        keep = kept_ranks(layer, prune, config.prune_threshold, config.min_rank)
+        keep, modules[name] = exported_ranks(layer, prune, config)
         extra_pruned += layer.active_rank - int(keep.numel())
         r = int(keep.numel())
-        modules[name] = {
-            "rank": r,
-            "initial_rank": int(layer.initial_rank),
-            "scale": float(layer.scale),
-            "d_in": int(layer.d_in),
-            "d_out": int(layer.d_out),
-        }
         if r == 0:
             continue
-        keep = keep.to(layer.lora_A.device)
         lora[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().index_select(0, keep).float().cpu()
         lora[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().index_select(1, keep).float().cpu()
         rank_pattern[name] = r

@@ -34,10 +34,6 @@ SHOWCASE_OUT = [
 ]
 
 
-def _entropy(p: np.ndarray) -> np.ndarray:
-    return -(p * np.log(np.clip(p, 1e-30, None))).sum(-1)
-
-
 def _scores(sample_probs: np.ndarray) -> dict[str, np.ndarray]:
     from . import metrics
 
