@@ -413,6 +413,16 @@ def test_mc_predict_fields_and_mean_mode():
     assert small["probs"].shape == out["probs"].shape
 
 
+def test_mc_predict_on_a_model_without_adapters():
+    # a deterministic model (plain transformers, or PEFT's) is scored in mean mode like any other
+    model = build("bert", hidden=8, heads=2, layers=1, inter=8, seed=3)
+    inputs = batch(4, 5)
+    out = bl.mc_predict(model, inputs, samples=0)
+    assert torch.allclose(out["probs"], torch.softmax(logits(model, inputs), -1), atol=1e-6)
+    with pytest.raises(ValueError, match="no BayesLoRA adapters"):
+        bl.mc_predict(model, inputs, samples=4)
+
+
 def test_summarize_against_direct_computation():
     torch.manual_seed(0)
     sp = torch.softmax(torch.randn(4, 7, 3, dtype=torch.float64), -1)
@@ -527,3 +537,37 @@ def test_lrt_sample_backward_matches_numerical_gradient():
     assert torch.autograd.gradcheck(LRTSample.apply, (mean, sq_norm, c, t, eps))
     ref = mean + torch.sqrt(sq_norm * c + t) * eps
     assert torch.allclose(LRTSample.apply(mean, sq_norm, c, t, eps), ref)
+
+
+# ---- trainer -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("rank_lr", [0.0, 50.0])
+def test_trainer_rank_lr_zero_freezes_rank_parameters(tmp_path, rank_lr):
+    from transformers import TrainingArguments
+
+    from bayeslora.training import BayesLoRATrainer
+
+    model = build("bert", hidden=8, heads=2, layers=1, inter=8, labels=2, seed=4)
+    bl.inject(
+        model, bl.BayesLoRAConfig(rank=3, target_modules=QV_TARGETS["bert"], sample_start=0, kl_freeze=0)
+    )
+    before = {n: layer.log_alpha.detach().clone() for n, layer in adapted_layers(model)}
+    inputs = batch(8, 6, seed=1)
+    data = [
+        {"input_ids": inputs["input_ids"][i], "attention_mask": inputs["attention_mask"][i], "labels": i % 2}
+        for i in range(8)
+    ]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        learning_rate=1e-2,
+    )
+    BayesLoRATrainer(model=model, args=args, train_dataset=data, rank_lr=rank_lr).train()
+    moved = [not torch.equal(before[n], layer.log_alpha.detach()) for n, layer in adapted_layers(model)]
+    assert (not any(moved)) if rank_lr == 0.0 else all(moved)
+    with pytest.raises(ValueError, match="rank_lr"):
+        BayesLoRATrainer(model=model, args=args, train_dataset=data, rank_lr=-1.0)

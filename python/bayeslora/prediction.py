@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from types import TracebackType
 
@@ -121,6 +122,11 @@ def mc_predict(
             raise ValueError(f"inputs[{key!r}] has batch size {value.shape[0]}, expected {n}")
     base = _unwrap(model)
     layers = [layer for _, layer in adapted_layers(base)]
+    if not layers and samples > 0:
+        raise ValueError(
+            f"samples={samples} needs posterior noise, but the model has no BayesLoRA adapters "
+            "(use samples=0 for a deterministic model, e.g. a PEFT one)"
+        )
     was_training = model.training
     model.eval()
     s_eff = max(samples, 1)
@@ -128,7 +134,7 @@ def mc_predict(
     device = next(model.parameters()).device
     chunks = []
     try:
-        with sampling(model, samples > 0):
+        with sampling(model, samples > 0) if layers else contextlib.nullcontext():
             # One stream per module, so that a module's draws never shift another's (a module
             # pruned to rank 0 draws nothing, and the others' noise must not change with it).
             for index, layer in enumerate(layers):

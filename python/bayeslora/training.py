@@ -91,6 +91,10 @@ class BayesLoRATrainer(Trainer):
             training_args.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
         self.bayes_config = get_config(_unwrap(self.model))
+        if rank_lr is not None and not (rank_lr >= 0.0 and rank_lr < float("inf")):
+            raise ValueError(
+                f"rank_lr must be a finite number >= 0 (0 freezes the rank parameters), got {rank_lr}"
+            )
         self.rank_lr = rank_lr
         if num_train is None:
             if self.train_dataset is None:
@@ -112,7 +116,14 @@ class BayesLoRATrainer(Trainer):
             lr = self.args.learning_rate
             groups = [{"params": others, "lr": lr, "weight_decay": self.args.weight_decay}]
             if rank:
-                groups.append({"params": rank, "lr": self.rank_lr or 1.0, "weight_decay": 0.0, "eps": 1.0})
+                groups.append(
+                    {
+                        "params": rank,
+                        "lr": 1.0 if self.rank_lr is None else self.rank_lr,
+                        "weight_decay": 0.0,
+                        "eps": 1.0,
+                    }
+                )
             self.optimizer = torch.optim.AdamW(groups, lr=lr)
         return self.optimizer
 
