@@ -185,9 +185,46 @@ pub fn gemm(
         loop {
             let klen = kc.min(k - kb);
             let (first, last) = (kb == 0, kb + klen >= k);
-            for p in 0..b.panels() {
-                let panel = &b.data[p * k * NR..(p + 1) * k * NR];
+            let panels = b.panels();
+            let mut p = 0;
+            while p < panels {
                 let j0 = p * NR;
+                // AVX-512: two full panels at once (12 × 32 tile, 24 accumulators): half the
+                // broadcasts of A per FMA, and the A block is read half as often.
+                if avx && wide && j0 + 2 * NR <= b.n {
+                    let pair = &b.data[p * k * NR..(p + 2) * k * NR];
+                    let bias = match epi {
+                        Epilogue::Bias(bias) => Some(&bias[j0..j0 + 2 * NR]),
+                        _ => None,
+                    };
+                    let mode = match (last, bias, acc_in) {
+                        (false, _, _) => STORE,
+                        (true, Some(_), _) => BIAS,
+                        (true, None, true) => ACCUMULATE,
+                        (true, None, false) => STORE,
+                    };
+                    let mut i0 = i_block;
+                    while i0 < i_end {
+                        let rows = MR_WIDE.min(i_end - i0);
+                        pair_tile(
+                            rows,
+                            klen,
+                            &a[i0 * lda + kb..],
+                            lda,
+                            &pair[kb * NR..],
+                            k * NR,
+                            &mut c[i0 * ldc + j0..],
+                            ldc,
+                            bias,
+                            mode,
+                            !first,
+                        );
+                        i0 += rows;
+                    }
+                    p += 2;
+                    continue;
+                }
+                let panel = &b.data[p * k * NR..(p + 1) * k * NR];
                 let cols = NR.min(b.n - j0);
                 let bias = match epi {
                     Epilogue::Bias(bias) => Some(&bias[j0..j0 + cols]),
@@ -241,6 +278,7 @@ pub fn gemm(
                     }
                     i0 += rows;
                 }
+                p += 1;
             }
             kb += klen;
             if kb >= k {
@@ -322,6 +360,69 @@ fn full_tile(
     {
         let _ = (wide, rows, k, a, lda, panel, c, ldc, bias, mode, load);
         unreachable!("the full-tile kernels are x86_64 only");
+    }
+}
+
+/// Two adjacent full panels (32 columns) of up to 12 rows over `k` terms with AVX-512; `pair`
+/// starts at the first panel's `kb`-th row and the second panel lies `stride` floats further.
+/// Same FMA chain per output as [`full_tile`], so the same numbers.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn pair_tile(
+    rows: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    pair: &[f32],
+    stride: usize,
+    c: &mut [f32],
+    ldc: usize,
+    bias: Option<&[f32]>,
+    mode: u8,
+    load: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            (1..=MR_WIDE).contains(&rows),
+            "pair_tile: rows out of range"
+        );
+        assert!(pair.len() >= stride + k * NR, "pair_tile: panels too short");
+        assert!(
+            a.len() >= (rows - 1) * lda + k,
+            "pair_tile: left operand too short"
+        );
+        assert!(
+            c.len() >= (rows - 1) * ldc + 2 * NR,
+            "pair_tile: output too short"
+        );
+        let bp = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+        let (a, p, cp) = (a.as_ptr(), pair.as_ptr(), c.as_mut_ptr());
+        // SAFETY: AVX-512F present (the caller checked `has_avx512`); the asserts above bound
+        // every read of `a` and of both panels and every write of `c`; `bias` has 32 floats
+        // when given (sliced by `gemm`).
+        unsafe {
+            let q = p.add(stride);
+            match rows {
+                12 => avx512::kernel_pair::<12>(k, a, lda, p, q, cp, ldc, bp, mode, load),
+                11 => avx512::kernel_pair::<11>(k, a, lda, p, q, cp, ldc, bp, mode, load),
+                10 => avx512::kernel_pair::<10>(k, a, lda, p, q, cp, ldc, bp, mode, load),
+                9 => avx512::kernel_pair::<9>(k, a, lda, p, q, cp, ldc, bp, mode, load),
+                8 => avx512::kernel_pair::<8>(k, a, lda, p, q, cp, ldc, bp, mode, load),
+                7 => avx512::kernel_pair::<7>(k, a, lda, p, q, cp, ldc, bp, mode, load),
+                6 => avx512::kernel_pair::<6>(k, a, lda, p, q, cp, ldc, bp, mode, load),
+                5 => avx512::kernel_pair::<5>(k, a, lda, p, q, cp, ldc, bp, mode, load),
+                4 => avx512::kernel_pair::<4>(k, a, lda, p, q, cp, ldc, bp, mode, load),
+                3 => avx512::kernel_pair::<3>(k, a, lda, p, q, cp, ldc, bp, mode, load),
+                2 => avx512::kernel_pair::<2>(k, a, lda, p, q, cp, ldc, bp, mode, load),
+                _ => avx512::kernel_pair::<1>(k, a, lda, p, q, cp, ldc, bp, mode, load),
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (rows, k, a, lda, pair, stride, c, ldc, bias, mode, load);
+        unreachable!("the pair kernels are x86_64 only");
     }
 }
 
@@ -479,6 +580,78 @@ mod avx512 {
                     _ => *v,
                 };
                 _mm512_storeu_ps(row, o);
+            }
+        }
+    }
+
+    /// [`kernel_out`] over two panels at once (`p0`, `p1`: `[k][16]` each) into 32 columns of
+    /// `c`: 24 accumulators, one broadcast of `a` feeding two FMAs. Each output keeps its own
+    /// FMA chain in `k` order, so the numbers are those of two [`kernel_out`] calls.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `a` must point at `R` rows of `k` readable floats with row
+    /// stride `lda`; `p0` and `p1` at `k * NR` readable floats each; `c` at `R` rows of 32
+    /// writable floats with stride `ldc`; `bias` at 32 readable floats when `mode == BIAS`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn kernel_pair<const R: usize>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        p0: *const f32,
+        p1: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        bias: *const f32,
+        mode: u8,
+        load: bool,
+    ) {
+        let mut acc0 = [_mm512_setzero_ps(); R];
+        let mut acc1 = [_mm512_setzero_ps(); R];
+        if load {
+            for i in 0..R {
+                // SAFETY: row i of `c` has 32 readable floats (the partial sums).
+                unsafe {
+                    acc0[i] = _mm512_loadu_ps(c.add(i * ldc));
+                    acc1[i] = _mm512_loadu_ps(c.add(i * ldc + NR));
+                }
+            }
+        }
+        let (mut b0p, mut b1p) = (p0, p1);
+        for kk in 0..k {
+            // SAFETY: kk < k: both 16-float loads stay in their panels, each scalar read is
+            // element (i, kk) of a row the caller guarantees.
+            unsafe {
+                let b0 = _mm512_loadu_ps(b0p);
+                let b1 = _mm512_loadu_ps(b1p);
+                for i in 0..R {
+                    let av = _mm512_set1_ps(*a.add(i * lda + kk));
+                    acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
+                    acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
+                }
+                b0p = b0p.add(NR);
+                b1p = b1p.add(NR);
+            }
+        }
+        // SAFETY: row i of `c` has 32 writable floats; `bias` 32 readable ones in BIAS mode.
+        unsafe {
+            let (e0, e1) = if mode == BIAS {
+                (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(NR)))
+            } else {
+                (_mm512_setzero_ps(), _mm512_setzero_ps())
+            };
+            for i in 0..R {
+                let row = c.add(i * ldc);
+                let (o0, o1) = match mode {
+                    BIAS => (_mm512_add_ps(acc0[i], e0), _mm512_add_ps(acc1[i], e1)),
+                    ACCUMULATE => (
+                        _mm512_add_ps(_mm512_loadu_ps(row), acc0[i]),
+                        _mm512_add_ps(_mm512_loadu_ps(row.add(NR)), acc1[i]),
+                    ),
+                    _ => (acc0[i], acc1[i]),
+                };
+                _mm512_storeu_ps(row, o0);
+                _mm512_storeu_ps(row.add(NR), o1);
             }
         }
     }
@@ -868,8 +1041,9 @@ mod tests {
 
     #[test]
     fn every_path_computes_the_same_fma_chain_bit_for_bit() {
-        // K > KC (blocked full tiles), ragged N (partial panel), ragged M (short micro tiles)
-        let (m, k, n) = (29, 2100, 37);
+        // K > KC (blocked full tiles), ragged N (a panel pair, a single full panel, a partial
+        // panel), ragged M (short micro tiles)
+        let (m, k, n) = (29, 2100, 53);
         let a = pseudo(m * k, 7);
         let w = pseudo(n * k, 8);
         let bias = pseudo(n, 9);
