@@ -287,9 +287,9 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
         rank_lr=settings.rank_lr,
         num_train=n_train,
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
-    train_seconds = time.perf_counter() - t0
+    train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     if config.is_bayesian:
         final = prune(model)  # the last scheduled pass may be up to prune_every steps old
         changed = {k: v for k, v in final.items() if v[0] != v[1]}
@@ -310,6 +310,7 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
         "label_names": labels,
         "num_train": n_train,
         "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,  # all threads of this process: robust to other load
         "initial_ranks": initial,
         "ranks": final_ranks,
         "total_rank": sum(final_ranks.values()),
