@@ -443,3 +443,16 @@ def test_metrics_calibration_plots_work_without_torch(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0] == "0.5"
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_uncertainty_scores_from_fields():
+    rng = np.random.default_rng(3)
+    sp = rng.dirichlet(np.ones(3), size=(6, 5))
+    fields = M.uncertainty(sp)
+    scores = M.uncertainty_scores(fields)
+    assert tuple(scores) == tuple(M.UNCERTAINTY_SCORES)
+    mean = sp.mean(1)
+    np.testing.assert_allclose(scores["1-confidence"], 1.0 - mean.max(1))
+    np.testing.assert_allclose(scores["entropy"], -(mean * np.log(mean)).sum(1))
+    with pytest.raises(ShapeError):
+        M.uncertainty_scores({**fields, "entropy": np.zeros((6, 1))})

@@ -17,7 +17,7 @@ import numpy as np
 from . import metrics
 from .errors import BundleError
 
-SCORES = ("entropy", "mutual_info", "1-confidence")
+SCORES = metrics.UNCERTAINTY_SCORES
 VADER_DOMAINS = ("vader-movies", "vader-tweets", "vader-amazon", "vader-nyt")
 
 Predictor = Callable[[Sequence[str]], dict[str, np.ndarray]]
@@ -71,14 +71,6 @@ def _in_domain(out: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, floa
     return res
 
 
-def _score_values(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {
-        "entropy": out["entropy"],
-        "mutual_info": out["mutual_info"],
-        "1-confidence": 1.0 - out["confidence"],
-    }
-
-
 def evaluate(
     path: str | os.PathLike,
     data: str = "vader-movies",
@@ -127,13 +119,13 @@ def evaluate(
     for name in shift:
         sds = load_dataset(name, seed=seed)
         result["shift"][name] = _in_domain(predict(sds.test.texts[:max_eval]), sds.test.labels[:max_eval])
-    s_in = _score_values(out_in)
+    s_in = metrics.uncertainty_scores(out_in)
     result["ood"] = {}
     ood_scores = {}
     for name in ood:
         ods = load_dataset(name, seed=seed)
         o_texts = ods.test.texts[:max_eval]
-        s_out = _score_values(predict(o_texts))
+        s_out = metrics.uncertainty_scores(predict(o_texts))
         ood_scores[name] = s_out
         result["ood"][name] = {
             "n": len(o_texts),

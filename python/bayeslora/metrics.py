@@ -17,7 +17,7 @@ Conventions (each one is also stated where it applies):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -438,6 +438,22 @@ def uncertainty(sample_probs: ArrayLike) -> dict[str, NDArray]:
         "expected_entropy": aleatoric,
         "mutual_info": np.maximum(total - aleatoric, 0.0),
         "variance": chosen.var(1),
+    }
+
+
+UNCERTAINTY_SCORES: Sequence[str] = ("entropy", "mutual_info", "1-confidence")
+
+
+def uncertainty_scores(fields: Mapping[str, ArrayLike]) -> dict[str, NDArray[np.float64]]:
+    """Per-input uncertainty scores (higher = more uncertain) for OOD detection and selective
+    prediction, from the SPEC §6 fields of :func:`uncertainty` (or the runtime's ``score``).
+
+    Returns ``{"entropy", "mutual_info", "1-confidence"}``, each float64 ``[N]``.
+    """
+    return {
+        "entropy": _float_array("entropy", fields["entropy"], 1),
+        "mutual_info": _float_array("mutual_info", fields["mutual_info"], 1),
+        "1-confidence": 1.0 - _float_array("confidence", fields["confidence"], 1),
     }
 
 

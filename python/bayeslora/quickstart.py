@@ -37,8 +37,7 @@ SHOWCASE_OUT = [
 def _scores(sample_probs: np.ndarray) -> dict[str, np.ndarray]:
     from . import metrics
 
-    u = metrics.uncertainty(sample_probs)
-    return {"entropy": u["entropy"], "mutual_info": u["mutual_info"], "1-confidence": 1.0 - u["confidence"]}
+    return metrics.uncertainty_scores(metrics.uncertainty(sample_probs))
 
 
 def _fmt(x: float) -> str:

@@ -781,11 +781,20 @@ impl Ctx<'_> {
     fn buf(&self, n: usize) -> Vec<f32> {
         let mut v = match self.buffers.lock() {
             Ok(mut pool) => {
-                let best = pool
+                // best fit: the smallest buffer that holds `n` floats, else the largest (grown
+                // below), so small requests do not take the big buffers the next layer needs
+                let fits = pool
                     .iter()
                     .enumerate()
-                    .max_by_key(|(_, b)| b.capacity())
+                    .filter(|(_, b)| b.capacity() >= n)
+                    .min_by_key(|(_, b)| b.capacity())
                     .map(|(i, _)| i);
+                let best = fits.or_else(|| {
+                    pool.iter()
+                        .enumerate()
+                        .max_by_key(|(_, b)| b.capacity())
+                        .map(|(i, _)| i)
+                });
                 best.map(|i| pool.swap_remove(i)).unwrap_or_default()
             }
             Err(_) => Vec::new(),
