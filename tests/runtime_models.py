@@ -7,9 +7,10 @@ import numpy as np
 import torch
 
 import bayeslora as bl
+import tiny_models
 from bayeslora.injection import adapted_layers
 
-VOCAB = 64
+VOCAB = tiny_models.VOCAB
 FAMILIES = ("bert", "distilbert", "roberta")
 # per family: the linear layers a test may adapt (attention, FFN, head)
 TARGETS = {
@@ -38,57 +39,8 @@ def build(
     seed: int = 0,
     act: str = "gelu",
 ) -> torch.nn.Module:
-    """A random sequence classifier in eval mode with dropout off."""
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, num_labels=labels, initializer_range=0.2)
-    if family == "bert":
-        cfg = tf.BertConfig(
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=inter,
-            max_position_embeddings=64,
-            hidden_act=act,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            **common,
-        )
-        model = tf.BertForSequenceClassification(cfg)
-    elif family == "distilbert":
-        cfg = tf.DistilBertConfig(
-            dim=hidden,
-            n_layers=layers,
-            n_heads=heads,
-            hidden_dim=inter,
-            max_position_embeddings=64,
-            dropout=0.0,
-            attention_dropout=0.0,
-            seq_classif_dropout=0.0,
-            activation=act,
-            **common,
-        )
-        model = tf.DistilBertForSequenceClassification(cfg)
-    elif family == "roberta":
-        cfg = tf.RobertaConfig(
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=inter,
-            max_position_embeddings=64 + 2,
-            hidden_act=act,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            pad_token_id=1,
-            **common,
-        )
-        model = tf.RobertaForSequenceClassification(cfg)
-    else:
-        raise ValueError(family)
-    model.config.id2label = {i: f"class_{i}" for i in range(labels)}
-    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
-    return model.eval()
+    """A random sequence classifier in eval mode with dropout off (``tiny_models.build``)."""
+    return tiny_models.build(family, hidden, heads, layers, inter, labels, seed, act)
 
 
 def adapt(

@@ -1,10 +1,12 @@
-"""Tiny random transformers of four families, built in-process, with their usual LoRA targets."""
+"""Tiny random transformers of five families, built in-process, with their usual LoRA targets.
+
+The one model factory of the tests and benches (``runtime_models`` adds adapters and tokenizers)."""
 
 from __future__ import annotations
 
 import torch
 
-FAMILIES = ("bert", "distilbert", "gpt2", "llama")
+FAMILIES = ("bert", "distilbert", "gpt2", "llama")  # the torch-side property tests
 VOCAB = 64
 QV_TARGETS = {
     "bert": ["query", "value"],
@@ -23,8 +25,10 @@ def build(
     inter: int = 32,
     labels: int = 3,
     seed: int = 0,
+    act: str = "gelu",
 ) -> torch.nn.Module:
-    """A random sequence classifier in eval mode, with every dropout off."""
+    """A random sequence classifier in eval mode, with every dropout off; labels ``class_i``.
+    ``act``: the FFN activation of the BERT-family models (bert, distilbert, roberta)."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -38,6 +42,7 @@ def build(
             max_position_embeddings=64,
             num_labels=labels,
             initializer_range=0.2,
+            hidden_act=act,
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
         )
@@ -54,9 +59,26 @@ def build(
             dropout=0.0,
             attention_dropout=0.0,
             seq_classif_dropout=0.0,
+            activation=act,
             initializer_range=0.2,
         )
         model = tf.DistilBertForSequenceClassification(cfg)
+    elif family == "roberta":
+        cfg = tf.RobertaConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=inter,
+            max_position_embeddings=64 + 2,
+            num_labels=labels,
+            initializer_range=0.2,
+            hidden_act=act,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            pad_token_id=1,
+        )
+        model = tf.RobertaForSequenceClassification(cfg)
     elif family == "gpt2":
         cfg = tf.GPT2Config(
             vocab_size=VOCAB,
@@ -93,6 +115,8 @@ def build(
         model = tf.LlamaForSequenceClassification(cfg)
     else:
         raise ValueError(family)
+    model.config.id2label = {i: f"class_{i}" for i in range(labels)}
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
     return model.eval()
 
 
