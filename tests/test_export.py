@@ -108,6 +108,24 @@ def test_export_of_a_shrunk_model_keeps_original_rank_positions(tmp_path):
     assert meta["modules"][name]["rank"] == 3 and meta["modules"][name]["initial_rank"] == 5
 
 
+@pytest.mark.parametrize("posterior", ["gate", "additive"])
+def test_export_of_a_module_shrunk_to_rank_zero(tmp_path, posterior):
+    # a module that training switched off entirely (bench_methods met this with `additive`)
+    model = build("bert", 16, 2, 2, 24, 2, seed=36)
+    adapt(model, ["query", "value"], rank=3, posterior=posterior, seed=36)
+    name, layer = next(iter(adapted_layers(model)))
+    with torch.no_grad():
+        layer.rank_mask.zero_()
+    bl.shrink(model)
+    assert bl.ranks(model)[name] == 0 and layer.rank_scores().shape == (0,)
+    out = bl.export(model, None, tmp_path / "b")
+    _, meta, _ = read_bundle(out)
+    assert meta["modules"].get(name, {"rank": 0})["rank"] == 0
+    inputs = batch(3, 6, seed=36)
+    got = Scorer(out, num_threads=1).logits(inputs["input_ids"].numpy(), inputs["attention_mask"].numpy())
+    np.testing.assert_allclose(got, torch_logits(model, inputs), atol=1e-4)
+
+
 def test_export_is_atomic(tmp_path, monkeypatch):
     export_module = importlib.import_module("bayeslora.bundle")  # the module that defines bl.export
     model = build("bert", 16, 2, 1, 24, 2, seed=35)

@@ -285,6 +285,8 @@ class BayesLoRALayer(nn.Module):
         if self.uses_gate:
             return self.log_alpha.detach().float().clone()
         if self.uses_additive:
+            if self.lora_A.shape[0] == 0:  # shrunk to rank 0: no ranks, no scores
+                return torch.empty(0, device=self.lora_A.device)
             la = torch.quantile(torch.log(self.lora_A.detach().double().pow(2) + MU2_EPS), 0.5, dim=1)
             lb = torch.quantile(torch.log(self.lora_B.detach().double().pow(2) + MU2_EPS), 0.5, dim=0)
             return (self.log_sigma2.detach().double() - 0.5 * (la + lb)).float()
