@@ -187,3 +187,25 @@ def test_two_processes_end_identical(tiny_model_dir, sentiment_csv, tmp_path):
     meta = json.loads((out / "rank0.json").read_text())
     assert meta["world_size"] == 2
     assert meta["pruned_during_training"] > 0  # masks really changed, so identity is not vacuous
+
+
+def test_train_from_a_model_whose_head_has_other_labels(tiny_model_dir, sentiment_csv, tmp_path):
+    # fine-tuning a classifier trained for 3 classes on a 2-class task: the head is re-initialised
+    # (as `ignore_mismatched_sizes` does) and the checkpoint reloads onto that same base
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = tmp_path / "three-way"
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=3, ignore_mismatched_sizes=True
+    )
+    model.save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(base)
+    out = tmp_path / "run"
+    res = _cli(*_train_args(base, sentiment_csv, out, "--epochs", "1", "--samples", "0"), "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    payload = json.loads(res.stdout.strip().splitlines()[-1])
+    loaded, tok, _ = load_checkpoint(out)
+    assert loaded.config.num_labels == 2
+    enc = tok(["good film", "awful plot"], return_tensors="pt", padding=True)
+    assert bl.mc_predict(loaded, dict(enc), samples=0)["probs"].shape == (2, 2)
+    assert payload["label_names"] == ["neg", "pos"]

@@ -198,6 +198,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, dict]:
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={n: i for i, n in enumerate(labels)},
+        ignore_mismatched_sizes=True,  # a base whose head has other labels: a fresh head
     )
     tokenizer = AutoTokenizer.from_pretrained(base)
     load_adapter(model, Path(path) / "adapter")
@@ -245,6 +246,7 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={n: i for i, n in enumerate(labels)},
+        ignore_mismatched_sizes=True,  # a base whose head has other labels: a fresh head
     )
     config = settings.bayes_config(_head_name(model))
     inject(model, config)
