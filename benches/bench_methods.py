@@ -167,11 +167,10 @@ def run_adalora(seed: int, budget: int, args: argparse.Namespace, sets: dict, da
         DataCollatorWithPadding,
         Trainer,
         TrainerCallback,
-        TrainingArguments,
         set_seed,
     )
 
-    from bayeslora.pipeline import TrainSettings, _Encoded, predict, resolve_model
+    from bayeslora.pipeline import TrainSettings, _Encoded, predict, resolve_model, training_arguments
 
     defaults = TrainSettings()
     model_dir = resolve_model("default")
@@ -208,25 +207,9 @@ def run_adalora(seed: int, budget: int, args: argparse.Namespace, sets: dict, da
             model.base_model.update_and_allocate(state.global_step)  # grads still present here
 
     train_ds = _Encoded(tokenizer, data.train.texts[:n_train], data.train.labels[:n_train], args.max_length)
+    settings = TrainSettings(seed=seed, epochs=args.epochs, max_length=args.max_length)
     with tempfile.TemporaryDirectory() as tmp:
-        targs = TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=defaults.batch_size,
-            num_train_epochs=args.epochs,
-            learning_rate=defaults.lr,
-            lr_scheduler_type="linear",
-            warmup_steps=max(1, int(0.06 * total_steps)),
-            weight_decay=0.0,
-            save_strategy="no",
-            report_to="none",
-            seed=seed,
-            data_seed=seed,
-            use_cpu=not torch.cuda.is_available(),
-            disable_tqdm=True,
-            logging_steps=10**6,
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
-        )
+        targs = training_arguments(settings, tmp, n_train, progress=False, save=False)
         trainer = Trainer(
             model=model,
             args=targs,

@@ -215,14 +215,49 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"--out {out}: not writable ({e.strerror or e})") from e
 
 
+def training_arguments(
+    settings: TrainSettings,
+    output_dir: str | os.PathLike,
+    n_train: int,
+    progress: bool = True,
+    save: bool = True,
+) -> Any:
+    """The ``transformers.TrainingArguments`` of a run: AdamW at ``settings.lr`` with linear decay
+    after a 6 % warm-up, no weight decay, CPU unless CUDA is there; adapter checkpoints every
+    ``save_steps`` when ``save``. Shared by :func:`train` and the baselines of ``benches/``."""
+    import torch
+    from transformers import TrainingArguments
+
+    steps = settings.epochs * n_train / settings.batch_size
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=settings.batch_size,
+        num_train_epochs=settings.epochs,
+        learning_rate=settings.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=max(1, int(0.06 * steps)),
+        weight_decay=0.0,
+        logging_steps=10,
+        save_strategy="steps" if save else "no",
+        save_steps=settings.save_steps,
+        save_total_limit=1,
+        save_only_model=True,
+        report_to="none",
+        seed=settings.seed,
+        data_seed=settings.seed,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
 def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True, log: Any = print) -> dict:
     """Fine-tune per ``settings``, write the checkpoint to ``out``, return the run summary."""
-    import torch
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
         DataCollatorWithPadding,
-        TrainingArguments,
         set_seed,
     )
     from transformers.utils import logging as hf_logging
@@ -260,27 +295,7 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
         f"[bayeslora] {settings.method}/{settings.posterior} rank {settings.rank} on {settings.data}: "
         f"{n_train} training examples, {len(initial)} adapted modules, model {model_dir}"
     )
-    args = TrainingArguments(
-        output_dir=str(out / "checkpoints"),
-        per_device_train_batch_size=settings.batch_size,
-        num_train_epochs=settings.epochs,
-        learning_rate=settings.lr,
-        lr_scheduler_type="linear",
-        warmup_steps=max(1, int(0.06 * settings.epochs * n_train / settings.batch_size)),
-        weight_decay=0.0,
-        logging_steps=10,
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=1,
-        save_only_model=True,
-        report_to="none",
-        seed=settings.seed,
-        data_seed=settings.seed,
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )
+    args = training_arguments(settings, out / "checkpoints", n_train, progress=progress)
     trainer = BayesLoRATrainer(
         model=model,
         args=args,
