@@ -134,27 +134,21 @@ def bundle_tensors(
     modules: dict[str, dict[str, Any]] = {}
     extra_pruned = 0
     for name, layer in layers.items():
-        keep, modules[name] = exported_ranks(layer, prune, config)
-        extra_pruned += layer.active_rank - int(keep.numel())
-        r = int(keep.numel())
-        if r == 0:
-            continue
-        tensors[f"{name}.lora_A"] = layer.lora_A.detach().index_select(0, keep).to("cpu", store).contiguous()
-        tensors[f"{name}.lora_B"] = layer.lora_B.detach().index_select(1, keep).to("cpu", store).contiguous()
-        param = layer.rank_parameter()
-        if param is not None:
-            pname = "log_alpha" if layer.uses_gate else "log_sigma2"
-            tensors[f"{name}.{pname}"] = (
-                param.detach().index_select(0, keep).to("cpu", torch.float32).contiguous()
-            )
-        tensors[f"{name}.rank_index"] = (
-            layer.rank_index.index_select(0, keep).to("cpu", torch.int64).contiguous()
-        )
+        modules[name], kept = exported_module(layer, prune, config)
+        extra_pruned += layer.active_rank - modules[name]["rank"]
+        for leaf, t in kept.items():
+            tensors[f"{name}.{leaf}"] = (t.to(store) if leaf in ("lora_A", "lora_B") else t).contiguous()
     return tensors, modules, extra_pruned
 
 
-def exported_ranks(layer: BayesLoRALayer, prune: bool, config: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The ranks of ``layer`` an export keeps (indices on the layer's device) and its module metadata."""
+@torch.no_grad()
+def exported_module(
+    layer: BayesLoRALayer, prune: bool, config: Any
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """What an export writes of one module: its metadata (``rank``, ``initial_rank``, ``scale``,
+    ``d_in``, ``d_out``) and its kept ranks' tensors on the CPU: ``lora_A [r, d_in]``, ``lora_B
+    [d_out, r]`` (float32), ``log_alpha``/``log_sigma2 [r]`` (float32, when the method has one) and
+    ``rank_index [r]`` (int64). No tensors when nothing is kept. Shared by bundles and PEFT exports."""
     keep = kept_ranks(layer, prune, config.prune_threshold, config.min_rank).to(layer.lora_A.device)
     meta = {
         "rank": int(keep.numel()),
@@ -163,7 +157,18 @@ def exported_ranks(layer: BayesLoRALayer, prune: bool, config: Any) -> tuple[tor
         "d_in": int(layer.d_in),
         "d_out": int(layer.d_out),
     }
-    return keep, meta
+    if keep.numel() == 0:
+        return meta, {}
+    kept = {
+        "lora_A": layer.lora_A.detach().index_select(0, keep).to("cpu", torch.float32),
+        "lora_B": layer.lora_B.detach().index_select(1, keep).to("cpu", torch.float32),
+    }
+    param = layer.rank_parameter()
+    if param is not None:
+        pname = "log_alpha" if layer.uses_gate else "log_sigma2"
+        kept[pname] = param.detach().index_select(0, keep).to("cpu", torch.float32)
+    kept["rank_index"] = layer.rank_index.index_select(0, keep).to("cpu", torch.int64)
+    return meta, kept
 
 
 def export(

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import BayesLoRAError
+from .errors import BayesLoRAError, ConfigError
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
@@ -208,7 +208,6 @@ def _add_score(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from .errors import BayesLoRAError
     from .runtime import Scorer
 
     if args.file is not None:
@@ -266,55 +265,49 @@ def _num_labels(ckpt: Path) -> int | None:
     return None
 
 
-def _export(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from .bundle import export
-    from .errors import BayesLoRAError
-    from .io import load_adapter
-
-    ckpt = Path(args.ckpt)
+def _load_trained(ckpt: Path, model_dir: str | None) -> tuple[Any, Any, dict | None]:
+    """(model, tokenizer or None, run.json or None) of a ``bayeslora train`` checkpoint, or of an
+    adapter directory (``bl.save_adapter``) loaded onto the base HF model ``model_dir``."""
     if (ckpt / "run.json").is_file():
         from .pipeline import load_checkpoint
 
-        try:
-            model, tokenizer, run = load_checkpoint(ckpt)
-            max_length = args.max_length or int(run["settings"]["max_length"])
-            out = export(
-                model, tokenizer, args.out, dtype=args.dtype, prune=not args.no_prune, max_length=max_length
-            )
-        except BayesLoRAError as e:
-            return _fail(str(e))
-        return _export_report(args, out)
-    if args.model is None:
-        return _fail(f"{ckpt} is an adapter directory: name its base model with --model DIR")
-    model_dir = Path(args.model)
+        return load_checkpoint(ckpt)
+    if model_dir is None:
+        raise ConfigError(f"{ckpt} is an adapter directory: name its base model with --model DIR")
+    from transformers import AutoModelForSequenceClassification
+
+    from .io import ADAPTER_WEIGHTS, load_adapter
+
+    n = _num_labels(ckpt) if (ckpt / ADAPTER_WEIGHTS).exists() else None
+    kwargs = {"num_labels": n} if n is not None else {}
+    model = AutoModelForSequenceClassification.from_pretrained(Path(model_dir), **kwargs).eval()
+    load_adapter(model, ckpt)
+    return model, None, None
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .bundle import export
+
     try:
-        kwargs = {}
-        n = _num_labels(ckpt) if (ckpt / "adapter.safetensors").exists() else None
-        if n is not None:
-            kwargs["num_labels"] = n
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, **kwargs).eval()
-        load_adapter(model, ckpt)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        except (OSError, ValueError):
-            tokenizer = model_dir / "tokenizer.json" if (model_dir / "tokenizer.json").exists() else None
+        model, tokenizer, run = _load_trained(Path(args.ckpt), args.model)
+        if tokenizer is None:  # an adapter directory: the base model's tokenizer, if it has one
+            from transformers import AutoTokenizer
+
+            model_dir = Path(args.model)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            except (OSError, ValueError):
+                tokenizer = model_dir / "tokenizer.json" if (model_dir / "tokenizer.json").exists() else None
+        max_length = args.max_length or (int(run["settings"]["max_length"]) if run else None)
         out = export(
-            model, tokenizer, args.out, dtype=args.dtype, prune=not args.no_prune, max_length=args.max_length
+            model, tokenizer, args.out, dtype=args.dtype, prune=not args.no_prune, max_length=max_length
         )
     except BayesLoRAError as e:
         return _fail(str(e))
-    return _export_report(args, out)
-
-
-def _export_report(args: argparse.Namespace, out: Path) -> int:
     meta = json.loads((out / "bayeslora.json").read_text())
     ranks = {name: m["rank"] for name, m in meta["modules"].items()}
-    if args.json:
-        print(json.dumps({"bundle": str(out), "ranks": ranks, "total_rank": sum(ranks.values())}))
-    else:
-        print(f"wrote {out} ({len(ranks)} adapted modules, total rank {sum(ranks.values())})")
+    payload = {"bundle": str(out), "ranks": ranks, "total_rank": sum(ranks.values())}
+    _emit(args, payload, f"wrote {out} ({len(ranks)} adapted modules, total rank {sum(ranks.values())})")
     return 0
 
 
@@ -340,23 +333,8 @@ def _add_export_peft(subparsers: argparse._SubParsersAction) -> None:
 def _export_peft(args: argparse.Namespace) -> int:
     from .peft_io import PEFT_CONFIG, export_peft
 
-    ckpt = Path(args.ckpt)
     try:
-        if (ckpt / "run.json").is_file():
-            from .pipeline import load_checkpoint
-
-            model, _, _ = load_checkpoint(ckpt)
-        elif args.model is None:
-            return _fail(f"{ckpt} is an adapter directory: name its base model with --model DIR")
-        else:
-            from transformers import AutoModelForSequenceClassification
-
-            from .io import load_adapter
-
-            n = _num_labels(ckpt) if (ckpt / "adapter.safetensors").exists() else None
-            kwargs = {"num_labels": n} if n is not None else {}
-            model = AutoModelForSequenceClassification.from_pretrained(Path(args.model), **kwargs).eval()
-            load_adapter(model, ckpt)
+        model, _, _ = _load_trained(Path(args.ckpt), args.model)
         out = export_peft(model, args.out, prune=not args.no_prune)
     except BayesLoRAError as e:
         return _fail(str(e))

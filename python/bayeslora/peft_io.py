@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._atomic import write_dir_atomically
-from .bundle import exported_ranks
+from .bundle import exported_module
 from .config import BayesLoRAConfig
 from .errors import BundleError, ConfigError
 from .injection import adapted_layers, get_config, inject, is_target
@@ -160,21 +160,17 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, *, prune: bool = T
     any_conv1d = False
     extra_pruned = 0
     for name, layer in layers.items():
-        keep, modules[name] = exported_ranks(layer, prune, config)
-        extra_pruned += layer.active_rank - int(keep.numel())
-        r = int(keep.numel())
+        modules[name], kept = exported_module(layer, prune, config)
+        r = modules[name]["rank"]
+        extra_pruned += layer.active_rank - r
         if r == 0:
             continue
-        lora[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().index_select(0, keep).float().cpu()
-        lora[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().index_select(1, keep).float().cpu()
+        lora[f"{PREFIX}{name}.lora_A.weight"] = kept.pop("lora_A")
+        lora[f"{PREFIX}{name}.lora_B.weight"] = kept.pop("lora_B")
         rank_pattern[name] = r
         alpha_pattern[name] = float(layer.scale) * r
         any_conv1d = any_conv1d or _is_conv1d(layer.base_layer)
-        param = layer.rank_parameter()
-        if param is not None:
-            pname = "log_alpha" if layer.uses_gate else "log_sigma2"
-            posterior[f"{name}.{pname}"] = param.detach().index_select(0, keep).float().cpu()
-        posterior[f"{name}.rank_index"] = layer.rank_index.index_select(0, keep).to("cpu", torch.int64)
+        posterior.update({f"{name}.{leaf}": t for leaf, t in kept.items()})
     if not rank_pattern:
         raise ConfigError("every adapted module is pruned to rank 0: there is no LoRA to export to PEFT")
     if extra_pruned > 0:

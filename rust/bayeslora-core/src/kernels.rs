@@ -185,6 +185,13 @@ pub fn gemm(
         loop {
             let klen = kc.min(k - kb);
             let (first, last) = (kb == 0, kb + klen >= k);
+            // epilogue of the full-tile kernels: partial sums until the last K block
+            let mode = match (last, matches!(epi, Epilogue::Bias(_)), acc_in) {
+                (false, _, _) => STORE,
+                (true, true, _) => BIAS,
+                (true, false, true) => ACCUMULATE,
+                (true, false, false) => STORE,
+            };
             let panels = b.panels();
             let mut p = 0;
             while p < panels {
@@ -196,12 +203,6 @@ pub fn gemm(
                     let bias = match epi {
                         Epilogue::Bias(bias) => Some(&bias[j0..j0 + 2 * NR]),
                         _ => None,
-                    };
-                    let mode = match (last, bias, acc_in) {
-                        (false, _, _) => STORE,
-                        (true, Some(_), _) => BIAS,
-                        (true, None, true) => ACCUMULATE,
-                        (true, None, false) => STORE,
                     };
                     let mut i0 = i_block;
                     while i0 < i_end {
@@ -236,12 +237,6 @@ pub fn gemm(
                     let a_rows = &a[i0 * lda..];
                     let c_rows = &mut c[i0 * ldc + j0..];
                     if avx && cols == NR {
-                        let mode = match (last, bias, acc_in) {
-                            (false, _, _) => STORE,
-                            (true, Some(_), _) => BIAS,
-                            (true, None, true) => ACCUMULATE,
-                            (true, None, false) => STORE,
-                        };
                         full_tile(
                             wide,
                             rows,
