@@ -141,6 +141,17 @@ def bundle_tensors(
     return tensors, modules, extra_pruned
 
 
+def warn_extra_pruned(what: str, count: int, threshold: float) -> None:
+    """Say (a warning from the exporting call's caller) that an export pruned ``count`` ranks
+    training had left unmasked, so that nothing changes silently (SPEC §4)."""
+    if count > 0:
+        warnings.warn(
+            f"{what} pruned {count} rank(s) whose relevance exceeds τ = {threshold} and that training "
+            "had not masked",
+            stacklevel=3,
+        )
+
+
 @torch.no_grad()
 def exported_module(
     layer: BayesLoRALayer, prune: bool, config: Any
@@ -218,12 +229,7 @@ def export(
     arch = ARCHITECTURES[model_type]
     tokenizer_text = _tokenizer_json(tokenizer)
     tensors, modules, extra_pruned = bundle_tensors(base, dtype, prune)
-    if extra_pruned > 0:
-        warnings.warn(
-            f"export pruned {extra_pruned} rank(s) whose relevance exceeds τ = {config.prune_threshold} "
-            "and that training had not masked",
-            stacklevel=2,
-        )
+    warn_extra_pruned("export", extra_pruned, config.prune_threshold)
     num_labels = int(hf_config.num_labels)
     meta = {
         "format_version": FORMAT_VERSION,

@@ -241,16 +241,21 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
         description="Export CKPT as a bundle the torch-free runtime scores: a `bayeslora train` output "
         "directory, or an adapter directory (bl.save_adapter) on top of the base HF model --model DIR.",
     )
-    p.add_argument("ckpt", help="training checkpoint (bayeslora train --out) or adapter directory")
-    p.add_argument(
-        "--model", default=None, metavar="DIR", help="base HF model directory (adapter directories)"
-    )
+    _add_trained_source(p)
     p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weight storage dtype")
     p.add_argument("--no-prune", action="store_true", help="remove masked ranks only (no pruning at τ)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per input (default: tokenizer's)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(handler=_export)
+
+
+def _add_trained_source(p: argparse.ArgumentParser) -> None:
+    """The CKPT argument of the export commands and the --model it may need (see _load_trained)."""
+    p.add_argument("ckpt", help="training checkpoint (bayeslora train --out) or adapter directory")
+    p.add_argument(
+        "--model", default=None, metavar="DIR", help="base HF model directory (adapter directories)"
+    )
 
 
 def _num_labels(ckpt: Path) -> int | None:
@@ -320,10 +325,7 @@ def _add_export_peft(subparsers: argparse._SubParsersAction) -> None:
         "(adapter_config.json + adapter_model.safetensors) that peft.PeftModel.from_pretrained loads; the "
         "posterior's rank parameters go to bayeslora_posterior.{json,safetensors} beside them.",
     )
-    p.add_argument("ckpt", help="training checkpoint (bayeslora train --out) or adapter directory")
-    p.add_argument(
-        "--model", default=None, metavar="DIR", help="base HF model directory (adapter directories)"
-    )
+    _add_trained_source(p)
     p.add_argument("--out", required=True, metavar="DIR", help="PEFT directory to write")
     p.add_argument("--no-prune", action="store_true", help="remove masked ranks only (no pruning at τ)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._atomic import write_dir_atomically
-from .bundle import exported_module
+from .bundle import exported_module, warn_extra_pruned
 from .config import BayesLoRAConfig
 from .errors import BundleError, ConfigError
 from .injection import adapted_layers, get_config, inject, is_target
@@ -173,12 +173,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, *, prune: bool = T
         posterior.update({f"{name}.{leaf}": t for leaf, t in kept.items()})
     if not rank_pattern:
         raise ConfigError("every adapted module is pruned to rank 0: there is no LoRA to export to PEFT")
-    if extra_pruned > 0:
-        warnings.warn(
-            f"export_peft pruned {extra_pruned} rank(s) whose relevance exceeds τ = {config.prune_threshold} "
-            "and that training had not masked",
-            stacklevel=2,
-        )
+    warn_extra_pruned("export_peft", extra_pruned, config.prune_threshold)
     ours = list(config.modules_to_save)
     clash = [n for n in rank_pattern if _peft_claims(n, ours)]
     if clash:
