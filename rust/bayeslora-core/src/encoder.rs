@@ -483,18 +483,26 @@ impl Encoder {
             n: vec![1; seqs.len()],
             reps: lay.reps,
         };
-        let x = conform(&x, &lay, &first, h, &ctx);
-        let (mut y, lay1) = self.linear(&self.head1, &x, &first, &ctx);
+        let x0 = conform(&x, &lay, &first, h, &ctx);
+        let (mut y, lay1) = self.linear(&self.head1, &x0, &first, &ctx);
+        ctx.put_cow(x0);
+        ctx.put(x);
         match self.arch {
             Arch::DistilBert => kernels::relu(&mut y),
             _ => kernels::tanh(&mut y),
         }
         let (logits, lay2) = self.linear(&self.head2, &y, &lay1, &ctx);
+        ctx.put(y);
         let full = Layout {
             n: vec![1; seqs.len()],
             reps: ctx.samples,
         };
-        let out = conform(&logits, &lay2, &full, self.num_labels, &ctx).into_owned();
+        // an exact-size result; every pool buffer goes back to the pool (a pool buffer may be
+        // far larger than the logits)
+        let per_copy = conform(&logits, &lay2, &full, self.num_labels, &ctx);
+        let out = per_copy.to_vec();
+        ctx.put_cow(per_copy);
+        ctx.put(logits);
         // keep the largest buffers for the next call, within KEEP_BYTES
         if let Ok(mut pool) = self.buffers.lock() {
             pool.sort_by_key(|b| std::cmp::Reverse(b.capacity()));
@@ -531,9 +539,7 @@ impl Encoder {
         ctx.put(attn);
         let resid = conform(&x, &lay, &lay_a, h, ctx);
         kernels::add_layer_norm(&mut a, &resid, &layer.ln1.0, &layer.ln1.1, self.eps);
-        if let Cow::Owned(v) = resid {
-            ctx.put(v);
-        }
+        ctx.put_cow(resid);
         ctx.put(x);
         let (mut f, lay_f) = self.linear(&layer.ffn1, &a, &lay_a, ctx);
         match self.activation {
@@ -545,9 +551,7 @@ impl Encoder {
         ctx.put(f);
         let resid = conform(&a, &lay_a, &lay_g, h, ctx);
         kernels::add_layer_norm(&mut g, &resid, &layer.ln2.0, &layer.ln2.1, self.eps);
-        if let Cow::Owned(v) = resid {
-            ctx.put(v);
-        }
+        ctx.put_cow(resid);
         ctx.put(a);
         (g, lay_g)
     }
@@ -811,6 +815,13 @@ impl Ctx<'_> {
     fn put(&self, v: Vec<f32>) {
         if let Ok(mut pool) = self.buffers.lock() {
             pool.push(v);
+        }
+    }
+
+    /// Give back the result of [`conform`] when it is a buffer of its own.
+    fn put_cow(&self, v: Cow<'_, [f32]>) {
+        if let Cow::Owned(v) = v {
+            self.put(v);
         }
     }
 }

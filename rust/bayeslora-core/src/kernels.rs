@@ -890,9 +890,22 @@ fn erf_f32(x: f32) -> f32 {
     p / q
 }
 
+/// Exact (erf) GELU in place: `x · ½ · (1 + erf(x / √2))`, as `nn.GELU()` / HF `"gelu"`.
+pub fn gelu(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512() {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            unsafe { avx512_elem::gelu(x) };
+            return;
+        }
+    }
+    gelu_portable(x);
+}
+
 multiversion! {
-    /// Exact (erf) GELU in place: `x · ½ · (1 + erf(x / √2))`, as `nn.GELU()` / HF `"gelu"`.
-    pub fn gelu(x: &mut [f32]) {
+    /// [`gelu`] without AVX-512 (auto-vectorised, AVX2 clone at run time).
+    fn gelu_portable(x: &mut [f32]) {
         for v in x.iter_mut() {
             *v = 0.5 * *v * (1.0 + erf_f32(*v * std::f32::consts::FRAC_1_SQRT_2));
         }
@@ -953,9 +966,22 @@ fn exp_f32(x_in: f32) -> f32 {
     }
 }
 
+/// Row-wise softmax in place of `rows × width` values after multiplying by `scale` (> 0).
+pub fn softmax_rows(x: &mut [f32], width: usize, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512() {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            unsafe { avx512_elem::softmax_rows(x, width, scale) };
+            return;
+        }
+    }
+    softmax_portable(x, width, scale);
+}
+
 multiversion! {
-    /// Row-wise softmax in place of `rows × width` values after multiplying by `scale`.
-    pub fn softmax_rows(x: &mut [f32], width: usize, scale: f32) {
+    /// [`softmax_rows`] without AVX-512 (auto-vectorised, AVX2 clone at run time).
+    fn softmax_portable(x: &mut [f32], width: usize, scale: f32) {
         for row in x.chunks_exact_mut(width) {
             let mut lanes = [f32::NEG_INFINITY; 8];
             let mut chunks = row.chunks_exact_mut(8);
@@ -977,6 +1003,146 @@ multiversion! {
             for v in row.iter_mut() {
                 *v *= inv;
             }
+        }
+    }
+}
+
+/// AVX-512 versions of the elementwise ops: the same formulas as [`exp_f32`] and [`erf_f32`],
+/// 16 lanes at a time; a row's ragged end goes through the same code under a lane mask, so every
+/// element of a row is computed the same way whatever the row's width.
+#[cfg(target_arch = "x86_64")]
+mod avx512_elem {
+    use std::arch::x86_64::*;
+
+    /// 16 lanes of [`super::exp_f32`] (2^n applied with `scalef`), 0 below −87.3.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp16(x_in: __m512) -> __m512 {
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x_in, _mm512_set1_ps(-87.3)),
+            _mm512_set1_ps(88.0),
+        );
+        let t = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let p = _mm512_add_ps(
+            _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r),
+            _mm512_set1_ps(1.0),
+        );
+        let e = _mm512_scalef_ps(p, n);
+        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x_in, _mm512_set1_ps(-87.3));
+        _mm512_maskz_mov_ps(keep, e)
+    }
+
+    /// Lane mask of the first `n` (≤ 16) lanes.
+    #[inline]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F must be available.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn softmax_rows(x: &mut [f32], width: usize, scale: f32) {
+        if width == 0 {
+            return;
+        }
+        let sv = _mm512_set1_ps(scale);
+        for row in x.chunks_exact_mut(width) {
+            let p = row.as_mut_ptr();
+            // max of the raw row (scale > 0), then e^(scale·x − scale·max) in one pass
+            let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut j = 0;
+            while j < width {
+                let m = lanes(width - j);
+                // SAFETY: lanes j..j + popcount(m) lie inside the row; masked lanes are not touched.
+                unsafe {
+                    mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, p.add(j)));
+                }
+                j += 16;
+            }
+            let mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale);
+            let mut sum = _mm512_setzero_ps();
+            let mut j = 0;
+            while j < width {
+                let m = lanes(width - j);
+                // SAFETY: as above.
+                unsafe {
+                    let v = _mm512_maskz_loadu_ps(m, p.add(j));
+                    let e = exp16(_mm512_sub_ps(_mm512_mul_ps(v, sv), mv));
+                    _mm512_mask_storeu_ps(p.add(j), m, e);
+                    sum = _mm512_mask_add_ps(sum, m, sum, e);
+                }
+                j += 16;
+            }
+            let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+            let mut j = 0;
+            while j < width {
+                let m = lanes(width - j);
+                // SAFETY: as above.
+                unsafe {
+                    let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(j)), inv);
+                    _mm512_mask_storeu_ps(p.add(j), m, v);
+                }
+                j += 16;
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F must be available.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gelu(x: &mut [f32]) {
+        const P: [f32; 6] = [
+            2.770_681_4e-8,
+            -2.101_024e-6,
+            -5.692_506_4e-5,
+            -7.349_906_3e-4,
+            -2.954_600_2e-3,
+            -1.609_603_3e-2,
+        ];
+        const Q: [f32; 4] = [-2.133_740_6e-4, -1.682_827e-3, -7.373_329e-3, -1.426_474e-2];
+        let p0 = x.as_mut_ptr();
+        let len = x.len();
+        let mut j = 0;
+        while j < len {
+            let m = lanes(len - j);
+            // SAFETY: lanes j..j + popcount(m) lie inside `x`; masked lanes are not touched.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(m, p0.add(j));
+                let u = _mm512_mul_ps(v, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+                let u = _mm512_min_ps(_mm512_max_ps(u, _mm512_set1_ps(-4.0)), _mm512_set1_ps(4.0));
+                let u2 = _mm512_mul_ps(u, u);
+                let mut p = _mm512_set1_ps(-2.726_142_3e-10);
+                for c in P {
+                    p = _mm512_fmadd_ps(p, u2, _mm512_set1_ps(c));
+                }
+                let p = _mm512_mul_ps(p, u);
+                let mut q = _mm512_set1_ps(-1.456_607_2e-5);
+                for c in Q {
+                    q = _mm512_fmadd_ps(q, u2, _mm512_set1_ps(c));
+                }
+                let erf = _mm512_div_ps(p, q);
+                let half_v = _mm512_mul_ps(_mm512_set1_ps(0.5), v);
+                let out = _mm512_fmadd_ps(half_v, erf, half_v);
+                _mm512_mask_storeu_ps(p0.add(j), m, out);
+            }
+            j += 16;
         }
     }
 }
@@ -1112,6 +1278,33 @@ mod tests {
             let want = sum * 2.0 / std::f64::consts::PI.sqrt();
             assert!((erf_f32(x as f32) as f64 - want).abs() < 1e-6, "erf({x})");
             x += 0.01;
+        }
+    }
+
+    #[test]
+    fn simd_and_portable_elementwise_ops_agree() {
+        // whichever path this CPU takes, it must match the portable formulas to float rounding,
+        // on every row width (ragged ends go through lane masks)
+        let x = pseudo(4 * 1000, 11);
+        let mut a: Vec<f32> = x.iter().map(|v| v * 12.0).collect();
+        let mut b = a.clone();
+        gelu(&mut a);
+        gelu_portable(&mut b);
+        for (u, v) in a.iter().zip(&b) {
+            assert!((u - v).abs() <= 1e-6 * (1.0 + v.abs()), "gelu {u} vs {v}");
+        }
+        for width in 1..70 {
+            let mut a: Vec<f32> = x[..3 * width].iter().map(|v| v * 40.0).collect();
+            a[width / 2] = -1e30;
+            let mut b = a.clone();
+            softmax_rows(&mut a, width, 0.17);
+            softmax_portable(&mut b, width, 0.17);
+            for (u, v) in a.iter().zip(&b) {
+                assert!((u - v).abs() <= 1e-6, "softmax width {width}: {u} vs {v}");
+            }
+            for row in a.chunks(width) {
+                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            }
         }
     }
 
