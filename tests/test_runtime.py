@@ -116,15 +116,23 @@ def test_mean_mode_matches_torch_on_minilm(tmp_path):
     np.testing.assert_allclose(scorer.score(np_inputs(inputs))["probs"], want, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# the first three targets include the key projection (BERT, DistilBERT: the last layer computes
+# keys for all tokens); without a key adapter the last layer attends from token 0 by linearity
+GATE_TARGETS = [(f, TARGETS[f][:3]) for f in FAMILIES] + [
+    ("bert", ["query", "value", "attention.output.dense"]),
+    ("distilbert", ["q_lin", "v_lin", "out_lin"]),
+]
+
+
+@pytest.mark.parametrize("family,targets", GATE_TARGETS)
 @pytest.mark.parametrize(
     "method,posterior", [("bayeslora", "gate"), ("mcdropout", "gate"), ("bayeslora", "additive")]
 )
-def test_explicit_gates_match_torch_fixed_gates(family, method, posterior, tmp_path):
+def test_explicit_gates_match_torch_fixed_gates(family, targets, method, posterior, tmp_path):
     model = build(family, 16, 2, 2, 24, 3, seed=4)
     adapt(
         model,
-        [*TARGETS[family][:3], "classifier" if family != "roberta" else "out_proj"],
+        [*targets, "classifier" if family != "roberta" else "out_proj"],
         rank=4,
         method=method,
         posterior=posterior,

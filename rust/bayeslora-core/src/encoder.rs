@@ -13,8 +13,13 @@
 //! - Adapters are merged into the weights at load (`W' = W + s·B·A`): mean mode is the plain
 //!   encoder; a sample adds `s·B((z − 1) ⊙ A x)` (gate, dropout, explicit gates) or
 //!   `s·(B̃(Ã x) − B(A x))` (additive, sampled factors Ã, B̃).
-//! - The classifier reads token 0 only, so the last layer computes queries, attention output and
-//!   FFN for token 0 only (keys and values for all tokens).
+//! - The classifier reads token 0 only, so the last layer computes the query, attention output and
+//!   FFN for token 0 only, and no keys or values either, by linearity: with `q` token 0's query
+//!   of a head and `W_k`, `W_v` that head's rows, the scores are `(W_kᵀ q) · x_j` (the key bias
+//!   adds the same `q · b_k` to every score: softmax drops it) and the output is
+//!   `W_v (Σ_j p_j x_j) + b_v` (plus the value adapter's term of the same pooled row: the
+//!   per-sample noise is one coefficient per rank, the same for every token). When the key
+//!   adapter is noisy, keys are computed for all tokens as in the other layers.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -66,9 +71,20 @@ struct Linear {
     parts: Vec<Part>,
 }
 
+/// What the last layer needs to attend from token 0 only without keys and values of all tokens.
+#[derive(Debug)]
+struct Pooled {
+    /// Per head: the merged key weight rows of the head, packed as `dh × d_in`.
+    key_t: Vec<Packed>,
+    /// The value projection alone (a copy of the fused one's V part, adapter included).
+    value: Linear,
+}
+
 #[derive(Debug)]
 struct Layer {
     qkv: Linear,
+    /// Last layer only.
+    pooled: Option<Pooled>,
     out: Linear,
     ln1: (Vec<f32>, Vec<f32>),
     ffn1: Linear,
@@ -266,8 +282,22 @@ impl Encoder {
             let sfx = cfg.layer_linear_suffixes();
             let name = |i: usize| format!("{lp}.{}", sfx[i].0);
             let [ln1, ln2] = cfg.layer_norm_suffixes();
+            let qkv = build_linear(bundle, &[name(0), name(1), name(2)])?;
+            let pooled = if l + 1 == cfg.layers {
+                let dh = cfg.hidden / cfg.heads;
+                let k0 = qkv.parts[1].col;
+                Some(Pooled {
+                    key_t: (0..cfg.heads)
+                        .map(|hd| qkv.w.transpose_cols(k0 + hd * dh, k0 + (hd + 1) * dh))
+                        .collect(),
+                    value: build_linear(bundle, &[name(2)])?,
+                })
+            } else {
+                None
+            };
             layers.push(Layer {
-                qkv: build_linear(bundle, &[name(0), name(1), name(2)])?,
+                qkv,
+                pooled,
                 out: build_linear(bundle, &[name(3)])?,
                 ln1: (
                     take(bundle, &format!("{lp}.{ln1}.weight"))?,
@@ -524,17 +554,30 @@ impl Encoder {
         ctx: &Ctx<'_>,
     ) -> (Vec<f32>, Layout) {
         let h = self.hidden;
-        let (qkv, lay_q) = self.linear(&layer.qkv, &x, &lay, ctx);
-        let lay_c = if last {
-            Layout {
-                n: vec![1; lay_q.n.len()],
-                reps: lay_q.reps,
+        let key = &layer.qkv.parts[1];
+        let key_noisy = key
+            .adapter
+            .as_ref()
+            .is_some_and(|ad| self.noisy(ad, &key.name, ctx));
+        let (attn, lay_c) = match &layer.pooled {
+            Some(pooled) if last && !key_noisy => {
+                self.pooled_attention(layer, pooled, &x, &lay, ctx)
             }
-        } else {
-            lay_q.clone()
+            _ => {
+                let (qkv, lay_q) = self.linear(&layer.qkv, &x, &lay, ctx);
+                let lay_c = if last {
+                    Layout {
+                        n: vec![1; lay_q.n.len()],
+                        reps: lay_q.reps,
+                    }
+                } else {
+                    lay_q.clone()
+                };
+                let attn = self.attention(&qkv, &lay_q, last, ctx);
+                ctx.put(qkv);
+                (attn, lay_c)
+            }
         };
-        let attn = self.attention(&qkv, &lay_q, last, ctx);
-        ctx.put(qkv);
         let (mut a, lay_a) = self.linear(&layer.out, &attn, &lay_c, ctx);
         ctx.put(attn);
         let resid = conform(&x, &lay, &lay_a, h, ctx);
@@ -608,6 +651,96 @@ impl Encoder {
             }
         }
         ctxv
+    }
+
+    /// Token 0's attention output in the last layer from the layer input `x` without keys or
+    /// values of all tokens (see the module docs); rows `[copies, hidden]`, one per copy.
+    fn pooled_attention(
+        &self,
+        layer: &Layer,
+        pooled: &Pooled,
+        x: &[f32],
+        lay: &Layout,
+        ctx: &Ctx<'_>,
+    ) -> (Vec<f32>, Layout) {
+        let (h, heads) = (self.hidden, self.heads);
+        let dh = h / heads;
+        let d_in = layer.qkv.d_in;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let inputs = lay.n.len();
+        // token 0's query (the fused product of one row per copy; it expands to S copies when
+        // any of Q, K, V is noisy, so the copies below are those of the pooled value too)
+        let first = Layout {
+            n: vec![1; inputs],
+            reps: lay.reps,
+        };
+        let x0 = conform(x, lay, &first, h, ctx);
+        let (q, lay_q) = self.linear(&layer.qkv, &x0, &first, ctx);
+        ctx.put_cow(x0);
+        let copies = lay_q.rows();
+        let q0 = layer.qkv.parts[0].col;
+        // u[hd][g] = W_kᵀ q: copy g's query of head hd through the head's key rows
+        let mut u = ctx.buf(heads * copies * d_in);
+        u.par_chunks_mut(copies * d_in)
+            .enumerate()
+            .for_each(|(hd, uh)| {
+                kernels::gemm(
+                    copies,
+                    &q[q0 + hd * dh..],
+                    layer.qkv.d_out,
+                    &pooled.key_t[hd],
+                    uh,
+                    d_in,
+                    Epilogue::Store,
+                );
+            });
+        ctx.put(q);
+        // per copy: scores of every head over the copy's tokens, softmax, pooled rows Σ_j p_j x_j
+        let x_segs = lay.segments();
+        let mut pooled_x = ctx.buf(copies * heads * d_in);
+        pooled_x
+            .par_chunks_mut(heads * d_in)
+            .zip(lay_q.segments().par_iter())
+            .for_each(|(out, &(i, s, g, _))| {
+                let src = if lay.reps == 1 { i } else { i * lay.reps + s };
+                let (_, _, start, n) = x_segs[src];
+                let rows = &x[start * d_in..(start + n) * d_in];
+                let mut scores = vec![0.0f32; heads * n];
+                let xt = Packed::from_nk(rows, n, d_in, d_in);
+                kernels::gemm(
+                    heads,
+                    &u[g * d_in..],
+                    copies * d_in,
+                    &xt,
+                    &mut scores,
+                    n,
+                    Epilogue::Store,
+                );
+                kernels::softmax_rows(&mut scores, n, scale);
+                let xp = Packed::from_kn(rows, n, d_in, d_in);
+                kernels::gemm(heads, &scores, n, &xp, out, d_in, Epilogue::Store);
+            });
+        ctx.put(u);
+        // the value projection of the pooled rows; head hd keeps its own columns of row hd
+        let lay_p = Layout {
+            n: vec![heads; inputs],
+            reps: lay_q.reps,
+        };
+        let (v, lay_v) = self.linear(&pooled.value, &pooled_x, &lay_p, ctx);
+        ctx.put(pooled_x);
+        let lay_c = Layout {
+            n: vec![1; inputs],
+            reps: lay_v.reps,
+        };
+        let mut attn = ctx.buf(lay_c.rows() * h);
+        for (g, row) in attn.chunks_exact_mut(h).enumerate() {
+            for hd in 0..heads {
+                let src = (g * heads + hd) * h + hd * dh;
+                row[hd * dh..(hd + 1) * dh].copy_from_slice(&v[src..src + dh]);
+            }
+        }
+        ctx.put(v);
+        (attn, lay_c)
     }
 
     fn noisy(&self, ad: &Adapter, name: &str, ctx: &Ctx<'_>) -> bool {

@@ -129,6 +129,23 @@ impl Packed {
         }
     }
 
+    /// Element `(kk, j)` of the logical `K × N` operand.
+    pub fn at(&self, kk: usize, j: usize) -> f32 {
+        assert!(kk < self.k && j < self.n, "Packed::at: index out of range");
+        self.data[(j / NR) * self.k * NR + kk * NR + j % NR]
+    }
+
+    /// Columns `n0..n1` of this operand, transposed: a `(n1 − n0) × K` operand. For a packed
+    /// weight `Wᵀ` this is the block of output rows `n0..n1` of `W`, so `q · result` is
+    /// `q · W[n0..n1, :]`.
+    pub fn transpose_cols(&self, n0: usize, n1: usize) -> Self {
+        assert!(
+            n0 <= n1 && n1 <= self.n,
+            "Packed::transpose_cols: columns out of range"
+        );
+        Self::with_fill(n1 - n0, self.k, |kk, j| self.at(j, n0 + kk))
+    }
+
     /// An empty packing (0 × 0) to be refilled.
     pub fn empty() -> Self {
         Self {
@@ -1279,6 +1296,19 @@ mod tests {
             assert!((erf_f32(x as f32) as f64 - want).abs() < 1e-6, "erf({x})");
             x += 0.01;
         }
+    }
+
+    #[test]
+    fn transposed_column_blocks_are_weight_rows() {
+        // Wᵀ packed from a [37, 19] weight; its columns 5..29 transposed are rows 5..29 of W
+        let (n_out, k_in) = (37, 19);
+        let w = pseudo(n_out * k_in, 5);
+        let p = Packed::from_weight(&w, n_out, k_in);
+        let t = p.transpose_cols(5, 29);
+        let want = Packed::from_kn(&w[5 * k_in..29 * k_in], 24, k_in, k_in);
+        assert_eq!((t.k(), t.n()), (24, k_in));
+        assert_eq!(t.data, want.data);
+        assert_eq!(p.at(3, 30), w[30 * k_in + 3]);
     }
 
     #[test]
