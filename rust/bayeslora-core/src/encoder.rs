@@ -21,8 +21,8 @@
 //!   per-sample noise is one coefficient per rank, the same for every token). When the key
 //!   adapter is noisy, keys are computed for all tokens as in the other layers.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
 use std::sync::Mutex;
 
 use rayon::prelude::*;
@@ -515,7 +515,7 @@ impl Encoder {
         };
         let x0 = conform(&x, &lay, &first, h, &ctx);
         let (mut y, lay1) = self.linear(&self.head1, &x0, &first, &ctx);
-        ctx.put_cow(x0);
+        ctx.put_rows(x0);
         ctx.put(x);
         match self.arch {
             Arch::DistilBert => kernels::relu(&mut y),
@@ -531,7 +531,7 @@ impl Encoder {
         // far larger than the logits)
         let per_copy = conform(&logits, &lay2, &full, self.num_labels, &ctx);
         let out = per_copy.to_vec();
-        ctx.put_cow(per_copy);
+        ctx.put_rows(per_copy);
         ctx.put(logits);
         // keep the largest buffers for the next call, within KEEP_BYTES
         if let Ok(mut pool) = self.buffers.lock() {
@@ -548,11 +548,11 @@ impl Encoder {
     fn layer(
         &self,
         layer: &Layer,
-        x: Vec<f32>,
+        x: Buf,
         lay: Layout,
         last: bool,
         ctx: &Ctx<'_>,
-    ) -> (Vec<f32>, Layout) {
+    ) -> (Buf, Layout) {
         let h = self.hidden;
         let key = &layer.qkv.parts[1];
         let key_noisy = key
@@ -582,7 +582,7 @@ impl Encoder {
         ctx.put(attn);
         let resid = conform(&x, &lay, &lay_a, h, ctx);
         kernels::add_layer_norm(&mut a, &resid, &layer.ln1.0, &layer.ln1.1, self.eps);
-        ctx.put_cow(resid);
+        ctx.put_rows(resid);
         ctx.put(x);
         let (mut f, lay_f) = self.linear(&layer.ffn1, &a, &lay_a, ctx);
         match self.activation {
@@ -594,13 +594,13 @@ impl Encoder {
         ctx.put(f);
         let resid = conform(&a, &lay_a, &lay_g, h, ctx);
         kernels::add_layer_norm(&mut g, &resid, &layer.ln2.0, &layer.ln2.1, self.eps);
-        ctx.put_cow(resid);
+        ctx.put_rows(resid);
         ctx.put(a);
         (g, lay_g)
     }
 
     /// Scaled dot-product attention per (segment, head); queries of token 0 only if `first_only`.
-    fn attention(&self, qkv: &[f32], lay: &Layout, first_only: bool, ctx: &Ctx<'_>) -> Vec<f32> {
+    fn attention(&self, qkv: &[f32], lay: &Layout, first_only: bool, ctx: &Ctx<'_>) -> Buf {
         let h = self.hidden;
         let dh = h / self.heads;
         let scale = 1.0 / (dh as f32).sqrt();
@@ -662,7 +662,7 @@ impl Encoder {
         x: &[f32],
         lay: &Layout,
         ctx: &Ctx<'_>,
-    ) -> (Vec<f32>, Layout) {
+    ) -> (Buf, Layout) {
         let (h, heads) = (self.hidden, self.heads);
         let dh = h / heads;
         let d_in = layer.qkv.d_in;
@@ -676,7 +676,7 @@ impl Encoder {
         };
         let x0 = conform(x, lay, &first, h, ctx);
         let (q, lay_q) = self.linear(&layer.qkv, &x0, &first, ctx);
-        ctx.put_cow(x0);
+        ctx.put_rows(x0);
         let copies = lay_q.rows();
         let q0 = layer.qkv.parts[0].col;
         // u[hd][g] = W_kᵀ q: copy g's query of head hd through the head's key rows
@@ -759,7 +759,7 @@ impl Encoder {
     }
 
     /// `y = x W'ᵀ + b` plus the noisy adapter terms; expands a shared input when needed.
-    fn linear(&self, lin: &Linear, x: &[f32], lay: &Layout, ctx: &Ctx<'_>) -> (Vec<f32>, Layout) {
+    fn linear(&self, lin: &Linear, x: &[f32], lay: &Layout, ctx: &Ctx<'_>) -> (Buf, Layout) {
         let rows = lay.rows();
         let mut y = ctx.buf(rows * lin.d_out);
         kernels::par_gemm(
@@ -789,7 +789,7 @@ impl Encoder {
             reps: ctx.samples,
         };
         if out_lay != *lay {
-            let expanded = conform(&y, lay, &out_lay, lin.d_out, ctx).into_owned();
+            let expanded = conform(&y, lay, &out_lay, lin.d_out, ctx).into_buf(ctx);
             ctx.put(std::mem::replace(&mut y, expanded));
         }
         let in_segs = lay.segments();
@@ -915,61 +915,106 @@ impl Ctx<'_> {
     /// A buffer of `n` floats, reusing a returned one when possible. Its contents are
     /// unspecified (stale values of a previous use): every caller overwrites all `n` entries
     /// (products with a Store/Bias epilogue, row copies), so no time goes into zeroing.
-    fn buf(&self, n: usize) -> Vec<f32> {
-        let mut v = match self.buffers.lock() {
+    fn buf(&self, n: usize) -> Buf {
+        let mut data = match self.buffers.lock() {
             Ok(mut pool) => {
                 // best fit: the smallest buffer that holds `n` floats, else the largest (grown
                 // below), so small requests do not take the big buffers the next layer needs
                 let fits = pool
                     .iter()
                     .enumerate()
-                    .filter(|(_, b)| b.capacity() >= n)
-                    .min_by_key(|(_, b)| b.capacity())
+                    .filter(|(_, b)| b.len() >= n)
+                    .min_by_key(|(_, b)| b.len())
                     .map(|(i, _)| i);
                 let best = fits.or_else(|| {
                     pool.iter()
                         .enumerate()
-                        .max_by_key(|(_, b)| b.capacity())
+                        .max_by_key(|(_, b)| b.len())
                         .map(|(i, _)| i)
                 });
                 best.map(|i| pool.swap_remove(i)).unwrap_or_default()
             }
             Err(_) => Vec::new(),
         };
-        if v.len() >= n {
-            v.truncate(n);
-        } else {
-            v.resize(n, 0.0);
+        if data.len() < n {
+            // zeroed once when a buffer is created or grown; spare capacity is zeroed too, so
+            // a pooled buffer is initialised to its capacity and never zeroed again
+            data.resize(n, 0.0);
+            data.resize(data.capacity(), 0.0);
         }
-        v
+        Buf { data, n }
     }
 
     /// Give a buffer back for reuse.
-    fn put(&self, v: Vec<f32>) {
+    fn put(&self, b: Buf) {
         if let Ok(mut pool) = self.buffers.lock() {
-            pool.push(v);
+            pool.push(b.data);
         }
     }
 
     /// Give back the result of [`conform`] when it is a buffer of its own.
-    fn put_cow(&self, v: Cow<'_, [f32]>) {
-        if let Cow::Owned(v) = v {
-            self.put(v);
+    fn put_rows(&self, r: Rows<'_>) {
+        if let Rows::Owned(b) = r {
+            self.put(b);
+        }
+    }
+}
+
+/// A pooled activation buffer: `n` floats in use of `data`, which is initialised to its full
+/// length (so reusing it for a larger `n` needs no zeroing).
+struct Buf {
+    data: Vec<f32>,
+    n: usize,
+}
+
+impl Deref for Buf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.data[..self.n]
+    }
+}
+
+impl DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.data[..self.n]
+    }
+}
+
+/// Rows that are either another activation as it is or a re-laid copy in a pooled buffer.
+enum Rows<'x> {
+    Borrowed(&'x [f32]),
+    Owned(Buf),
+}
+
+impl Deref for Rows<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Rows::Borrowed(x) => x,
+            Rows::Owned(b) => b,
+        }
+    }
+}
+
+impl Rows<'_> {
+    /// These rows in a pooled buffer of their own (a copy when borrowed).
+    fn into_buf(self, ctx: &Ctx<'_>) -> Buf {
+        match self {
+            Rows::Owned(b) => b,
+            Rows::Borrowed(x) => {
+                let mut b = ctx.buf(x.len());
+                b.copy_from_slice(x);
+                b
+            }
         }
     }
 }
 
 /// Re-lay rows of width `w` from `from` into `to`: copy `s` of input `i` takes its source copy
 /// (or the shared one) and keeps the first `to.n[i]` rows of it.
-fn conform<'x>(
-    x: &'x [f32],
-    from: &Layout,
-    to: &Layout,
-    w: usize,
-    ctx: &Ctx<'_>,
-) -> Cow<'x, [f32]> {
+fn conform<'x>(x: &'x [f32], from: &Layout, to: &Layout, w: usize, ctx: &Ctx<'_>) -> Rows<'x> {
     if from == to {
-        return Cow::Borrowed(x);
+        return Rows::Borrowed(x);
     }
     let from_segs = from.segments();
     let mut out = ctx.buf(to.rows() * w);
@@ -983,8 +1028,8 @@ fn conform<'x>(
             r += take;
         }
     }
-    out.truncate(r * w);
-    Cow::Owned(out)
+    out.n = out.n.min(r * w);
+    Rows::Owned(out)
 }
 
 fn par_elementwise(x: &mut [f32], f: fn(&mut [f32])) {
