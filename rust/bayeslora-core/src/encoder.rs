@@ -34,6 +34,8 @@ use crate::mc::{self, Stream};
 
 /// Stacked rows kept below this per chunk of inputs (bounds the memory of MC mode).
 const MAX_ROWS: usize = 8192;
+/// Elementwise work below this many floats runs on the calling thread.
+const PAR_MIN: usize = 1 << 14;
 /// Activation buffers kept for the next call, at most this many bytes.
 const KEEP_BYTES: usize = 96 << 20;
 
@@ -581,7 +583,7 @@ impl Encoder {
         let (mut a, lay_a) = self.linear(&layer.out, &attn, &lay_c, ctx);
         ctx.put(attn);
         let resid = conform(&x, &lay, &lay_a, h, ctx);
-        kernels::add_layer_norm(&mut a, &resid, &layer.ln1.0, &layer.ln1.1, self.eps);
+        par_add_layer_norm(&mut a, &resid, &layer.ln1, self.eps);
         ctx.put_rows(resid);
         ctx.put(x);
         let (mut f, lay_f) = self.linear(&layer.ffn1, &a, &lay_a, ctx);
@@ -593,7 +595,7 @@ impl Encoder {
         let (mut g, lay_g) = self.linear(&layer.ffn2, &f, &lay_f, ctx);
         ctx.put(f);
         let resid = conform(&a, &lay_a, &lay_g, h, ctx);
-        kernels::add_layer_norm(&mut g, &resid, &layer.ln2.0, &layer.ln2.1, self.eps);
+        par_add_layer_norm(&mut g, &resid, &layer.ln2, self.eps);
         ctx.put_rows(resid);
         ctx.put(a);
         (g, lay_g)
@@ -608,48 +610,53 @@ impl Encoder {
         let tasks: Vec<(usize, usize)> = (0..segs.len())
             .flat_map(|g| (0..self.heads).map(move |hd| (g, hd)))
             .collect();
+        // one (segment, head) per task; the packings are reused within a thread's run of tasks
         let blocks: Vec<Vec<f32>> = tasks
             .par_iter()
-            .map(|&(g, hd)| {
-                let (_, _, start, n) = segs[g];
-                let nq = if first_only { 1 } else { n };
-                let base = &qkv[start * 3 * h..(start + n) * 3 * h];
-                let kt = Packed::from_nk(&base[h + hd * dh..], n, dh, 3 * h);
-                let mut scores = vec![0.0f32; nq * n];
-                kernels::gemm(
-                    nq,
-                    &base[hd * dh..],
-                    3 * h,
-                    &kt,
-                    &mut scores,
-                    n,
-                    Epilogue::Store,
-                );
-                kernels::softmax_rows(&mut scores, n, scale);
-                let v = Packed::from_kn(&base[2 * h + hd * dh..], n, dh, 3 * h);
-                let mut out = vec![0.0f32; nq * dh];
-                kernels::gemm(nq, &scores, n, &v, &mut out, dh, Epilogue::Store);
-                out
-            })
+            .map_init(
+                || (Packed::empty(), Packed::empty()),
+                |(kt, v), &(g, hd)| {
+                    let (_, _, start, n) = segs[g];
+                    let nq = if first_only { 1 } else { n };
+                    let base = &qkv[start * 3 * h..(start + n) * 3 * h];
+                    kt.refill_nk(&base[h + hd * dh..], n, dh, 3 * h);
+                    let mut scores = vec![0.0f32; nq * n];
+                    kernels::gemm(
+                        nq,
+                        &base[hd * dh..],
+                        3 * h,
+                        kt,
+                        &mut scores,
+                        n,
+                        Epilogue::Store,
+                    );
+                    kernels::softmax_rows(&mut scores, n, scale);
+                    v.refill_kn(&base[2 * h + hd * dh..], n, dh, 3 * h);
+                    let mut out = vec![0.0f32; nq * dh];
+                    kernels::gemm(nq, &scores, n, v, &mut out, dh, Epilogue::Store);
+                    out
+                },
+            )
             .collect();
-        let rows: usize = segs
-            .iter()
-            .map(|&(_, _, _, n)| if first_only { 1 } else { n })
-            .sum();
-        let mut ctxv = ctx.buf(rows * h);
-        let mut row0 = Vec::with_capacity(segs.len());
-        let mut r = 0;
-        for &(_, _, _, n) in &segs {
-            row0.push(r);
-            r += if first_only { 1 } else { n };
-        }
-        for (&(g, hd), block) in tasks.iter().zip(&blocks) {
-            let nq = block.len() / dh;
-            for i in 0..nq {
-                let dst = (row0[g] + i) * h + hd * dh;
-                ctxv[dst..dst + dh].copy_from_slice(&block[i * dh..(i + 1) * dh]);
+        // each segment's rows gather their heads' blocks
+        let out_lay = Layout {
+            n: if first_only {
+                vec![1; lay.n.len()]
+            } else {
+                lay.n.clone()
+            },
+            reps: lay.reps,
+        };
+        let mut ctxv = ctx.buf(out_lay.rows() * h);
+        let parts = split_segments(&mut ctxv, &out_lay.segments(), h);
+        parts.into_par_iter().enumerate().for_each(|(g, rows)| {
+            for hd in 0..self.heads {
+                let block = &blocks[g * self.heads + hd];
+                for (i, row) in rows.chunks_exact_mut(h).enumerate() {
+                    row[hd * dh..(hd + 1) * dh].copy_from_slice(&block[i * dh..(i + 1) * dh]);
+                }
             }
-        }
+        });
         ctxv
     }
 
@@ -1017,26 +1024,53 @@ fn conform<'x>(x: &'x [f32], from: &Layout, to: &Layout, w: usize, ctx: &Ctx<'_>
         return Rows::Borrowed(x);
     }
     let from_segs = from.segments();
-    let mut out = ctx.buf(to.rows() * w);
-    let mut r = 0;
+    // (first source row, rows) of every copy of `to`, in storage order
+    let mut plan = Vec::with_capacity(to.n.len() * to.reps);
     for (i, &n) in to.n.iter().enumerate() {
         for s in 0..to.reps {
             let src = if from.reps == 1 { i } else { i * from.reps + s };
             let (_, _, start, len) = from_segs[src];
-            let take = n.min(len);
-            out[r * w..(r + take) * w].copy_from_slice(&x[start * w..(start + take) * w]);
-            r += take;
+            plan.push((start, n.min(len)));
         }
     }
-    out.n = out.n.min(r * w);
+    let rows: usize = plan.iter().map(|&(_, take)| take).sum();
+    let mut out = ctx.buf(rows * w);
+    let mut pieces = Vec::with_capacity(plan.len());
+    let mut rest: &mut [f32] = &mut out;
+    for &(_, take) in &plan {
+        let (piece, tail) = std::mem::take(&mut rest).split_at_mut(take * w);
+        pieces.push(piece);
+        rest = tail;
+    }
+    let copy = |(dst, &(start, take)): (&mut [f32], &(usize, usize))| {
+        dst.copy_from_slice(&x[start * w..(start + take) * w]);
+    };
+    if rows * w < PAR_MIN {
+        pieces.into_iter().zip(&plan).for_each(copy);
+    } else {
+        pieces.into_par_iter().zip(plan.par_iter()).for_each(copy);
+    }
     Rows::Owned(out)
 }
 
 fn par_elementwise(x: &mut [f32], f: fn(&mut [f32])) {
-    const CHUNK: usize = 1 << 14;
-    if x.len() <= CHUNK {
+    if x.len() <= PAR_MIN {
         f(x);
     } else {
-        x.par_chunks_mut(CHUNK).for_each(f);
+        x.par_chunks_mut(PAR_MIN).for_each(f);
+    }
+}
+
+/// `x ← LayerNorm(x + r)` over rows of `ln.0.len()`, blocks of rows in parallel (each row's
+/// arithmetic is the same wherever it falls).
+fn par_add_layer_norm(x: &mut [f32], r: &[f32], ln: &(Vec<f32>, Vec<f32>), eps: f32) {
+    let h = ln.0.len().max(1);
+    let block = PAR_MIN.div_ceil(h) * h;
+    if x.len() <= block {
+        kernels::add_layer_norm(x, r, &ln.0, &ln.1, eps);
+    } else {
+        x.par_chunks_mut(block)
+            .zip(r.par_chunks(block))
+            .for_each(|(xb, rb)| kernels::add_layer_norm(xb, rb, &ln.0, &ln.1, eps));
     }
 }

@@ -92,38 +92,62 @@ impl Packed {
 
     /// Pack a row-major `K × N` matrix stored with row stride `ld`.
     pub fn from_kn(b: &[f32], k: usize, n: usize, ld: usize) -> Self {
-        Self::with_fill(k, n, |kk, j| b[kk * ld + j])
+        let mut p = Self::empty();
+        p.refill_kn(b, k, n, ld);
+        p
     }
 
     /// Pack the transpose of a row-major `N × K` matrix stored with row stride `ld` (so the
     /// product is `A · Bᵀ`).
     pub fn from_nk(b: &[f32], n: usize, k: usize, ld: usize) -> Self {
-        Self::with_fill(k, n, |kk, j| b[j * ld + kk])
+        let mut p = Self::empty();
+        p.refill_nk(b, n, k, ld);
+        p
+    }
+
+    /// Zeroed storage for a `k × n` operand, reusing the buffer.
+    fn reset(&mut self, k: usize, n: usize) {
+        self.k = k;
+        self.n = n;
+        self.data.clear();
+        self.data.resize(n.div_ceil(NR) * k * NR, 0.0);
     }
 
     /// Overwrite this packing with a row-major `K × N` matrix (row stride `ld`), reusing the
     /// buffer; `k`, `n` may change.
     pub fn refill_kn(&mut self, b: &[f32], k: usize, n: usize, ld: usize) {
-        self.refill(k, n, |kk, j| b[kk * ld + j]);
+        assert!(
+            k == 0 || n == 0 || (b.len() >= (k - 1) * ld + n && ld >= n),
+            "Packed::refill_kn: matrix too short"
+        );
+        self.reset(k, n);
+        if k == 0 {
+            return;
+        }
+        for (p, panel) in self.data.chunks_exact_mut(k * NR).enumerate() {
+            let (j0, cols) = (p * NR, NR.min(n - p * NR));
+            for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
+                row[..cols].copy_from_slice(&b[kk * ld + j0..kk * ld + j0 + cols]);
+            }
+        }
     }
 
     /// Like [`Packed::refill_kn`] for the transpose of a row-major `N × K` matrix.
     pub fn refill_nk(&mut self, b: &[f32], n: usize, k: usize, ld: usize) {
-        self.refill(k, n, |kk, j| b[j * ld + kk]);
-    }
-
-    fn refill(&mut self, k: usize, n: usize, mut get: impl FnMut(usize, usize) -> f32) {
-        let panels = n.div_ceil(NR);
-        self.k = k;
-        self.n = n;
-        self.data.clear();
-        self.data.resize(panels * k * NR, 0.0);
-        for p in 0..panels {
-            let cols = NR.min(n - p * NR);
-            for kk in 0..k {
-                let base = p * k * NR + kk * NR;
-                for j in 0..cols {
-                    self.data[base + j] = get(kk, p * NR + j);
+        assert!(
+            k == 0 || n == 0 || (b.len() >= (n - 1) * ld + k && ld >= k),
+            "Packed::refill_nk: matrix too short"
+        );
+        self.reset(k, n);
+        if k == 0 {
+            return;
+        }
+        for (p, panel) in self.data.chunks_exact_mut(k * NR).enumerate() {
+            let (j0, cols) = (p * NR, NR.min(n - p * NR));
+            for jj in 0..cols {
+                let src = &b[(j0 + jj) * ld..(j0 + jj) * ld + k];
+                for (kk, &v) in src.iter().enumerate() {
+                    panel[kk * NR + jj] = v;
                 }
             }
         }
@@ -1309,6 +1333,21 @@ mod tests {
         assert_eq!((t.k(), t.n()), (24, k_in));
         assert_eq!(t.data, want.data);
         assert_eq!(p.at(3, 30), w[30 * k_in + 3]);
+        // row-major and transposed packings of strided matrices, ragged last panel zero padded
+        for (k, n, ld) in [(5, 37, 40), (1, 1, 1), (19, 16, 19), (3, 33, 33)] {
+            let b = pseudo(k.max(n) * ld + ld, (k * n) as u64);
+            let kn = Packed::from_kn(&b, k, n, ld);
+            let nk = Packed::from_nk(&b, n, k, ld);
+            for kk in 0..k {
+                for j in 0..n {
+                    assert_eq!(kn.at(kk, j), b[kk * ld + j]);
+                    assert_eq!(nk.at(kk, j), b[j * ld + kk]);
+                }
+            }
+            let pad = |p: &Packed| p.data.len() - p.data.iter().filter(|v| **v != 0.0).count();
+            assert_eq!(pad(&kn), (n.div_ceil(NR) * NR - n) * k);
+            assert_eq!(pad(&nk), (n.div_ceil(NR) * NR - n) * k);
+        }
     }
 
     #[test]
