@@ -105,12 +105,20 @@ impl Packed {
         p
     }
 
-    /// Zeroed storage for a `k × n` operand, reusing the buffer.
+    /// Storage for a `k × n` operand, reusing the buffer: the padding columns of a ragged last
+    /// panel are zeroed, everything else is left for the caller to overwrite.
     fn reset(&mut self, k: usize, n: usize) {
         self.k = k;
         self.n = n;
-        self.data.clear();
-        self.data.resize(n.div_ceil(NR) * k * NR, 0.0);
+        let panels = n.div_ceil(NR);
+        self.data.resize(panels * k * NR, 0.0);
+        let cols = n % NR;
+        if cols != 0 {
+            let last = &mut self.data[(panels - 1) * k * NR..];
+            for row in last.chunks_exact_mut(NR) {
+                row[cols..].fill(0.0);
+            }
+        }
     }
 
     /// Overwrite this packing with a row-major `K × N` matrix (row stride `ld`), reusing the
@@ -141,6 +149,19 @@ impl Packed {
         self.reset(k, n);
         if k == 0 {
             return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            // gathers of 16 rows at a time when the offsets fit the 32-bit indices
+            if has_avx512() && ld.saturating_mul(NR).saturating_add(k) < i32::MAX as usize {
+                for (p, panel) in self.data.chunks_exact_mut(k * NR).enumerate() {
+                    let (j0, cols) = (p * NR, NR.min(n - p * NR));
+                    // SAFETY: AVX-512F present; rows j0..j0 + cols of `b` hold `k` floats from
+                    // their start (asserted above), the panel `k * NR` floats.
+                    unsafe { avx512_elem::gather_panel(&b[j0 * ld..], ld, cols, k, panel) };
+                }
+                return;
+            }
         }
         for (p, panel) in self.data.chunks_exact_mut(k * NR).enumerate() {
             let (j0, cols) = (p * NR, NR.min(n - p * NR));
@@ -896,6 +917,15 @@ multiversion! {
 
 /// `x ← LayerNorm(x + r)` over rows (the post-LN residual of BERT).
 pub fn add_layer_norm(x: &mut [f32], r: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    assert!(r.len() >= x.len(), "add_layer_norm: residual too short");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512() && !gamma.is_empty() {
+            // SAFETY: the CPU has AVX-512F (checked above); `r` covers `x` (asserted).
+            unsafe { avx512_elem::add_layer_norm(x, r, gamma, beta, eps) };
+            return;
+        }
+    }
     add_assign(x, r);
     layer_norm(x, gamma, beta, eps);
 }
@@ -1145,6 +1175,98 @@ mod avx512_elem {
         }
     }
 
+    /// `x ← LayerNorm(x + r)` over rows of `gamma.len()`: the sum, the centred sum of squares
+    /// and the affine map in three passes over the row, 16 lanes at a time (ragged end masked).
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `r.len() >= x.len()`, `beta.len() >= gamma.len() > 0`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn add_layer_norm(
+        x: &mut [f32],
+        r: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+    ) {
+        let h = gamma.len();
+        assert!(beta.len() >= h, "add_layer_norm: beta too short");
+        let inv_h = 1.0 / h as f32;
+        for (row, res) in x.chunks_exact_mut(h).zip(r.chunks_exact(h)) {
+            let (p, q) = (row.as_mut_ptr(), res.as_ptr());
+            let mut sum = _mm512_setzero_ps();
+            let mut j = 0;
+            while j < h {
+                let m = lanes(h - j);
+                // SAFETY: lanes j..j + popcount(m) lie inside the row (and the residual row).
+                unsafe {
+                    let v = _mm512_add_ps(
+                        _mm512_maskz_loadu_ps(m, p.add(j)),
+                        _mm512_maskz_loadu_ps(m, q.add(j)),
+                    );
+                    _mm512_mask_storeu_ps(p.add(j), m, v);
+                    sum = _mm512_add_ps(sum, v);
+                }
+                j += 16;
+            }
+            let mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) * inv_h);
+            let mut sq = _mm512_setzero_ps();
+            let mut j = 0;
+            while j < h {
+                let m = lanes(h - j);
+                // SAFETY: as above.
+                unsafe {
+                    let d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, p.add(j)), mean);
+                    sq = _mm512_fmadd_ps(d, d, sq);
+                }
+                j += 16;
+            }
+            let var = _mm512_reduce_add_ps(sq) * inv_h;
+            let inv = _mm512_set1_ps(1.0 / (var + eps).sqrt());
+            let mut j = 0;
+            while j < h {
+                let m = lanes(h - j);
+                // SAFETY: as above; gamma and beta hold h floats.
+                unsafe {
+                    let d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(j)), mean);
+                    let g = _mm512_maskz_loadu_ps(m, gamma.as_ptr().add(j));
+                    let b = _mm512_maskz_loadu_ps(m, beta.as_ptr().add(j));
+                    let y = _mm512_fmadd_ps(_mm512_mul_ps(d, inv), g, b);
+                    _mm512_mask_storeu_ps(p.add(j), m, y);
+                }
+                j += 16;
+            }
+        }
+    }
+
+    /// Panel `[k][16]` of the transposes of `cols` (≤ 16) rows of `b` (row stride `ld`): column
+    /// `jj` of the panel is row `jj`'s first `k` floats; the other columns are zero.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `b` must hold `(cols − 1)·ld + k` floats, `panel` `16·k`,
+    /// and `15·ld + k` must fit an `i32`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gather_panel(
+        b: &[f32],
+        ld: usize,
+        cols: usize,
+        k: usize,
+        panel: &mut [f32],
+    ) {
+        debug_assert!(cols >= 1 && b.len() >= (cols - 1) * ld + k && panel.len() >= 16 * k);
+        let rows = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let idx = _mm512_mullo_epi32(rows, _mm512_set1_epi32(ld as i32));
+        let m = lanes(cols);
+        for kk in 0..k {
+            // SAFETY: the unmasked lanes read b[jj·ld + kk] with jj < cols and kk < k, inside
+            // `b`; the store writes panel[kk·16..kk·16 + 16] inside the panel.
+            unsafe {
+                let v =
+                    _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, idx, b.as_ptr().add(kk));
+                _mm512_storeu_ps(panel.as_mut_ptr().add(kk * 16), v);
+            }
+        }
+    }
+
     /// # Safety
     /// AVX-512F must be available.
     #[target_feature(enable = "avx512f")]
@@ -1348,6 +1470,15 @@ mod tests {
             assert_eq!(pad(&kn), (n.div_ceil(NR) * NR - n) * k);
             assert_eq!(pad(&nk), (n.div_ceil(NR) * NR - n) * k);
         }
+        // a reused packing: the old values in the new padding are cleared
+        let full: Vec<f32> = (0..4 * 32).map(|i| 1.0 + i as f32).collect();
+        let mut p = Packed::from_kn(&full, 4, 32, 32);
+        p.refill_nk(&full[..20 * 4], 20, 4, 4);
+        assert_eq!(p.data.len(), 2 * 4 * NR);
+        assert!(p.data[4 * NR..]
+            .chunks(NR)
+            .all(|r| r[4..].iter().all(|v| *v == 0.0)));
+        assert_eq!(p.at(3, 19), full[19 * 4 + 3]);
     }
 
     #[test]
@@ -1361,6 +1492,22 @@ mod tests {
         gelu_portable(&mut b);
         for (u, v) in a.iter().zip(&b) {
             assert!((u - v).abs() <= 1e-6 * (1.0 + v.abs()), "gelu {u} vs {v}");
+        }
+        for h in [1, 7, 16, 33, 384] {
+            let gamma: Vec<f32> = x[..h].iter().map(|v| 1.0 + v).collect();
+            let beta: Vec<f32> = x[h..2 * h].to_vec();
+            let res: Vec<f32> = x[..3 * h].iter().rev().map(|v| v * 3.0).collect();
+            let mut a: Vec<f32> = x[..3 * h].iter().map(|v| v * 5.0 + 0.3).collect();
+            let mut b = a.clone();
+            add_layer_norm(&mut a, &res, &gamma, &beta, 1e-12);
+            add_assign(&mut b, &res);
+            layer_norm(&mut b, &gamma, &beta, 1e-12);
+            for (u, v) in a.iter().zip(&b) {
+                assert!(
+                    (u - v).abs() <= 1e-5 * (1.0 + v.abs()),
+                    "layer norm h={h}: {u} vs {v}"
+                );
+            }
         }
         for width in 1..70 {
             let mut a: Vec<f32> = x[..3 * width].iter().map(|v| v * 40.0).collect();
