@@ -603,42 +603,9 @@ impl Encoder {
 
     /// Scaled dot-product attention per (segment, head); queries of token 0 only if `first_only`.
     fn attention(&self, qkv: &[f32], lay: &Layout, first_only: bool, ctx: &Ctx<'_>) -> Buf {
-        let h = self.hidden;
-        let dh = h / self.heads;
-        let scale = 1.0 / (dh as f32).sqrt();
+        let (h, heads) = (self.hidden, self.heads);
+        let dh = h / heads;
         let segs = lay.segments();
-        let tasks: Vec<(usize, usize)> = (0..segs.len())
-            .flat_map(|g| (0..self.heads).map(move |hd| (g, hd)))
-            .collect();
-        // one (segment, head) per task; the packings are reused within a thread's run of tasks
-        let blocks: Vec<Vec<f32>> = tasks
-            .par_iter()
-            .map_init(
-                || (Packed::empty(), Packed::empty()),
-                |(kt, v), &(g, hd)| {
-                    let (_, _, start, n) = segs[g];
-                    let nq = if first_only { 1 } else { n };
-                    let base = &qkv[start * 3 * h..(start + n) * 3 * h];
-                    kt.refill_nk(&base[h + hd * dh..], n, dh, 3 * h);
-                    let mut scores = vec![0.0f32; nq * n];
-                    kernels::gemm(
-                        nq,
-                        &base[hd * dh..],
-                        3 * h,
-                        kt,
-                        &mut scores,
-                        n,
-                        Epilogue::Store,
-                    );
-                    kernels::softmax_rows(&mut scores, n, scale);
-                    v.refill_kn(&base[2 * h + hd * dh..], n, dh, 3 * h);
-                    let mut out = vec![0.0f32; nq * dh];
-                    kernels::gemm(nq, &scores, n, v, &mut out, dh, Epilogue::Store);
-                    out
-                },
-            )
-            .collect();
-        // each segment's rows gather their heads' blocks
         let out_lay = Layout {
             n: if first_only {
                 vec![1; lay.n.len()]
@@ -649,15 +616,81 @@ impl Encoder {
         };
         let mut ctxv = ctx.buf(out_lay.rows() * h);
         let parts = split_segments(&mut ctxv, &out_lay.segments(), h);
+        let scratch = || (Packed::empty(), Packed::empty(), Vec::new());
+        if segs.len() >= 2 * ctx.threads {
+            // enough segments to keep the threads busy: one segment per task, all heads, each
+            // head's output written in place into the segment's rows
+            parts.into_par_iter().zip(segs.par_iter()).for_each_init(
+                scratch,
+                |sc, (rows, &(_, _, start, n))| {
+                    for hd in 0..heads {
+                        self.head_attention(
+                            qkv,
+                            start,
+                            n,
+                            first_only,
+                            hd,
+                            sc,
+                            &mut rows[hd * dh..],
+                            h,
+                        );
+                    }
+                },
+            );
+            return ctxv;
+        }
+        // few segments (mean mode, small batches): one (segment, head) per task, then each
+        // segment's rows gather their heads' blocks
+        let tasks: Vec<(usize, usize)> = (0..segs.len())
+            .flat_map(|g| (0..heads).map(move |hd| (g, hd)))
+            .collect();
+        let blocks: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map_init(scratch, |sc, &(g, hd)| {
+                let (_, _, start, n) = segs[g];
+                let nq = if first_only { 1 } else { n };
+                let mut out = vec![0.0f32; nq * dh];
+                self.head_attention(qkv, start, n, first_only, hd, sc, &mut out, dh);
+                out
+            })
+            .collect();
         parts.into_par_iter().enumerate().for_each(|(g, rows)| {
-            for hd in 0..self.heads {
-                let block = &blocks[g * self.heads + hd];
+            for hd in 0..heads {
+                let block = &blocks[g * heads + hd];
                 for (i, row) in rows.chunks_exact_mut(h).enumerate() {
                     row[hd * dh..(hd + 1) * dh].copy_from_slice(&block[i * dh..(i + 1) * dh]);
                 }
             }
         });
         ctxv
+    }
+
+    /// One head of one segment (rows `start..start + n` of the fused `qkv`): `softmax(q kᵀ /
+    /// √dh) v` for every query row (token 0 only if `first_only`) into `out` (row stride `ldo`).
+    /// `sc` holds reusable packings and the score buffer.
+    #[allow(clippy::too_many_arguments)]
+    fn head_attention(
+        &self,
+        qkv: &[f32],
+        start: usize,
+        n: usize,
+        first_only: bool,
+        hd: usize,
+        sc: &mut (Packed, Packed, Vec<f32>),
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        let h = self.hidden;
+        let dh = h / self.heads;
+        let nq = if first_only { 1 } else { n };
+        let (kt, v, scores) = sc;
+        let base = &qkv[start * 3 * h..(start + n) * 3 * h];
+        kt.refill_nk(&base[h + hd * dh..], n, dh, 3 * h);
+        scores.resize(nq * n, 0.0);
+        kernels::gemm(nq, &base[hd * dh..], 3 * h, kt, scores, n, Epilogue::Store);
+        kernels::softmax_rows(scores, n, 1.0 / (dh as f32).sqrt());
+        v.refill_kn(&base[2 * h + hd * dh..], n, dh, 3 * h);
+        kernels::gemm(nq, scores, n, v, out, ldo, Epilogue::Store);
     }
 
     /// Token 0's attention output in the last layer from the layer input `x` without keys or
