@@ -316,9 +316,10 @@ pub fn gemm(
                         // partial panel or no AVX2: the whole chain at once, same arithmetic
                         let mut r0 = 0;
                         while r0 < rows {
-                            let r = MR.min(rows - r0);
+                            let r = if avx && wide { MR_WIDE } else { MR }.min(rows - r0);
                             micro(
                                 avx,
+                                wide,
                                 r,
                                 k,
                                 &a_rows[r0 * lda..],
@@ -522,6 +523,7 @@ pub fn par_gemm(
 #[inline]
 fn micro(
     avx: bool,
+    wide: bool,
     rows: usize,
     k: usize,
     a: &[f32],
@@ -533,10 +535,14 @@ fn micro(
     bias: Option<&[f32]>,
     acc_in: bool,
 ) {
-    let mut tile = [[0.0f32; NR]; MR];
+    let mut tile = [[0.0f32; NR]; MR_WIDE];
     #[cfg(target_arch = "x86_64")]
     {
-        if avx {
+        if avx && wide {
+            // the zero-padded panel through the 16-lane kernel (up to 12 rows) into the tile
+            let t = tile.as_flattened_mut();
+            full_tile(true, rows, k, a, lda, panel, t, NR, None, STORE, false);
+        } else if avx {
             // SAFETY: the CPU supports AVX2 and FMA (checked by `has_avx2_fma`); `a` holds
             // `rows` rows of `k` floats at stride `lda` and `panel` holds `k * NR` floats
             // (bounds asserted by `gemm`), which is all the kernel reads.
@@ -556,7 +562,7 @@ fn micro(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = avx;
+        let _ = (avx, wide);
         scalar_kernel(rows, k, a, lda, panel, &mut tile);
     }
     for (i, t) in tile.iter().enumerate().take(rows) {
@@ -720,7 +726,7 @@ fn scalar_kernel(
     a: &[f32],
     lda: usize,
     panel: &[f32],
-    tile: &mut [[f32; NR]; MR],
+    tile: &mut [[f32; NR]; MR_WIDE],
 ) {
     for kk in 0..k {
         let b = &panel[kk * NR..kk * NR + NR];
@@ -735,7 +741,7 @@ fn scalar_kernel(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{MR, NR};
+    use super::{MR_WIDE, NR};
     use std::arch::x86_64::*;
 
     use super::{ACCUMULATE, BIAS};
@@ -819,7 +825,7 @@ mod avx2 {
         a: *const f32,
         lda: usize,
         panel: *const f32,
-        tile: &mut [[f32; NR]; MR],
+        tile: &mut [[f32; NR]; MR_WIDE],
     ) {
         let mut acc0 = [_mm256_setzero_ps(); R];
         let mut acc1 = [_mm256_setzero_ps(); R];
