@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import bayeslora as bl
 from bayeslora.injection import adapted_layers
 from bayeslora.prediction import summarize
-from bayeslora.runtime import FIELDS, Scorer
+from bayeslora.runtime import FIELDS, Scorer, fma_peak_gflops
 from runtime_models import FAMILIES, TARGETS, adapt, batch, build, softmax, torch_logits
 
 TOL = 1e-4
@@ -251,3 +251,19 @@ def test_mean_mode_equals_one_sample_without_noise(tmp_path):
     mc = scorer.score(np_inputs(x), samples=5, seed=2)  # lora: no noise, all samples equal
     np.testing.assert_allclose(mc["probs"], mean["probs"], atol=1e-6)
     assert np.all(mc["mutual_info"] <= 1e-6) and np.all(mc["variance"] <= 1e-10)
+
+
+def test_fma_peak_is_measured_and_validates_its_arguments():
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    peak = fma_peak_gflops(0.05)
+    if {"avx2", "fma"} <= flags:
+        assert 1.0 < peak < 10_000.0  # GFLOP/s of one core with AVX2/AVX-512
+    else:
+        assert peak >= 0.0
+    with pytest.raises(ValueError, match="seconds"):
+        fma_peak_gflops(0.0)
+    with pytest.raises(ValueError, match="threads"):
+        fma_peak_gflops(0.1, threads=0)

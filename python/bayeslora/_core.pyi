@@ -30,6 +30,9 @@ def rank_scores_additive(
 ) -> NDArray[np.float64]:
     """Median scores ``ℓ_k``, ``[r]``."""
 
+def fma_peak_gflops(seconds: float = 0.3, threads: int = 1) -> float:
+    """Measured f32 FMA peak in GFLOP/s of ``threads`` cores at once (0.0 without AVX2/FMA)."""
+
 # ---- rank analysis (SPEC §8) ---------------------------------------------------------------
 def low_rank_svd(
     a: NDArray[np.float64], b: NDArray[np.float64], ez: NDArray[np.float64], scale: float

@@ -174,6 +174,17 @@ class Scorer:
         return rows
 
 
+def fma_peak_gflops(seconds: float = 0.3, threads: int = 1) -> float:
+    """This machine's f32 fused-multiply-add peak in GFLOP/s, measured now.
+
+    ``threads`` OS threads each run independent FMA chains of the widest vectors the runtime's
+    kernels use (AVX-512, else AVX2) for about ``seconds``; the sum is returned (0.0 without
+    AVX2/FMA). It is the ceiling for the runtime's matrix products at the clock the cores run
+    at, which the nominal clock of ``/proc/cpuinfo`` does not tell (cores boost).
+    """
+    return float(_core.fma_peak_gflops(float(seconds), int(threads)))
+
+
 def read_meta(bundle_dir: str | os.PathLike) -> dict[str, Any]:
     """The bundle's ``bayeslora.json`` as a dict (no validation beyond JSON)."""
     path = Path(bundle_dir) / "bayeslora.json"
@@ -183,4 +194,4 @@ def read_meta(bundle_dir: str | os.PathLike) -> dict[str, Any]:
         raise BundleError(f"cannot read {path}: {e}") from e
 
 
-__all__ = ["FIELDS", "Scorer", "read_meta"]
+__all__ = ["FIELDS", "Scorer", "fma_peak_gflops", "read_meta"]

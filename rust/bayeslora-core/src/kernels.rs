@@ -854,6 +854,104 @@ mod avx2 {
     }
 }
 
+/// The f32 FMA peak of this machine in GFLOP/s, measured: `threads` OS threads at once, each
+/// running independent fused multiply-add chains (12 accumulators, more than FMA latency ×
+/// FMA units) of the widest vectors the kernels use (AVX-512, else AVX2) for about `seconds`.
+/// The sum over the threads is returned; 0 when neither AVX2+FMA nor AVX-512 is available.
+/// It is what a matrix kernel could at best execute at the clock the cores run now, which
+/// the nominal clock in `/proc/cpuinfo` does not tell (cores boost).
+pub fn fma_peak_gflops(seconds: f64, threads: usize) -> f64 {
+    let threads = threads.max(1);
+    let seconds = seconds.clamp(0.01, 60.0);
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..threads)
+            .map(|_| scope.spawn(move || fma_chains(seconds)))
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap_or(0.0)).sum()
+    })
+}
+
+/// One thread of [`fma_peak_gflops`].
+fn fma_chains(seconds: f64) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let start = std::time::Instant::now();
+        let mut flops = 0.0f64;
+        let mut sink = 0.0f32;
+        while start.elapsed().as_secs_f64() < seconds {
+            // SAFETY: each branch runs only on a CPU with the features it enables.
+            let (f, s) = unsafe {
+                if has_avx512() {
+                    peak::avx512(1 << 16)
+                } else if has_avx2_fma() {
+                    peak::avx2(1 << 16)
+                } else {
+                    return 0.0;
+                }
+            };
+            flops += f;
+            sink += s;
+        }
+        std::hint::black_box(sink);
+        flops / start.elapsed().as_secs_f64() / 1e9
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = seconds;
+        0.0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod peak {
+    use std::arch::x86_64::*;
+
+    /// `iters` rounds of 12 independent 16-lane FMAs: (flops, a value that depends on them).
+    ///
+    /// # Safety
+    /// AVX-512F must be available.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn avx512(iters: usize) -> (f64, f32) {
+        let (x, y) = (_mm512_set1_ps(0.999_9), _mm512_set1_ps(1e-5));
+        // 12 named registers (an array went through memory every round): more chains than
+        // FMA latency × FMA units on current x86 cores
+        macro_rules! chains {
+            ($($a:ident),*) => {{
+                let mut init = 0.0f32;
+                $(init += 1e-3; let mut $a = _mm512_set1_ps(init);)*
+                for _ in 0..iters {
+                    $($a = _mm512_fmadd_ps($a, x, y);)*
+                }
+                0.0 $(+ _mm512_reduce_add_ps($a))*
+            }};
+        }
+        let s = chains!(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11);
+        ((iters * 12 * 16 * 2) as f64, s)
+    }
+
+    /// `iters` rounds of 12 independent 8-lane FMAs.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2(iters: usize) -> (f64, f32) {
+        let (x, y) = (_mm256_set1_ps(0.999_9), _mm256_set1_ps(1e-5));
+        let first = |v: __m256| _mm_cvtss_f32(_mm256_castps256_ps128(v));
+        macro_rules! chains {
+            ($($a:ident),*) => {{
+                let mut init = 0.0f32;
+                $(init += 1e-3; let mut $a = _mm256_set1_ps(init);)*
+                for _ in 0..iters {
+                    $($a = _mm256_fmadd_ps($a, x, y);)*
+                }
+                0.0 $(+ first($a))*
+            }};
+        }
+        let s = chains!(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11);
+        ((iters * 12 * 8 * 2) as f64, s)
+    }
+}
+
 // ---- elementwise and row ops (auto-vectorised; AVX2 clones chosen at run time) --------------
 
 macro_rules! multiversion {
@@ -1447,6 +1545,17 @@ mod tests {
             let want = sum * 2.0 / std::f64::consts::PI.sqrt();
             assert!((erf_f32(x as f32) as f64 - want).abs() < 1e-6, "erf({x})");
             x += 0.01;
+        }
+    }
+
+    #[test]
+    fn fma_peak_is_measured() {
+        let one = fma_peak_gflops(0.05, 1);
+        // any x86-64 CPU with AVX2 does several GFLOP/s; nothing does 10 TFLOP/s per core
+        if has_avx2_fma() {
+            assert!(one > 1.0 && one < 10_000.0, "{one}");
+        } else {
+            assert_eq!(one, 0.0);
         }
     }
 

@@ -141,6 +141,18 @@ fn rank_scores_additive<'py>(
     Ok(v.into_pyarray(py))
 }
 
+/// Measured f32 FMA peak in GFLOP/s of `threads` cores running at once for about `seconds`.
+#[pyfunction]
+#[pyo3(signature = (seconds=0.3, threads=1))]
+fn fma_peak_gflops(py: Python<'_>, seconds: f64, threads: usize) -> PyResult<f64> {
+    if !(seconds.is_finite() && seconds > 0.0) || threads == 0 {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "seconds must be > 0 and threads >= 1, got {seconds} and {threads}"
+        )));
+    }
+    Ok(py.detach(|| core::kernels::fma_peak_gflops(seconds, threads)))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -149,6 +161,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kl_additive, m)?)?;
     m.add_function(wrap_pyfunction!(rank_scores_gate, m)?)?;
     m.add_function(wrap_pyfunction!(rank_scores_additive, m)?)?;
+    m.add_function(wrap_pyfunction!(fma_peak_gflops, m)?)?;
     analysis::register(m)?;
     runtime::register(m)?;
     Ok(())
