@@ -623,7 +623,11 @@ impl Encoder {
             parts.into_par_iter().zip(segs.par_iter()).for_each_init(
                 scratch,
                 |sc, (rows, &(_, _, start, n))| {
+                    prefetch_head(qkv, start, n, h, dh, 0);
                     for hd in 0..heads {
+                        if hd + 1 < heads {
+                            prefetch_head(qkv, start, n, h, dh, hd + 1);
+                        }
                         self.head_attention(
                             qkv,
                             start,
@@ -1084,6 +1088,33 @@ fn conform<'x>(x: &'x [f32], from: &Layout, to: &Layout, w: usize, ctx: &Ctx<'_>
         pieces.into_par_iter().zip(plan.par_iter()).for_each(copy);
     }
     Rows::Owned(out)
+}
+
+/// Ask for head `hd`'s query, key and value columns of rows `start..start + n` of the fused
+/// `qkv` (rows of `3h`) to be brought into cache. Rows of `3h` floats are often more than a page
+/// apart, where hardware prefetchers stop; the head's columns are read next.
+fn prefetch_head(qkv: &[f32], start: usize, n: usize, h: usize, dh: usize, hd: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for row in start..start + n {
+            for part in 0..3 {
+                let col = row * 3 * h + part * h + hd * dh;
+                let mut c = col;
+                while c < col + dh {
+                    if let Some(v) = qkv.get(c) {
+                        // SAFETY: a prefetch hint of an address inside `qkv`; it reads nothing.
+                        unsafe { _mm_prefetch::<_MM_HINT_T0>((v as *const f32).cast::<i8>()) };
+                    }
+                    c += 16; // one cache line
+                }
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (qkv, start, n, h, dh, hd);
+    }
 }
 
 fn par_elementwise(x: &mut [f32], f: fn(&mut [f32])) {
