@@ -152,13 +152,13 @@ impl Packed {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            // gathers of 16 rows at a time when the offsets fit the 32-bit indices
-            if has_avx512() && ld.saturating_mul(NR).saturating_add(k) < i32::MAX as usize {
+            // 16 × 16 blocks transposed in registers
+            if has_avx512() {
                 for (p, panel) in self.data.chunks_exact_mut(k * NR).enumerate() {
                     let (j0, cols) = (p * NR, NR.min(n - p * NR));
                     // SAFETY: AVX-512F present; rows j0..j0 + cols of `b` hold `k` floats from
                     // their start (asserted above), the panel `k * NR` floats.
-                    unsafe { avx512_elem::gather_panel(&b[j0 * ld..], ld, cols, k, panel) };
+                    unsafe { avx512_elem::transpose_panel(&b[j0 * ld..], ld, cols, k, panel) };
                 }
                 return;
             }
@@ -1343,32 +1343,78 @@ mod avx512_elem {
     }
 
     /// Panel `[k][16]` of the transposes of `cols` (≤ 16) rows of `b` (row stride `ld`): column
-    /// `jj` of the panel is row `jj`'s first `k` floats; the other columns are zero.
+    /// `jj` of the panel is row `jj`'s first `k` floats; the other columns are zero. Blocks of
+    /// 16 × 16 are loaded row by row (contiguous reads) and transposed in registers.
     ///
     /// # Safety
-    /// AVX-512F must be available; `b` must hold `(cols − 1)·ld + k` floats, `panel` `16·k`,
-    /// and `15·ld + k` must fit an `i32`.
+    /// AVX-512F must be available; `b` must hold `(cols − 1)·ld + k` floats, `panel` `16·k`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn gather_panel(
+    pub(super) unsafe fn transpose_panel(
         b: &[f32],
         ld: usize,
         cols: usize,
         k: usize,
         panel: &mut [f32],
     ) {
-        debug_assert!(cols >= 1 && b.len() >= (cols - 1) * ld + k && panel.len() >= 16 * k);
-        let rows = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        let idx = _mm512_mullo_epi32(rows, _mm512_set1_epi32(ld as i32));
-        let m = lanes(cols);
-        for kk in 0..k {
-            // SAFETY: the unmasked lanes read b[jj·ld + kk] with jj < cols and kk < k, inside
-            // `b`; the store writes panel[kk·16..kk·16 + 16] inside the panel.
-            unsafe {
-                let v =
-                    _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, idx, b.as_ptr().add(kk));
-                _mm512_storeu_ps(panel.as_mut_ptr().add(kk * 16), v);
+        assert!(
+            (1..=16).contains(&cols) && b.len() >= (cols - 1) * ld + k && panel.len() >= 16 * k,
+            "transpose_panel: operands too short"
+        );
+        let mut kb = 0;
+        while kb < k {
+            let klen = 16.min(k - kb);
+            let m = lanes(klen);
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (jj, v) in r.iter_mut().enumerate().take(cols) {
+                // SAFETY: row jj < cols holds floats kb..kb + klen (asserted above).
+                *v = unsafe { _mm512_maskz_loadu_ps(m, b.as_ptr().add(jj * ld + kb)) };
             }
+            let t = transpose16(r);
+            for (kk, v) in t.iter().enumerate().take(klen) {
+                // SAFETY: kb + kk < k: the 16 floats lie inside the panel.
+                unsafe { _mm512_storeu_ps(panel.as_mut_ptr().add((kb + kk) * 16), *v) };
+            }
+            kb += 16;
         }
+    }
+
+    /// The 16 × 16 transpose of rows `r` (row `i` lane `j` → row `j` lane `i`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+        // 32-bit interleave of row pairs, then 64-bit interleave: each 128-bit lane holds a
+        // transposed 4 × 4 block; two rounds of 128-bit lane shuffles put the blocks in place
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        let pd = _mm512_castps_pd;
+        let ps = _mm512_castpd_ps;
+        let mut u = [_mm512_setzero_ps(); 16];
+        for q in 0..4 {
+            let (a, b, c, d) = (t[4 * q], t[4 * q + 1], t[4 * q + 2], t[4 * q + 3]);
+            u[4 * q] = ps(_mm512_unpacklo_pd(pd(a), pd(c)));
+            u[4 * q + 1] = ps(_mm512_unpackhi_pd(pd(a), pd(c)));
+            u[4 * q + 2] = ps(_mm512_unpacklo_pd(pd(b), pd(d)));
+            u[4 * q + 3] = ps(_mm512_unpackhi_pd(pd(b), pd(d)));
+        }
+        // u[4q + c] lane L: rows 4q..4q+4 of column 4L + c
+        let mut v = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            v[c] = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            v[4 + c] = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+            v[8 + c] = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            v[12 + c] = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+        }
+        let mut out = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            out[c] = _mm512_shuffle_f32x4::<0x88>(v[c], v[8 + c]);
+            out[4 + c] = _mm512_shuffle_f32x4::<0x88>(v[4 + c], v[12 + c]);
+            out[8 + c] = _mm512_shuffle_f32x4::<0xdd>(v[c], v[8 + c]);
+            out[12 + c] = _mm512_shuffle_f32x4::<0xdd>(v[4 + c], v[12 + c]);
+        }
+        out
     }
 
     /// # Safety
