@@ -910,26 +910,31 @@ fn fma_chains(seconds: f64) -> f64 {
 mod peak {
     use std::arch::x86_64::*;
 
+    /// `iters` rounds of FMAs on 12 named accumulators (an array went through memory every
+    /// round), more chains than FMA latency × FMA units on current x86 cores; `$set1`, `$fma`
+    /// and `$sum` are one vector width's intrinsics. Evaluates to the sum of the accumulators.
+    macro_rules! chains {
+        ($set1:ident, $fma:ident, $sum:expr, $iters:expr) => {{
+            let (x, y) = ($set1(0.999_9), $set1(1e-5));
+            chains!(@run $set1, $fma, $sum, $iters, x, y; a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11)
+        }};
+        (@run $set1:ident, $fma:ident, $sum:expr, $iters:expr, $x:ident, $y:ident; $($a:ident),*) => {{
+            let mut init = 0.0f32;
+            $(init += 1e-3; let mut $a = $set1(init);)*
+            for _ in 0..$iters {
+                $($a = $fma($a, $x, $y);)*
+            }
+            0.0f32 $(+ $sum($a))*
+        }};
+    }
+
     /// `iters` rounds of 12 independent 16-lane FMAs: (flops, a value that depends on them).
     ///
     /// # Safety
     /// AVX-512F must be available.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn avx512(iters: usize) -> (f64, f32) {
-        let (x, y) = (_mm512_set1_ps(0.999_9), _mm512_set1_ps(1e-5));
-        // 12 named registers (an array went through memory every round): more chains than
-        // FMA latency × FMA units on current x86 cores
-        macro_rules! chains {
-            ($($a:ident),*) => {{
-                let mut init = 0.0f32;
-                $(init += 1e-3; let mut $a = _mm512_set1_ps(init);)*
-                for _ in 0..iters {
-                    $($a = _mm512_fmadd_ps($a, x, y);)*
-                }
-                0.0 $(+ _mm512_reduce_add_ps($a))*
-            }};
-        }
-        let s = chains!(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11);
+        let s = chains!(_mm512_set1_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps, iters);
         ((iters * 12 * 16 * 2) as f64, s)
     }
 
@@ -939,19 +944,8 @@ mod peak {
     /// AVX2 and FMA must be available.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn avx2(iters: usize) -> (f64, f32) {
-        let (x, y) = (_mm256_set1_ps(0.999_9), _mm256_set1_ps(1e-5));
         let first = |v: __m256| _mm_cvtss_f32(_mm256_castps256_ps128(v));
-        macro_rules! chains {
-            ($($a:ident),*) => {{
-                let mut init = 0.0f32;
-                $(init += 1e-3; let mut $a = _mm256_set1_ps(init);)*
-                for _ in 0..iters {
-                    $($a = _mm256_fmadd_ps($a, x, y);)*
-                }
-                0.0 $(+ first($a))*
-            }};
-        }
-        let s = chains!(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11);
+        let s = chains!(_mm256_set1_ps, _mm256_fmadd_ps, first, iters);
         ((iters * 12 * 8 * 2) as f64, s)
     }
 }
