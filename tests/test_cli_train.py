@@ -209,3 +209,18 @@ def test_train_from_a_model_whose_head_has_other_labels(tiny_model_dir, sentimen
     enc = tok(["good film", "awful plot"], return_tensors="pt", padding=True)
     assert bl.mc_predict(loaded, dict(enc), samples=0)["probs"].shape == (2, 2)
     assert payload["label_names"] == ["neg", "pos"]
+
+
+def test_kl_scale_default_follows_the_posterior():
+    from bayeslora.cli import _settings, build_parser
+    from bayeslora.pipeline import KL_SCALE_DEFAULTS, TrainSettings
+
+    assert TrainSettings().kl_scale == KL_SCALE_DEFAULTS["gate"] == 0.02
+    assert TrainSettings(posterior="additive").kl_scale == KL_SCALE_DEFAULTS["additive"] == 0.01
+    assert TrainSettings(posterior="additive", kl_scale=0.3).kl_scale == 0.3
+    assert TrainSettings(posterior="additive").bayes_config("classifier").kl_scale == 0.01
+    parse = build_parser().parse_args
+    assert _settings(parse(["train", "--out", "x", "--posterior", "additive"])).kl_scale == 0.01
+    assert _settings(parse(["train", "--out", "x"])).kl_scale == 0.02
+    explicit = parse(["train", "--out", "x", "--posterior", "additive", "--kl-scale", "0.05"])
+    assert _settings(explicit).kl_scale == 0.05

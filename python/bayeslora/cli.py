@@ -49,7 +49,12 @@ def _add_train_options(p: argparse.ArgumentParser, defaults: Any) -> None:
     p.add_argument(
         "--max-train", type=int, default=defaults.max_train, help="use at most this many training examples"
     )
-    p.add_argument("--kl-scale", type=float, default=defaults.kl_scale)
+    p.add_argument(
+        "--kl-scale",
+        type=float,
+        default=None,
+        help="multiplier of the KL term (default: 0.02 for the gate posterior, 0.01 for additive)",
+    )
     p.add_argument("--kl-group", default=defaults.kl_group, choices=["params", "unit"])
     p.add_argument("--kl-freeze", type=int, default=defaults.kl_freeze, help="steps with no KL term")
     p.add_argument("--kl-warmup", type=int, default=defaults.kl_warmup, help="steps of linear KL warm-up")
