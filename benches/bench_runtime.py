@@ -30,23 +30,13 @@ import torch
 
 import bayeslora as bl
 from bayeslora.runtime import Scorer, fma_peak_gflops
+from minilm_shape import HEADS, HIDDEN, INTER, LAYERS, VOCAB, minilm_classifier
 
-HIDDEN, LAYERS, HEADS, INTER, VOCAB, SEQ, RANK = 384, 6, 12, 1536, 30522, 64, 8
+SEQ, RANK = 64, 8
 
 
 def build_model() -> torch.nn.Module:
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=INTER,
-        num_labels=2,
-    )
-    model = tf.BertForSequenceClassification(cfg).eval()
+    model = minilm_classifier().eval()
     bl.inject(
         model,
         bl.BayesLoRAConfig(

@@ -19,30 +19,15 @@ import pytest
 import torch
 
 import bayeslora as bl
+from minilm_shape import minilm_classifier
 
 BATCH, SEQ, RANK, N_TRAIN = 32, 64, 8, 10_000
 VARIANTS = ("peft-lora", "lora", "bayeslora-gate", "bayeslora-additive")
 
 
-def _base() -> torch.nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=30522,
-        hidden_size=384,
-        num_hidden_layers=6,
-        num_attention_heads=12,
-        intermediate_size=1536,
-        max_position_embeddings=512,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(cfg)
-
-
 def make_step(variant: str) -> Callable[[], float]:
     """Build a model for ``variant`` and return a closure running one optimizer step (returns the loss)."""
-    model = _base()
+    model = minilm_classifier()
     if variant == "peft-lora":
         from peft import LoraConfig, get_peft_model
 
