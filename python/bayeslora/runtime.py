@@ -180,7 +180,8 @@ def fma_peak_gflops(seconds: float = 0.3, threads: int = 1) -> float:
     ``threads`` OS threads each run independent FMA chains of the widest vectors the runtime's
     kernels use (AVX-512, else AVX2) for about ``seconds``; the sum is returned (0.0 without
     AVX2/FMA). It is the ceiling for the runtime's matrix products at the clock the cores run
-    at, which the nominal clock of ``/proc/cpuinfo`` does not tell (cores boost).
+    at, which the nominal clock of ``/proc/cpuinfo`` does not tell (cores boost). Raises
+    ``bayeslora.errors.InvalidValueError`` for ``seconds <= 0`` or ``threads < 1``.
     """
     return float(_core.fma_peak_gflops(float(seconds), int(threads)))
 

@@ -861,17 +861,28 @@ mod avx2 {
 /// The f32 FMA peak of this machine in GFLOP/s, measured: `threads` OS threads at once, each
 /// running independent fused multiply-add chains (12 accumulators, more than FMA latency ×
 /// FMA units) of the widest vectors the kernels use (AVX-512, else AVX2) for about `seconds`.
-/// The sum over the threads is returned; 0 when neither AVX2+FMA nor AVX-512 is available.
+/// The sum over the threads is returned; 0 when neither AVX2+FMA nor AVX-512 is available; an
+/// error for `seconds` ≤ 0 (at most 60 are run), no threads, or threads the OS will not start.
 /// It is what a matrix kernel could at best execute at the clock the cores run now, which
 /// the nominal clock in `/proc/cpuinfo` does not tell (cores boost).
-pub fn fma_peak_gflops(seconds: f64, threads: usize) -> f64 {
-    let threads = threads.max(1);
-    let seconds = seconds.clamp(0.01, 60.0);
+pub fn fma_peak_gflops(seconds: f64, threads: usize) -> crate::error::Result<f64> {
+    if !(seconds.is_finite() && seconds > 0.0) || threads == 0 {
+        return Err(crate::error::Error::Value(format!(
+            "seconds must be > 0 and threads >= 1, got {seconds} and {threads}"
+        )));
+    }
+    let seconds = seconds.min(60.0);
     std::thread::scope(|scope| {
-        let runs: Vec<_> = (0..threads)
-            .map(|_| scope.spawn(move || fma_chains(seconds)))
-            .collect();
-        runs.into_iter().map(|r| r.join().unwrap_or(0.0)).sum()
+        let mut runs = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            let run = std::thread::Builder::new()
+                .spawn_scoped(scope, move || fma_chains(seconds))
+                .map_err(|e| {
+                    crate::error::Error::Value(format!("cannot start {threads} threads: {e}"))
+                })?;
+            runs.push(run);
+        }
+        Ok(runs.into_iter().map(|r| r.join().unwrap_or(0.0)).sum())
     })
 }
 
@@ -1594,7 +1605,8 @@ mod tests {
 
     #[test]
     fn fma_peak_is_measured() {
-        let one = fma_peak_gflops(0.05, 1);
+        let one = fma_peak_gflops(0.05, 1).expect("one thread starts");
+        assert!(fma_peak_gflops(0.0, 1).is_err() && fma_peak_gflops(0.1, 0).is_err());
         // any x86-64 CPU with AVX2 does several GFLOP/s; nothing does 10 TFLOP/s per core
         if has_avx2_fma() {
             assert!(one > 1.0 && one < 10_000.0, "{one}");

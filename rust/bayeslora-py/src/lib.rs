@@ -145,12 +145,8 @@ fn rank_scores_additive<'py>(
 #[pyfunction]
 #[pyo3(signature = (seconds=0.3, threads=1))]
 fn fma_peak_gflops(py: Python<'_>, seconds: f64, threads: usize) -> PyResult<f64> {
-    if !(seconds.is_finite() && seconds > 0.0) || threads == 0 {
-        return Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "seconds must be > 0 and threads >= 1, got {seconds} and {threads}"
-        )));
-    }
-    Ok(py.detach(|| core::kernels::fma_peak_gflops(seconds, threads)))
+    py.detach(|| core::kernels::fma_peak_gflops(seconds, threads))
+        .map_err(|e| to_pyerr(py, e))
 }
 
 #[pymodule]
