@@ -17,9 +17,13 @@
 //!   FFN for token 0 only, and no keys or values either, by linearity: with `q` token 0's query
 //!   of a head and `W_k`, `W_v` that head's rows, the scores are `(W_kᵀ q) · x_j` (the key bias
 //!   adds the same `q · b_k` to every score: softmax drops it) and the output is
-//!   `W_v (Σ_j p_j x_j) + b_v` (plus the value adapter's term of the same pooled row: the
-//!   per-sample noise is one coefficient per rank, the same for every token). When the key
-//!   adapter is noisy, keys are computed for all tokens as in the other layers.
+//!   `W_v (Σ_j p_j x_j) + b_v` (plus the value adapter's term of the same pooled row: a sample's
+//!   noise, gate coefficients or sampled factors, is the same for every token, so the term is
+//!   linear in x). When the key adapter is noisy, keys are computed for all tokens as in the
+//!   other layers.
+//! - Activation buffers come from a pool kept between calls ([`Buf`]: initialised once to their
+//!   capacity, never zeroed again); with enough inputs × samples, attention runs one task per
+//!   sequence copy and writes every head in place.
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
