@@ -21,7 +21,7 @@
 //!   noise, gate coefficients or sampled factors, is the same for every token, so the term is
 //!   linear in x). When the key adapter is noisy, keys are computed for all tokens as in the
 //!   other layers.
-//! - Activation buffers come from a pool kept between calls ([`Buf`]: initialised once to their
+//! - Activation buffers come from a pool kept between calls (`Buf`: initialised once to their
 //!   capacity, never zeroed again); with enough inputs × samples, attention runs one task per
 //!   sequence copy and writes every head in place.
 
