@@ -89,7 +89,7 @@ struct Pooled {
 #[derive(Debug)]
 struct Layer {
     qkv: Linear,
-    /// Last layer only.
+    /// The last layer's (only that layer computes token 0 alone).
     pooled: Option<Pooled>,
     out: Linear,
     ln1: (Vec<f32>, Vec<f32>),
@@ -156,6 +156,13 @@ impl Layout {
         }
         out
     }
+}
+
+/// Per-thread scratch of the attention tasks: two packings and a score buffer, reused.
+type Scratch = (Packed, Packed, Vec<f32>);
+
+fn scratch() -> Scratch {
+    (Packed::empty(), Packed::empty(), Vec::new())
 }
 
 /// Split `data` (rows of `width`) into the mutable row blocks of `segments`.
@@ -510,9 +517,8 @@ impl Encoder {
             }
         }
         kernels::layer_norm(&mut x, &self.emb_ln.0, &self.emb_ln.1, self.eps);
-        let last = self.layers.len().saturating_sub(1);
-        for (l, layer) in self.layers.iter().enumerate() {
-            (x, lay) = self.layer(layer, x, lay, l == last, &ctx);
+        for layer in &self.layers {
+            (x, lay) = self.layer(layer, x, lay, &ctx);
         }
         // token 0 of each copy
         let first = Layout {
@@ -551,24 +557,17 @@ impl Encoder {
         out
     }
 
-    fn layer(
-        &self,
-        layer: &Layer,
-        x: Buf,
-        lay: Layout,
-        last: bool,
-        ctx: &Ctx<'_>,
-    ) -> (Buf, Layout) {
+    /// One encoder layer; the last one (the one with `pooled`) for token 0 only.
+    fn layer(&self, layer: &Layer, x: Buf, lay: Layout, ctx: &Ctx<'_>) -> (Buf, Layout) {
         let h = self.hidden;
+        let last = layer.pooled.is_some();
         let key = &layer.qkv.parts[1];
         let key_noisy = key
             .adapter
             .as_ref()
             .is_some_and(|ad| self.noisy(ad, &key.name, ctx));
         let (attn, lay_c) = match &layer.pooled {
-            Some(pooled) if last && !key_noisy => {
-                self.pooled_attention(layer, pooled, &x, &lay, ctx)
-            }
+            Some(pooled) if !key_noisy => self.pooled_attention(layer, pooled, &x, &lay, ctx),
             _ => {
                 let (qkv, lay_q) = self.linear(&layer.qkv, &x, &lay, ctx);
                 let lay_c = if last {
@@ -620,7 +619,6 @@ impl Encoder {
         };
         let mut ctxv = ctx.buf(out_lay.rows() * h);
         let parts = split_segments(&mut ctxv, &out_lay.segments(), h);
-        let scratch = || (Packed::empty(), Packed::empty(), Vec::new());
         if segs.len() >= 2 * ctx.threads {
             // enough segments to keep the threads busy: one segment per task, all heads, each
             // head's output written in place into the segment's rows
@@ -684,7 +682,7 @@ impl Encoder {
         n: usize,
         first_only: bool,
         hd: usize,
-        sc: &mut (Packed, Packed, Vec<f32>),
+        sc: &mut Scratch,
         out: &mut [f32],
         ldo: usize,
     ) {
@@ -749,24 +747,24 @@ impl Encoder {
         pooled_x
             .par_chunks_mut(heads * d_in)
             .zip(lay_q.segments().par_iter())
-            .for_each(|(out, &(i, s, g, _))| {
+            .for_each_init(scratch, |(xt, xp, scores), (out, &(i, s, g, _))| {
                 let src = if lay.reps == 1 { i } else { i * lay.reps + s };
                 let (_, _, start, n) = x_segs[src];
                 let rows = &x[start * d_in..(start + n) * d_in];
-                let mut scores = vec![0.0f32; heads * n];
-                let xt = Packed::from_nk(rows, n, d_in, d_in);
+                scores.resize(heads * n, 0.0);
+                xt.refill_nk(rows, n, d_in, d_in);
                 kernels::gemm(
                     heads,
                     &u[g * d_in..],
                     copies * d_in,
-                    &xt,
-                    &mut scores,
+                    xt,
+                    scores,
                     n,
                     Epilogue::Store,
                 );
-                kernels::softmax_rows(&mut scores, n, scale);
-                let xp = Packed::from_kn(rows, n, d_in, d_in);
-                kernels::gemm(heads, &scores, n, &xp, out, d_in, Epilogue::Store);
+                kernels::softmax_rows(scores, n, scale);
+                xp.refill_kn(rows, n, d_in, d_in);
+                kernels::gemm(heads, scores, n, xp, out, d_in, Epilogue::Store);
             });
         ctx.put(u);
         // the value projection of the pooled rows; head hd keeps its own columns of row hd
@@ -837,7 +835,7 @@ impl Encoder {
             reps: ctx.samples,
         };
         if out_lay != *lay {
-            let expanded = conform(&y, lay, &out_lay, lin.d_out, ctx).into_buf(ctx);
+            let expanded = relay(&y, lay, &out_lay, lin.d_out, ctx);
             ctx.put(std::mem::replace(&mut y, expanded));
         }
         let in_segs = lay.segments();
@@ -1044,54 +1042,37 @@ impl Deref for Rows<'_> {
     }
 }
 
-impl Rows<'_> {
-    /// These rows in a pooled buffer of their own (a copy when borrowed).
-    fn into_buf(self, ctx: &Ctx<'_>) -> Buf {
-        match self {
-            Rows::Owned(b) => b,
-            Rows::Borrowed(x) => {
-                let mut b = ctx.buf(x.len());
-                b.copy_from_slice(x);
-                b
-            }
-        }
+/// Re-lay rows of width `w` from `from` into `to` (borrowed when the layouts agree): copy `s` of
+/// input `i` takes its source copy (or the shared one) and keeps the first `to.n[i]` rows of it.
+fn conform<'x>(x: &'x [f32], from: &Layout, to: &Layout, w: usize, ctx: &Ctx<'_>) -> Rows<'x> {
+    if from == to {
+        Rows::Borrowed(x)
+    } else {
+        Rows::Owned(relay(x, from, to, w, ctx))
     }
 }
 
-/// Re-lay rows of width `w` from `from` into `to`: copy `s` of input `i` takes its source copy
-/// (or the shared one) and keeps the first `to.n[i]` rows of it.
-fn conform<'x>(x: &'x [f32], from: &Layout, to: &Layout, w: usize, ctx: &Ctx<'_>) -> Rows<'x> {
-    if from == to {
-        return Rows::Borrowed(x);
-    }
+/// [`conform`] into a pooled buffer of its own, always.
+fn relay(x: &[f32], from: &Layout, to: &Layout, w: usize, ctx: &Ctx<'_>) -> Buf {
     let from_segs = from.segments();
-    // (first source row, rows) of every copy of `to`, in storage order
-    let mut plan = Vec::with_capacity(to.n.len() * to.reps);
-    for (i, &n) in to.n.iter().enumerate() {
-        for s in 0..to.reps {
-            let src = if from.reps == 1 { i } else { i * from.reps + s };
-            let (_, _, start, len) = from_segs[src];
-            plan.push((start, n.min(len)));
-        }
-    }
-    let rows: usize = plan.iter().map(|&(_, take)| take).sum();
-    let mut out = ctx.buf(rows * w);
-    let mut pieces = Vec::with_capacity(plan.len());
-    let mut rest: &mut [f32] = &mut out;
-    for &(_, take) in &plan {
-        let (piece, tail) = std::mem::take(&mut rest).split_at_mut(take * w);
-        pieces.push(piece);
-        rest = tail;
-    }
-    let copy = |(dst, &(start, take)): (&mut [f32], &(usize, usize))| {
-        dst.copy_from_slice(&x[start * w..(start + take) * w]);
+    let to_segs = to.segments();
+    let mut out = ctx.buf(to.rows() * w);
+    let pieces = split_segments(&mut out, &to_segs, w);
+    let copy = |(dst, &(i, s, _, n)): (&mut [f32], &(usize, usize, usize, usize))| {
+        let src = if from.reps == 1 { i } else { i * from.reps + s };
+        let (_, _, start, len) = from_segs[src];
+        assert!(n <= len, "conform: a copy keeps at most its source's rows");
+        dst.copy_from_slice(&x[start * w..(start + n) * w]);
     };
-    if rows * w < PAR_MIN {
-        pieces.into_iter().zip(&plan).for_each(copy);
+    if to.rows() * w < PAR_MIN {
+        pieces.into_iter().zip(&to_segs).for_each(copy);
     } else {
-        pieces.into_par_iter().zip(plan.par_iter()).for_each(copy);
+        pieces
+            .into_par_iter()
+            .zip(to_segs.par_iter())
+            .for_each(copy);
     }
-    Rows::Owned(out)
+    out
 }
 
 /// Ask for head `hd`'s query, key and value columns of rows `start..start + n` of the fused
@@ -1104,13 +1085,12 @@ fn prefetch_head(qkv: &[f32], start: usize, n: usize, h: usize, dh: usize, hd: u
         for row in start..start + n {
             for part in 0..3 {
                 let col = row * 3 * h + part * h + hd * dh;
-                let mut c = col;
-                while c < col + dh {
+                // every 16 floats (a cache line) and the last one, whatever the alignment
+                for c in (col..col + dh).step_by(16).chain([col + dh - 1]) {
                     if let Some(v) = qkv.get(c) {
                         // SAFETY: a prefetch hint of an address inside `qkv`; it reads nothing.
                         unsafe { _mm_prefetch::<_MM_HINT_T0>((v as *const f32).cast::<i8>()) };
                     }
-                    c += 16; // one cache line
                 }
             }
         }

@@ -91,7 +91,7 @@ impl Packed {
     /// Pack `Wᵀ` of a torch-layout weight `w: [n_out, k_in]` (row-major), i.e. `y = x Wᵀ`.
     pub fn from_weight(w: &[f32], n_out: usize, k_in: usize) -> Self {
         debug_assert_eq!(w.len(), n_out * k_in);
-        Self::with_fill(k_in, n_out, |k, j| w[j * k_in + k])
+        Self::from_nk(w, n_out, k_in, k_in)
     }
 
     /// Pack a row-major `K × N` matrix stored with row stride `ld`.
@@ -1239,6 +1239,12 @@ mod avx512_elem {
         }
     }
 
+    /// `(offset, mask)` of the 16-lane chunks of `len` floats, the last one masked.
+    #[inline]
+    fn chunks16(len: usize) -> impl Iterator<Item = (usize, __mmask16)> {
+        (0..len).step_by(16).map(move |j| (j, lanes(len - j)))
+    }
+
     /// # Safety
     /// AVX-512F must be available.
     #[target_feature(enable = "avx512f")]
@@ -1251,20 +1257,15 @@ mod avx512_elem {
             let p = row.as_mut_ptr();
             // max of the raw row (scale > 0), then e^(scale·x − scale·max) in one pass
             let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
-            let mut j = 0;
-            while j < width {
-                let m = lanes(width - j);
+            for (j, m) in chunks16(width) {
                 // SAFETY: lanes j..j + popcount(m) lie inside the row; masked lanes are not touched.
                 unsafe {
                     mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, p.add(j)));
                 }
-                j += 16;
             }
             let mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale);
             let mut sum = _mm512_setzero_ps();
-            let mut j = 0;
-            while j < width {
-                let m = lanes(width - j);
+            for (j, m) in chunks16(width) {
                 // SAFETY: as above.
                 unsafe {
                     let v = _mm512_maskz_loadu_ps(m, p.add(j));
@@ -1272,18 +1273,14 @@ mod avx512_elem {
                     _mm512_mask_storeu_ps(p.add(j), m, e);
                     sum = _mm512_mask_add_ps(sum, m, sum, e);
                 }
-                j += 16;
             }
             let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
-            let mut j = 0;
-            while j < width {
-                let m = lanes(width - j);
+            for (j, m) in chunks16(width) {
                 // SAFETY: as above.
                 unsafe {
                     let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(j)), inv);
                     _mm512_mask_storeu_ps(p.add(j), m, v);
                 }
-                j += 16;
             }
         }
     }
@@ -1307,9 +1304,7 @@ mod avx512_elem {
         for (row, res) in x.chunks_exact_mut(h).zip(r.chunks_exact(h)) {
             let (p, q) = (row.as_mut_ptr(), res.as_ptr());
             let mut sum = _mm512_setzero_ps();
-            let mut j = 0;
-            while j < h {
-                let m = lanes(h - j);
+            for (j, m) in chunks16(h) {
                 // SAFETY: lanes j..j + popcount(m) lie inside the row (and the residual row).
                 unsafe {
                     let v = _mm512_add_ps(
@@ -1319,25 +1314,19 @@ mod avx512_elem {
                     _mm512_mask_storeu_ps(p.add(j), m, v);
                     sum = _mm512_add_ps(sum, v);
                 }
-                j += 16;
             }
             let mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) * inv_h);
             let mut sq = _mm512_setzero_ps();
-            let mut j = 0;
-            while j < h {
-                let m = lanes(h - j);
+            for (j, m) in chunks16(h) {
                 // SAFETY: as above.
                 unsafe {
                     let d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, p.add(j)), mean);
                     sq = _mm512_fmadd_ps(d, d, sq);
                 }
-                j += 16;
             }
             let var = _mm512_reduce_add_ps(sq) * inv_h;
             let inv = _mm512_set1_ps(1.0 / (var + eps).sqrt());
-            let mut j = 0;
-            while j < h {
-                let m = lanes(h - j);
+            for (j, m) in chunks16(h) {
                 // SAFETY: as above; gamma and beta hold h floats.
                 unsafe {
                     let d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(j)), mean);
@@ -1346,7 +1335,6 @@ mod avx512_elem {
                     let y = _mm512_fmadd_ps(_mm512_mul_ps(d, inv), g, b);
                     _mm512_mask_storeu_ps(p.add(j), m, y);
                 }
-                j += 16;
             }
         }
     }
@@ -1369,10 +1357,8 @@ mod avx512_elem {
             (1..=16).contains(&cols) && b.len() >= (cols - 1) * ld + k && panel.len() >= 16 * k,
             "transpose_panel: operands too short"
         );
-        let mut kb = 0;
-        while kb < k {
+        for (kb, m) in chunks16(k) {
             let klen = 16.min(k - kb);
-            let m = lanes(klen);
             let mut r = [_mm512_setzero_ps(); 16];
             for (jj, v) in r.iter_mut().enumerate().take(cols) {
                 // SAFETY: row jj < cols holds floats kb..kb + klen (asserted above).
@@ -1383,7 +1369,6 @@ mod avx512_elem {
                 // SAFETY: kb + kk < k: the 16 floats lie inside the panel.
                 unsafe { _mm512_storeu_ps(panel.as_mut_ptr().add((kb + kk) * 16), *v) };
             }
-            kb += 16;
         }
     }
 
@@ -1441,9 +1426,7 @@ mod avx512_elem {
         const Q: [f32; 4] = [-2.133_740_6e-4, -1.682_827e-3, -7.373_329e-3, -1.426_474e-2];
         let p0 = x.as_mut_ptr();
         let len = x.len();
-        let mut j = 0;
-        while j < len {
-            let m = lanes(len - j);
+        for (j, m) in chunks16(len) {
             // SAFETY: lanes j..j + popcount(m) lie inside `x`; masked lanes are not touched.
             unsafe {
                 let v = _mm512_maskz_loadu_ps(m, p0.add(j));
@@ -1464,7 +1447,6 @@ mod avx512_elem {
                 let out = _mm512_fmadd_ps(half_v, erf, half_v);
                 _mm512_mask_storeu_ps(p0.add(j), m, out);
             }
-            j += 16;
         }
     }
 }
