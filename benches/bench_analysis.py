@@ -26,8 +26,9 @@ from threadpoolctl import threadpool_limits
 
 from bayeslora import _core
 from bayeslora import analysis as bla
+from minilm_shape import HIDDEN, INTER, LAYERS
 
-HIDDEN, LAYERS, RANK, FFN = 384, 6, 8, 1536
+RANK = 8
 
 
 # ---- (a) speed ----------------------------------------------------------------------------------
@@ -39,7 +40,7 @@ def minilm_modules(targets: str, seed: int = 0) -> list[tuple]:
     shapes = {"query": (HIDDEN, HIDDEN), "value": (HIDDEN, HIDDEN)}
     if targets == "all-linear":
         shapes.update({"key": (HIDDEN, HIDDEN), "attention.output": (HIDDEN, HIDDEN)})
-        shapes.update({"intermediate": (HIDDEN, FFN), "output": (FFN, HIDDEN)})
+        shapes.update({"intermediate": (HIDDEN, INTER), "output": (INTER, HIDDEN)})
     mods = []
     for _ in range(LAYERS):
         for d_in, d_out in shapes.values():

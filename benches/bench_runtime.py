@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             f"Measured by `python benches/bench_runtime.py --out benches/RESULTS_runtime.md` on "
             f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs), torch "
             f"{torch.__version__}, Python {sys.version.split()[0]}.",
-            "BERT hidden 384, 6 layers, 12 heads, intermediate 1536, vocab 30522, random weights; gate "
-            "adapters rank 8 on query/value; sequence 64, all tokens attended. S = 0: mean mode; S = 16: "
+            f"BERT hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, intermediate {INTER}, vocab {VOCAB}, "
+            f"random weights; gate adapters rank {RANK} on query/value; sequence {SEQ}, all tokens "
+            "attended. S = 0: mean mode; S = 16: "
             "16 posterior samples per input, batched in both (torch via `bl.mc_predict`). Throughput in "
             "inputs per second, best of repeated runs (the machine is shared: 1-minute load average "
             f"{load_before:.1f} before and {load_after:.1f} after the run, on {os.cpu_count()} CPUs; "

@@ -3,13 +3,18 @@ that time the encoder rather than score real text."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 HIDDEN, LAYERS, HEADS, INTER, VOCAB = 384, 6, 12, 1536, 30522
 
 
 def minilm_classifier(num_labels: int = 2, seed: int = 0) -> torch.nn.Module:
-    """``BertForSequenceClassification`` of the MiniLM-L6 shape, weights drawn with ``seed``."""
+    """``BertForSequenceClassification`` of the MiniLM-L6 shape, weights drawn with ``seed``
+    (torch is imported here, so the shape constants come without it)."""
+    import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)

@@ -1,6 +1,7 @@
 """Tiny random transformers of five families, built in-process, with their usual LoRA targets.
 
-The one model factory of the tests and benches (``runtime_models`` adds adapters and tokenizers)."""
+The one model factory of the tests (``runtime_models`` adds adapters and tokenizers; the benches time
+the MiniLM shape, ``benches/minilm_shape.py``)."""
 
 from __future__ import annotations
 
@@ -32,21 +33,28 @@ def build(
     import transformers as tf
 
     torch.manual_seed(seed)
-    if family == "bert":
-        cfg = tf.BertConfig(
+    if family in ("bert", "roberta"):
+        bert = family == "bert"
+        config_cls, model_cls = (
+            (tf.BertConfig, tf.BertForSequenceClassification)
+            if bert
+            else (tf.RobertaConfig, tf.RobertaForSequenceClassification)
+        )
+        cfg = config_cls(
             vocab_size=VOCAB,
             hidden_size=hidden,
             num_hidden_layers=layers,
             num_attention_heads=heads,
             intermediate_size=inter,
-            max_position_embeddings=64,
+            max_position_embeddings=64 if bert else 64 + 2,  # RoBERTa numbers from pad id + 1
             num_labels=labels,
             initializer_range=0.2,
             hidden_act=act,
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
+            **({} if bert else {"pad_token_id": 1}),
         )
-        model = tf.BertForSequenceClassification(cfg)
+        model = model_cls(cfg)
     elif family == "distilbert":
         cfg = tf.DistilBertConfig(
             vocab_size=VOCAB,
@@ -63,22 +71,6 @@ def build(
             initializer_range=0.2,
         )
         model = tf.DistilBertForSequenceClassification(cfg)
-    elif family == "roberta":
-        cfg = tf.RobertaConfig(
-            vocab_size=VOCAB,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=inter,
-            max_position_embeddings=64 + 2,
-            num_labels=labels,
-            initializer_range=0.2,
-            hidden_act=act,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            pad_token_id=1,
-        )
-        model = tf.RobertaForSequenceClassification(cfg)
     elif family == "gpt2":
         cfg = tf.GPT2Config(
             vocab_size=VOCAB,

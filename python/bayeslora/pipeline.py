@@ -90,7 +90,7 @@ class TrainSettings:
             posterior=self.posterior,  # type: ignore[arg-type]
             method=self.method,  # type: ignore[arg-type]
             init_log_alpha=self.init_log_alpha,
-            kl_scale=float(self.kl_scale if self.kl_scale is not None else KL_SCALE_DEFAULTS["gate"]),
+            kl_scale=float(self.kl_scale),  # type: ignore[arg-type]  # set in __post_init__
             kl_group=self.kl_group,  # type: ignore[arg-type]
             kl_freeze=self.kl_freeze,
             kl_warmup=self.kl_warmup,
