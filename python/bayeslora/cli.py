@@ -20,61 +20,91 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
 
 
 # ---- train ------------------------------------------------------------------------------------
+def _schedule(text: str) -> int | float:
+    """A schedule value: an integer is a number of steps, a decimal a fraction of the run."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a step count nor a fraction") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a fraction of the run is in [0, 1]")
+    return value
+
+
 def _add_train_options(p: argparse.ArgumentParser, defaults: Any) -> None:
-    p.add_argument(
-        "--model", default=defaults.model, help="HF model directory, or 'default' (all-MiniLM-L6-v2)"
+    """Every option defaults to SUPPRESS: only what the user gives overrides the recipe (the
+    defaults in the help are the ``vi`` recipe's)."""
+
+    def opt(flag: str, help: str = "", **kw: Any) -> None:
+        name = flag.lstrip("-").replace("-", "_")
+        shown = getattr(defaults, name, None)
+        text = f"{help} (default: {shown})" if help else f"default: {shown}"
+        p.add_argument(flag, default=argparse.SUPPRESS, help=text, **kw)
+
+    opt(
+        "--recipe",
+        "where the defaults come from: vi (ours, variational) or paper (the authors' GLUE harness: "
+        "additive posterior, noise-free training forward, 1e-6·KL, prune ℓ > 4)",
+        choices=["vi", "paper"],
     )
-    p.add_argument(
+    opt("--model", "HF model directory, or 'default' (all-MiniLM-L6-v2)")
+    opt(
         "--data",
-        default=defaults.data,
-        help="vader-movies | vader-tweets | vader-amazon | vader-nyt | bbc | csv:PATH (columns text,label)",
+        "vader-movies | vader-tweets | vader-amazon | vader-nyt | bbc | csv:PATH (columns text,label)",
     )
-    p.add_argument("--method", default=defaults.method, choices=["bayeslora", "lora", "mcdropout"])
-    p.add_argument("--posterior", default=defaults.posterior, choices=["gate", "additive"])
-    p.add_argument("--rank", type=int, default=defaults.rank, help="initial rank r0 of every adapter")
-    p.add_argument("--alpha", type=float, default=defaults.alpha, help="LoRA alpha (scale = alpha / r0)")
-    p.add_argument(
-        "--targets",
-        nargs="+",
-        default=defaults.targets,
-        help="module names or suffixes, a regex, or all-linear",
-    )
-    p.add_argument("--epochs", type=float, default=defaults.epochs)
-    p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate of factors and head")
-    p.add_argument(
-        "--rank-lr", type=float, default=defaults.rank_lr, help="learning rate of log_alpha/log_sigma2"
-    )
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--max-length", type=int, default=defaults.max_length)
-    p.add_argument(
-        "--max-train", type=int, default=defaults.max_train, help="use at most this many training examples"
-    )
+    opt("--method", choices=["bayeslora", "lora", "mcdropout"])
+    opt("--posterior", choices=["gate", "additive"])
+    opt("--rank", "initial rank r0 of every adapter", type=int)
+    opt("--alpha", "LoRA alpha (scale = alpha / r0)", type=float)
+    opt("--targets", "module names or suffixes, a regex, or all-linear", nargs="+")
+    opt("--epochs", type=float)
+    opt("--lr", "learning rate of factors and head", type=float)
+    opt("--rank-lr", "learning rate of log_alpha/log_sigma2", type=float)
+    opt("--batch-size", type=int)
+    opt("--max-length", type=int)
+    opt("--max-train", "use at most this many training examples", type=int)
     p.add_argument(
         "--kl-scale",
         type=float,
-        default=None,
+        default=argparse.SUPPRESS,
         help="multiplier of the KL term (default: 0.02 for the gate posterior, 0.01 for additive)",
     )
-    p.add_argument("--kl-group", default=defaults.kl_group, choices=["params", "unit"])
-    p.add_argument("--kl-freeze", type=int, default=defaults.kl_freeze, help="steps with no KL term")
-    p.add_argument("--kl-warmup", type=int, default=defaults.kl_warmup, help="steps of linear KL warm-up")
-    p.add_argument("--sample-start", type=int, default=defaults.sample_start, help="first step with noise")
-    p.add_argument("--init-log-alpha", type=float, default=defaults.init_log_alpha)
-    p.add_argument("--prune-threshold", type=float, default=defaults.prune_threshold)
-    p.add_argument("--prune-start", type=int, default=defaults.prune_start)
-    p.add_argument("--prune-every", type=int, default=defaults.prune_every)
-    p.add_argument("--min-rank", type=int, default=defaults.min_rank)
-    p.add_argument(
-        "--samples", type=int, default=defaults.samples, help="MC samples for the final evaluation"
+    opt("--kl-group", choices=["params", "unit"])
+    steps = " (an integer: steps; a decimal in [0, 1]: a fraction of the run)"
+    opt("--kl-freeze", "steps with no KL term" + steps, type=_schedule)
+    opt("--kl-warmup", "steps of linear KL warm-up" + steps, type=_schedule)
+    opt("--sample-start", "first step with noise" + steps, type=_schedule)
+    opt("--init-log-alpha", type=float)
+    opt("--prune-threshold", type=float)
+    opt("--prune-start", "first pruning pass" + steps, type=_schedule)
+    opt("--prune-every", "steps between pruning passes" + steps, type=_schedule)
+    opt(
+        "--refit-start",
+        "settle the ranks here, then train the surviving factors with the KL off" + steps,
+        type=_schedule,
     )
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    opt(
+        "--rank-select",
+        "how the ranks are settled at --refit-start: threshold (τ) or validation (the smallest "
+        "cut of the relevance order within --select-tolerance of the validation NLL)",
+        choices=["threshold", "validation"],
+    )
+    opt("--select-tolerance", "validation NLL (nats) a rank cut may cost", type=float)
+    opt("--min-rank", type=int)
+    opt("--samples", "MC samples for the final evaluation", type=int)
+    opt("--seed", type=int)
 
 
 def _settings(args: argparse.Namespace) -> Any:
     from .pipeline import TrainSettings
 
     fields = TrainSettings.__dataclass_fields__
-    return TrainSettings(**{k: getattr(args, k) for k in fields if hasattr(args, k)})
+    given = {k: getattr(args, k) for k in fields if hasattr(args, k) and k != "recipe"}
+    return TrainSettings.for_recipe(getattr(args, "recipe", "vi"), **given)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -162,6 +192,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         max_eval=args.max_eval,
         plots=args.plots,
         num_threads=args.threads,
+        split=args.split,
     )
     _emit(args, result, format_result(result))
     return 0
@@ -175,7 +206,19 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "on the test split of --data, on shifted domains, and on out-of-domain sets.",
     )
     p.add_argument("source", help="checkpoint directory (bayeslora train --out) or bundle (bayeslora export)")
-    p.add_argument("--data", default="vader-movies", help="in-domain dataset (its test split is used)")
+    p.add_argument(
+        "--data",
+        default="vader-movies",
+        help="in-domain dataset: every row of csv:PATH (a file given here is a test set), the test "
+        "split of a named dataset",
+    )
+    p.add_argument(
+        "--split",
+        choices=["test", "all"],
+        default=None,
+        help="score this split of every set instead: test (the seed's 10 %% test split, e.g. of a "
+        "CSV that holds a whole dataset) or all rows",
+    )
     p.add_argument("--ood", nargs="*", default=["bbc"], help="out-of-domain datasets")
     p.add_argument("--shift", nargs="*", default=None, help="shifted datasets with the same labels")
     p.add_argument("--samples", type=int, default=16, help="posterior samples (0 = mean mode)")

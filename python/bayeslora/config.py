@@ -15,6 +15,8 @@ Method = Literal["bayeslora", "lora", "mcdropout"]
 KLGroup = Literal["params", "unit"]
 
 POSTERIORS = ("gate", "additive")
+# Fields that are a step count (int) or a fraction of the run (float in [0, 1]).
+SCHEDULE_FIELDS = ("kl_freeze", "kl_warmup", "sample_start", "prune_start", "prune_every", "refit_start")
 METHODS = ("bayeslora", "lora", "mcdropout")
 
 
@@ -38,14 +40,29 @@ class BayesLoRAConfig:
         init_log_sigma2: initial ``λ_k = log σ_k²`` of the additive family.
         kl_scale: multiplies the KL term of the objective.
         kl_group: per-rank KL weight of the gate family: ``"params"`` (d_in + d_out) or ``"unit"`` (1).
+        kl_per_example: True (SPEC §4): the loss adds ``β·kl_scale·KL/N``, a per-example ELBO; False:
+            ``β·kl_scale·KL`` with no 1/N (the authors' GLUE harness, recipe ``paper``).
         kl_freeze: steps with β = 0 before the KL warm-up.
         kl_warmup: steps over which β rises linearly from 0 to 1.
-        sample_start: first training step with posterior noise on.
+        sample_start: first training step with posterior noise on (``None``: never, the noise stays
+            off in training — the authors' GLUE harness).
         prune_threshold: τ; a rank whose relevance score exceeds it is pruned.
         prune_start: no pruning before this step (at init the additive score is already above τ).
         prune_every: steps between pruning passes.
+        refit_start: from this step on the ranks are settled: a last pruning pass, then the rank
+            parameters and masks are frozen, the KL is off, and the surviving factors train on
+            ("select, then refit"). ``None``: no refit phase.
+        refit_sampling: noise in the forward during the refit phase (at the frozen, learned α).
+
+        Every schedule field (``kl_freeze``, ``kl_warmup``, ``sample_start``, ``prune_start``,
+        ``prune_every``, ``refit_start``) is an ``int`` number of optimizer steps or a ``float`` in
+        [0, 1], a fraction of the run's steps, so that one setting fits a 45-step and a 5,000-step
+        run; :meth:`resolved` turns fractions into steps once the length of the run is known.
         min_rank: ranks every module keeps whatever their scores.
         dropout: Bernoulli drop probability of ``mcdropout``.
+        gate_lrt: the gate family in training draws per-token output noise of the exact marginal
+            variance ``s² Σ_k α_k (a_kᵀx)² B_jk²`` (local reparameterisation, Kingma et al. 2015)
+            instead of one gate vector per sequence; sampling at test time is unchanged.
         init_b_std: std of the initial B factor for ``gate``/``lora``/``mcdropout`` (0 = PEFT's zero init).
         modules_to_save: modules left trainable in full (e.g. the classifier head).
         exclude_modules: modules never adapted (names or suffixes).
@@ -60,17 +77,21 @@ class BayesLoRAConfig:
     init_log_sigma2: float = -8.0
     kl_scale: float = 1.0
     kl_group: KLGroup = "params"
-    kl_freeze: int = 0
-    kl_warmup: int = 0
-    sample_start: int = 0
+    kl_per_example: bool = True
+    kl_freeze: int | float = 0
+    kl_warmup: int | float = 0
+    sample_start: int | float | None = 0
     prune_threshold: float = 3.0
-    prune_start: int = 100
-    prune_every: int = 50
+    prune_start: int | float = 100
+    prune_every: int | float = 50
     min_rank: int = 0
     dropout: float = 0.1
     init_b_std: float = 0.0
+    gate_lrt: bool = False
     modules_to_save: list[str] = field(default_factory=list)
     exclude_modules: list[str] = field(default_factory=list)
+    refit_start: int | float | None = None
+    refit_sampling: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
@@ -91,17 +112,71 @@ class BayesLoRAConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.kl_scale < 0:
             raise ConfigError(f"kl_scale must be >= 0, got {self.kl_scale!r}")
-        for name in ("kl_freeze", "kl_warmup", "sample_start", "prune_start", "min_rank"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.prune_every < 1:
-            raise ConfigError(f"prune_every must be >= 1, got {self.prune_every!r}")
+        if not isinstance(self.min_rank, int) or self.min_rank < 0:
+            raise ConfigError(f"min_rank must be an integer >= 0, got {self.min_rank!r}")
+        for name in SCHEDULE_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in ("sample_start", "refit_start"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a step count (int) or a fraction of the run (float)")
+            if isinstance(value, float) and not 0.0 <= value <= 1.0:
+                raise ConfigError(
+                    f"{name} = {value!r}: a float is a fraction of the run's steps, in [0, 1] "
+                    f"(give an int for a number of steps)"
+                )
+            if isinstance(value, int) and value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value!r}")
+        if self.prune_every == 0:
+            raise ConfigError("prune_every must be > 0")
         if self.min_rank > self.rank:
             raise ConfigError(f"min_rank ({self.min_rank}) cannot exceed rank ({self.rank})")
         if self.init_b_std < 0:
             raise ConfigError(f"init_b_std must be >= 0, got {self.init_b_std!r}")
         if not self.target_modules:
             raise ConfigError("target_modules is empty: name at least one module, a regex or 'all-linear'")
+
+    @property
+    def has_fractions(self) -> bool:
+        """True when a schedule field is a fraction of the run (see :meth:`resolved`)."""
+        return any(isinstance(getattr(self, name), float) for name in SCHEDULE_FIELDS)
+
+    def resolved(self, total_steps: int) -> BayesLoRAConfig:
+        """This config with every fractional schedule field turned into steps of a
+        ``total_steps``-step run (rounded; ``prune_every`` at least 1)."""
+        if total_steps < 1:
+            raise ConfigError(f"total_steps must be >= 1, got {total_steps!r}")
+        changes: dict[str, Any] = {}
+        for name in SCHEDULE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, float):
+                steps = round(value * total_steps)
+                changes[name] = max(1, steps) if name == "prune_every" else steps
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def _steps(self, name: str) -> int | None:
+        value = getattr(self, name)
+        if isinstance(value, float):
+            raise ConfigError(
+                f"{name} = {value!r} is a fraction of the run: call config.resolved(total_steps) first "
+                f"(BayesLoRATrainer does)"
+            )
+        return value
+
+    def sampling_at(self, step: int) -> bool:
+        """Is posterior noise on in the training forward at ``step``?"""
+        if self.method == "lora":
+            return False
+        refit = self._steps("refit_start")
+        if refit is not None and step >= refit:
+            return self.refit_sampling
+        start = self._steps("sample_start")
+        return start is not None and step >= start
+
+    def refitting(self, step: int) -> bool:
+        """Is ``step`` in the refit phase (ranks and rank parameters frozen, no KL)?"""
+        refit = self._steps("refit_start")
+        return refit is not None and step >= refit
 
     @property
     def scale(self) -> float:
@@ -114,12 +189,15 @@ class BayesLoRAConfig:
         return self.method == "bayeslora"
 
     def kl_beta(self, step: int) -> float:
-        """β(t) of SPEC §4: 0 for ``kl_freeze`` steps, then linear to 1 over ``kl_warmup``."""
-        if step < self.kl_freeze:
+        """β(t) of SPEC §4: 0 for ``kl_freeze`` steps, then linear to 1 over ``kl_warmup``; 0 again
+        in the refit phase."""
+        freeze, warmup = self._steps("kl_freeze"), self._steps("kl_warmup")
+        assert freeze is not None and warmup is not None
+        if step < freeze or self.refitting(step):
             return 0.0
-        if self.kl_warmup == 0:
+        if warmup == 0:
             return 1.0
-        return min(1.0, (step - self.kl_freeze + 1) / self.kl_warmup)
+        return min(1.0, (step - freeze + 1) / warmup)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -64,6 +64,29 @@ def load_predictor(
     raise BundleError(f"{path}: neither a bundle (bayeslora.json) nor a training checkpoint (run.json)")
 
 
+SPLITS = ("test", "all")
+
+
+def eval_set(name: str, seed: int, split: str | None = None) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
+    """(texts, labels, label names) that ``evaluate`` scores for dataset ``name``.
+
+    ``split``: ``"test"`` (the seed's test split), ``"all"`` (every row), or None: every row of a
+    ``csv:`` file (a file handed to evaluate is a test set), the test split of a named dataset.
+    """
+    from .data import load_dataset, read_csv_dataset
+
+    if split is None:
+        split = "all" if name.startswith("csv:") else "test"
+    if split not in SPLITS:
+        raise BundleError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "all" and name.startswith("csv:"):
+        texts, labels, label_names = read_csv_dataset(Path(name[4:]).expanduser())
+        return list(texts), labels, tuple(label_names)
+    ds = load_dataset(name, seed=seed)
+    part = ds.all if split == "all" else ds.test
+    return list(part.texts), part.labels, tuple(ds.label_names)
+
+
 def _in_domain(out: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
     probs = out["probs"]
     res = {k: float(v) for k, v in metrics.summary(probs, labels).items()}
@@ -81,12 +104,15 @@ def evaluate(
     max_eval: int | None = None,
     plots: str | os.PathLike | None = None,
     num_threads: int | None = None,
+    split: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint or bundle.
 
     Args:
         path: checkpoint or bundle directory.
-        data: in-domain dataset; its test split (from ``seed``) is used.
+        data: in-domain dataset: every row of a ``csv:`` file, the test split (from ``seed``) of a
+            named dataset, unless ``split`` says otherwise.
+        split: ``"test"`` or ``"all"`` for every set (see :func:`eval_set`); None: per set as above.
         ood: out-of-domain datasets (their labels are ignored); AUROC/FPR95 with each score.
         shift: datasets with the same labels from other domains (default: the other VADER domains
             when ``data`` is a VADER domain); their test splits are scored like the in-domain one.
@@ -94,15 +120,13 @@ def evaluate(
         max_eval: at most this many examples per set.
         plots: directory for PNG plots (reliability, risk–coverage, score histograms).
     """
-    from .data import load_dataset
-
     predict, info = load_predictor(path, samples, seed, num_threads)
-    ds = load_dataset(data, seed=seed)
-    if info.get("labels") and list(info["labels"]) != list(ds.label_names):
+    texts, labels, label_names = eval_set(data, seed, split)
+    if info.get("labels") and list(info["labels"]) != list(label_names):
         raise BundleError(
-            f"{path} was trained with labels {info['labels']}, but {data} has {list(ds.label_names)}"
+            f"{path} was trained with labels {info['labels']}, but {data} has {list(label_names)}"
         )
-    texts, labels = ds.test.texts[:max_eval], ds.test.labels[:max_eval]
+    texts, labels = texts[:max_eval], labels[:max_eval]
     out_in = predict(texts)
     result: dict[str, Any] = {
         "source": str(path),
@@ -111,20 +135,20 @@ def evaluate(
         "samples": samples,
         "seed": seed,
         "n": len(texts),
+        "split": split or ("all" if data.startswith("csv:") else "test"),
         "in_domain": _in_domain(out_in, labels),
     }
     if shift is None:
         shift = [d for d in VADER_DOMAINS if d != data] if data in VADER_DOMAINS else []
     result["shift"] = {}
     for name in shift:
-        sds = load_dataset(name, seed=seed)
-        result["shift"][name] = _in_domain(predict(sds.test.texts[:max_eval]), sds.test.labels[:max_eval])
+        s_texts, s_labels, _ = eval_set(name, seed, split)
+        result["shift"][name] = _in_domain(predict(s_texts[:max_eval]), s_labels[:max_eval])
     s_in = metrics.uncertainty_scores(out_in)
     result["ood"] = {}
     ood_scores = {}
     for name in ood:
-        ods = load_dataset(name, seed=seed)
-        o_texts = ods.test.texts[:max_eval]
+        o_texts = eval_set(name, seed, split)[0][:max_eval]
         s_out = metrics.uncertainty_scores(predict(o_texts))
         ood_scores[name] = s_out
         result["ood"][name] = {
@@ -157,7 +181,8 @@ def format_result(r: dict[str, Any]) -> str:
     """A readable text table of an :func:`evaluate` result."""
     m = r["in_domain"]
     lines = [
-        f"{r['source']} ({r['kind']}, {r['engine']}), {r['data']} test n={r['n']}, samples={r['samples']}",
+        f"{r['source']} ({r['kind']}, {r['engine']}), {r['data']} {r['split']} n={r['n']}, "
+        f"samples={r['samples']}",
         f"  accuracy {m['accuracy']:.4f}  NLL {m['nll']:.4f}  Brier {m['brier']:.4f}  ECE {m['ece']:.4f}  "
         f"MCE {m['mce']:.4f}  AURC {m['aurc']:.4f}",
     ]

@@ -111,6 +111,7 @@ class BayesLoRALayer(nn.Module):
         self.kl_group = config.kl_group
         self.dropout_p = config.dropout
         self.min_rank = config.min_rank
+        self.gate_lrt = config.gate_lrt
         self.sampling = False
         self.generator: torch.Generator | None = None
         # Explicit gate values [batch, r] (one row per sequence) that replace the sampled z of
@@ -207,6 +208,8 @@ class BayesLoRALayer(nn.Module):
             if gates.shape != (x.shape[0], self.rank):
                 raise ValueError(f"fixed_gates must be [{x.shape[0]}, {self.rank}], got {list(gates.shape)}")
             return self.scale * F.linear(h * gates.view(*self._seq_shape(x), self.rank), B)
+        if noisy and self.uses_gate and self.training and self.gate_lrt:
+            return self._gate_lrt(h, B)
         if noisy:
             seq = self._seq_shape(x)
             if self.uses_gate:
@@ -221,6 +224,15 @@ class BayesLoRALayer(nn.Module):
                 keep = (u >= self.dropout_p).to(dtype) / (1.0 - self.dropout_p)
                 h = h * keep.view(*seq, self.rank)
         return self.scale * F.linear(h, B)
+
+    def _gate_lrt(self, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """``s · Δ`` with per-token output noise of the gates' exact marginal variance:
+        ``h = A x ⊙ mask`` ``[..., r]``; mean ``s B h``, variance ``s² Σ_k α_k h_k² B_jk²``."""
+        alpha = torch.exp(self.log_alpha.clamp(*LOG_ALPHA_CLAMP)).to(h.dtype)
+        mean = F.linear(h, B)
+        var = F.linear(h.pow(2) * alpha, B.pow(2))
+        eps = self._randn(tuple(mean.shape), mean).to(h.dtype)
+        return self.scale * (mean + torch.sqrt(var + LRT_EPS) * eps)
 
     def _sigma2(self) -> torch.Tensor:
         return torch.exp(self.log_sigma2.clamp(*LOG_SIGMA2_CLAMP))

@@ -24,20 +24,27 @@ def kl_divergence(model: nn.Module) -> torch.Tensor:
     return torch.stack([t.to(terms[0].device) for t in terms]).sum()
 
 
-def elbo_loss(nll: torch.Tensor, model: nn.Module, num_train: int, step: int) -> tuple[torch.Tensor, dict]:
-    """``nll + β(step)·kl_scale·KL/N``; also returns the parts for logging.
+def elbo_loss(
+    nll: torch.Tensor, model: nn.Module, num_train: int, step: int, total_steps: int | None = None
+) -> tuple[torch.Tensor, dict]:
+    """``nll + β(step)·kl_scale·KL/N`` (no 1/N when the config's ``kl_per_example`` is False); also
+    returns the parts for logging.
 
     Args:
         nll: mean negative log-likelihood of the batch (scalar).
         num_train: N, the size of the training set.
         step: optimizer step (for β).
+        total_steps: length of the run, needed when a schedule field is a fraction of it.
     """
     if num_train < 1:
         raise ValueError(f"num_train must be >= 1, got {num_train}")
     config = get_config(_unwrap(model))
+    if total_steps is not None:
+        config = config.resolved(total_steps)
     if not config.is_bayesian:
         return nll, {"nll": float(nll.detach()), "kl": 0.0, "beta": 0.0}
     kl = kl_divergence(model)
     beta = config.kl_beta(step)
-    loss = nll + (beta * config.kl_scale / num_train) * kl.to(nll.dtype)
+    per_example = 1.0 / num_train if config.kl_per_example else 1.0
+    loss = nll + (beta * config.kl_scale * per_example) * kl.to(nll.dtype)
     return loss, {"nll": float(nll.detach()), "kl": float(kl.detach()), "beta": beta}

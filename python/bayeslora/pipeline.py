@@ -23,6 +23,35 @@ RUN_FILE = "run.json"
 HEAD_NAMES = ("classifier", "score")
 # kl_scale per posterior when TrainSettings leaves it unset (see TrainSettings)
 KL_SCALE_DEFAULTS = {"gate": 0.02, "additive": 0.01}
+# The authors' GLUE harness (recipe "paper"): additive posterior, a deterministic training forward
+# (the noise never switched on, so λ moves only under the KL), CE + 1e-6·ΣKL with no 1/N and β = 1,
+# AdamW (factors 1e-3, log σ² 1e-4 with plain Adam, head 1e-2 with weight decay 1e-2), grad-norm clip
+# 0.1, 6 % warm-up then linear decay, r = 8, alpha 16 on query/key/value, attention output,
+# intermediate and output; prune ℓ_k > 4 every 1,000 steps from the end of the warm-up.
+PAPER_RECIPE: dict[str, Any] = {
+    "method": "bayeslora",
+    "posterior": "additive",
+    "rank": 8,
+    "alpha": 16.0,
+    "targets": ["query", "key", "value", "intermediate.dense", "output.dense"],
+    "lr": 1e-3,
+    "rank_lr": 1e-4,
+    "rank_optimizer": "adamw",
+    "head_lr": 1e-2,
+    "head_weight_decay": 1e-2,
+    "max_grad_norm": 0.1,
+    "batch_size": 32,
+    "kl_scale": 1e-6,
+    "kl_per_example": False,
+    "kl_freeze": 0,
+    "kl_warmup": 0,
+    "sample_start": None,
+    "init_log_sigma2": -8.0,
+    "prune_threshold": 4.0,
+    "prune_start": 0.06,
+    "prune_every": 1000,
+}
+RECIPES: dict[str, dict[str, Any]] = {"vi": {}, "paper": PAPER_RECIPE}
 
 
 @dataclass
@@ -40,8 +69,16 @@ class TrainSettings:
     of 96 ranks over three seeds (test accuracy 0.69 ± 0.08), at 0.01 it kept 45 with validation
     accuracy 0.823 (seed 0, ``benches/bench_methods.py``).
     ``rank_lr`` is in the SGD-like units of the rank group (see ``bayeslora.training``).
+
+    ``recipe`` names where the defaults come from: ``"vi"`` (ours, variational) or ``"paper"`` (the
+    authors' GLUE harness, ``PAPER_RECIPE``); build one with :meth:`for_recipe`, which lets
+    explicitly given fields override the recipe's. Schedule fields are steps (int) or fractions of
+    the run (float), see ``BayesLoRAConfig``. ``rank_select="validation"`` settles the ranks at
+    ``refit_start`` by the smallest cut of the relevance order whose validation NLL stays within
+    ``select_tolerance`` of the uncut adapter's (see :func:`validation_rank_cut`).
     """
 
+    recipe: str = "vi"
     model: str = "default"
     data: str = "vader-movies"
     method: str = "bayeslora"
@@ -57,13 +94,24 @@ class TrainSettings:
     seed: int = 0
     kl_scale: float | None = None
     kl_group: str = "params"
-    kl_freeze: int = 30
-    kl_warmup: int = 0
-    sample_start: int = 30
+    kl_per_example: bool = True
+    kl_freeze: int | float = 30
+    kl_warmup: int | float = 0
+    sample_start: int | float | None = 30
     init_log_alpha: float = -2.5
+    init_log_sigma2: float = -8.0
     prune_threshold: float = 3.0
-    prune_start: int = 60
-    prune_every: int = 20
+    prune_start: int | float = 60
+    prune_every: int | float = 20
+    refit_start: int | float | None = None
+    refit_sampling: bool = False
+    gate_lrt: bool = False
+    rank_select: str = "threshold"
+    select_tolerance: float = 0.02
+    rank_optimizer: str = "sgd-like"
+    head_lr: float | None = None
+    head_weight_decay: float | None = None
+    max_grad_norm: float = 1.0
     min_rank: int = 0
     dropout: float = 0.1
     max_train: int | None = None
@@ -72,8 +120,21 @@ class TrainSettings:
     max_eval: int | None = None
 
     def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}")
+        if self.rank_select not in ("threshold", "validation"):
+            raise ConfigError(f"rank_select must be 'threshold' or 'validation', got {self.rank_select!r}")
+        if self.rank_select == "validation" and self.refit_start is None:
+            raise ConfigError("rank_select='validation' settles the ranks at refit_start: set refit_start")
         if self.kl_scale is None:
             self.kl_scale = KL_SCALE_DEFAULTS.get(self.posterior, KL_SCALE_DEFAULTS["gate"])
+
+    @classmethod
+    def for_recipe(cls, recipe: str = "vi", **overrides: Any) -> TrainSettings:
+        """The settings of ``recipe`` (``"vi"`` or ``"paper"``) with ``overrides`` on top."""
+        if recipe not in RECIPES:
+            raise ConfigError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+        return cls(**{**RECIPES[recipe], **overrides, "recipe": recipe})
 
     def bayes_config(self, head: str) -> Any:
         from .config import BayesLoRAConfig
@@ -90,8 +151,10 @@ class TrainSettings:
             posterior=self.posterior,  # type: ignore[arg-type]
             method=self.method,  # type: ignore[arg-type]
             init_log_alpha=self.init_log_alpha,
+            init_log_sigma2=self.init_log_sigma2,
             kl_scale=float(self.kl_scale),  # type: ignore[arg-type]  # set in __post_init__
             kl_group=self.kl_group,  # type: ignore[arg-type]
+            kl_per_example=self.kl_per_example,
             kl_freeze=self.kl_freeze,
             kl_warmup=self.kl_warmup,
             sample_start=self.sample_start,
@@ -101,6 +164,9 @@ class TrainSettings:
             min_rank=self.min_rank,
             dropout=self.dropout,
             modules_to_save=[head],
+            refit_start=self.refit_start,
+            refit_sampling=self.refit_sampling,
+            gate_lrt=self.gate_lrt,
         )
 
 
@@ -188,6 +254,63 @@ def evaluate_probs(sample_probs: np.ndarray, labels: np.ndarray) -> dict[str, fl
     return {k: float(v) for k, v in metrics.summary(probs, labels).items()}
 
 
+SELECT_EXAMPLES = 500  # validation examples the rank cut is chosen on (mean mode: one pass per cut)
+SELECT_CUTS = 9  # candidate cuts, evenly spaced in total rank
+
+
+def validation_rank_cut(
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    labels: np.ndarray,
+    tolerance: float,
+    max_length: int = 64,
+    cuts: int = SELECT_CUTS,
+) -> dict[str, Any]:
+    """Mask the noisiest ranks (by relevance score, over all modules together) as far as the
+    validation NLL (mean mode) stays within ``tolerance`` nats of the uncut adapter's.
+
+    Candidates are ``cuts`` totals evenly spaced from all active ranks down to 0; the smallest total
+    rank within tolerance wins and its masks are applied. Returns the chosen ``total_rank``, its
+    ``nll``, ``nll_uncut`` and every candidate's ``(total rank, nll)`` in ``curve``.
+    """
+    import torch
+
+    from .injection import adapted_layers
+    from .objective import _unwrap
+
+    layers = [layer for _, layer in adapted_layers(_unwrap(model))]
+    masks = [layer.rank_mask.clone() for layer in layers]
+    entries = [  # (score, layer index, rank index) of every active rank
+        (float(score), i, k)
+        for i, layer in enumerate(layers)
+        for k, score in enumerate(layer.rank_scores().tolist())
+        if layer.rank_mask[k] > 0
+    ]
+    entries.sort(key=lambda e: -e[0])  # noisiest first
+    labels = np.asarray(labels)
+    was_training = model.training
+    model.eval()
+
+    def nll_with(removed: int) -> float:
+        for layer, mask in zip(layers, masks, strict=True):
+            layer.rank_mask.copy_(mask)
+        for _, i, k in entries[:removed]:
+            layers[i].rank_mask[k] = 0.0
+        probs = predict(model, tokenizer, texts, 0, 0, max_length).mean(1)
+        return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
+
+    total = len(entries)
+    candidates = sorted({round(total * j / max(1, cuts - 1)) for j in range(cuts)})
+    with torch.no_grad():
+        curve = [(total - m, nll_with(m)) for m in candidates]
+        uncut = curve[0][1]
+        best = max(m for m, (_, nll) in zip(candidates, curve, strict=True) if nll <= uncut + tolerance)
+        chosen = nll_with(best)
+    model.train(was_training)
+    return {"total_rank": total - best, "nll": chosen, "nll_uncut": uncut, "curve": curve}
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, dict]:
     """(model, tokenizer, run metadata) of a ``bayeslora train`` output directory."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -247,6 +370,7 @@ def training_arguments(
         lr_scheduler_type="linear",
         warmup_steps=max(1, int(0.06 * steps)),
         weight_decay=0.0,
+        max_grad_norm=settings.max_grad_norm,
         logging_steps=10,
         save_strategy="steps" if save else "no",
         save_steps=settings.save_steps,
@@ -306,6 +430,22 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
         f"{n_train} training examples, {len(initial)} adapted modules, model {model_dir}"
     )
     args = training_arguments(settings, out / "checkpoints", n_train, progress=progress)
+    select = None
+    if settings.rank_select == "validation":
+        n_sel = min(len(data.validation), SELECT_EXAMPLES)
+        sel_texts, sel_labels = data.validation.texts[:n_sel], data.validation.labels[:n_sel]
+
+        def select(m: Any) -> None:
+            cut = validation_rank_cut(
+                m, tokenizer, sel_texts, sel_labels, settings.select_tolerance, settings.max_length
+            )
+            log(
+                f"[bayeslora] rank cut on {n_sel} validation examples: total rank "
+                f"{cut['total_rank']} (validation NLL {cut['nll']:.4f}, uncut {cut['nll_uncut']:.4f})"
+            )
+            selections.append(cut)
+
+    selections: list[dict[str, Any]] = []
     trainer = BayesLoRATrainer(
         model=model,
         args=args,
@@ -313,11 +453,15 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
         data_collator=DataCollatorWithPadding(tokenizer),
         rank_lr=settings.rank_lr,
         num_train=n_train,
+        rank_optimizer=settings.rank_optimizer,
+        head_lr=settings.head_lr,
+        head_weight_decay=settings.head_weight_decay,
+        select=select,
     )
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
     train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-    if config.is_bayesian:
+    if config.is_bayesian and trainer.prune_callback.refit_step is None:
         final = prune(model)  # the last scheduled pass may be up to prune_every steps old
         changed = {k: v for k, v in final.items() if v[0] != v[1]}
         if changed:
@@ -348,6 +492,8 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
             "test_mean": evaluate_probs(test, test_labels),
         },
         "log_history": trainer.state.log_history,
+        "prune_history": trainer.prune_callback.history,
+        "rank_selection": selections,
     }
     if settings.method != "lora" and settings.samples > 0:
         val_mc = predict(model, tokenizer, val_texts, settings.samples, settings.seed, settings.max_length)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,25 +53,65 @@ def sync_rank_masks(model: nn.Module) -> None:
         torch.distributed.broadcast(layer.rank_mask, src=0)
 
 
-class PruneCallback(TrainerCallback):
-    """Masks ranks whose relevance exceeds τ every ``prune_every`` steps from ``prune_start`` on."""
+RankSelector = Callable[[nn.Module], None]
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+
+class PruneCallback(TrainerCallback):
+    """Masks ranks whose relevance exceeds τ every ``prune_every`` steps from ``prune_start`` on;
+    at ``refit_start`` a last pass (or ``select``, when given), then the rank parameters freeze."""
+
+    def __init__(self, trainer: BayesLoRATrainer, select: RankSelector | None = None) -> None:
+        self.trainer = trainer
+        self.select = select
         self.history: list[dict[str, Any]] = []
+        self.refit_step: int | None = None
+        self._frozen: list[tuple[nn.Parameter, torch.Tensor]] = []
+
+    @property
+    def model(self) -> nn.Module:
+        return self.trainer.model
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        config = get_config(_unwrap(self.model))
+        config = self.trainer.schedule
         step = state.global_step
-        if not config.is_bayesian or step < config.prune_start:
+        if not config.is_bayesian:
             return
-        if (step - config.prune_start) % config.prune_every != 0:
+        if self.refit_step is not None:
+            self._restore_frozen()
+            return
+        if config.refitting(step):
+            self.start_refit(step)
+            return
+        if step < config.prune_start or (step - config.prune_start) % config.prune_every != 0:
             return
         report = prune(self.model)
         sync_rank_masks(self.model)
         self.history.append({"step": step, "ranks": {k: v[1] for k, v in report.items()}})
+
+    @torch.no_grad()
+    def _restore_frozen(self) -> None:
+        for p, value in self._frozen:
+            if p.shape == value.shape:  # a shrink in between would have replaced the parameter
+                p.copy_(value)
+
+    def start_refit(self, step: int) -> None:
+        """Settle the ranks (the selector or a last τ pass), then freeze the rank parameters."""
+        if self.select is not None:
+            self.select(self.model)
+        else:
+            prune(self.model)
+        sync_rank_masks(self.model)
+        # Frozen by restoring the values after every optimizer step, not by requires_grad: DDP
+        # fixed its set of parameters when it wrapped the model.
+        self._frozen = [
+            (p, p.detach().clone())
+            for _, layer in adapted_layers(_unwrap(self.model))
+            if (p := layer.rank_parameter()) is not None
+        ]
+        self.refit_step = step
+        self.history.append({"step": step, "refit": True, "ranks": dict(ranks(self.model))})
 
 
 class BayesLoRATrainer(Trainer):
@@ -79,10 +120,27 @@ class BayesLoRATrainer(Trainer):
     Args:
         rank_lr: learning rate of ``log_alpha`` / ``log_sigma2`` (SGD-like, see the module docstring).
         num_train: N of the objective (default: ``len(train_dataset)``).
+        rank_optimizer: ``"sgd-like"`` (AdamW with eps = 1, see the module docstring) or ``"adamw"``
+            (plain AdamW, eps 1e-8, as the authors' harness).
+        head_lr, head_weight_decay: learning rate and weight decay of the ``modules_to_save``
+            (the classifier head); default: the factors' (``args.learning_rate``, ``args.weight_decay``).
+            Biases and LayerNorm weights of the head get no weight decay.
+        select: called at ``refit_start`` instead of the last τ pass to settle the ranks (e.g. a
+            cut chosen on validation data, see ``bayeslora.pipeline``).
         Other arguments as ``transformers.Trainer``.
     """
 
-    def __init__(self, *args: Any, rank_lr: float | None = None, num_train: int | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        rank_lr: float | None = None,
+        num_train: int | None = None,
+        rank_optimizer: str = "sgd-like",
+        head_lr: float | None = None,
+        head_weight_decay: float | None = None,
+        select: RankSelector | None = None,
+        **kwargs: Any,
+    ):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if training_args is not None and training_args.ddp_find_unused_parameters is None:
             # The loss reaches every adapter parameter (the KL term touches the rank parameters even
@@ -101,9 +159,22 @@ class BayesLoRATrainer(Trainer):
                 raise ValueError("num_train is needed when no train_dataset is given")
             num_train = len(self.train_dataset)  # type: ignore[arg-type]
         self.num_train = int(num_train)
-        self.prune_callback = PruneCallback(self.model)
+        if rank_optimizer not in ("sgd-like", "adamw"):
+            raise ValueError(f"rank_optimizer must be 'sgd-like' or 'adamw', got {rank_optimizer!r}")
+        self.rank_optimizer = rank_optimizer
+        self.head_lr, self.head_weight_decay = head_lr, head_weight_decay
+        self.prune_callback = PruneCallback(self, select)
         self.add_callback(self.prune_callback)
         self._parts: dict[str, float] = {}
+        self._schedule: tuple[int, Any] | None = None
+
+    @property
+    def schedule(self) -> Any:
+        """The BayesLoRA config with its fractional schedule fields resolved for this run's length."""
+        total = max(1, int(self.state.max_steps or 0))
+        if self._schedule is None or self._schedule[0] != total:
+            self._schedule = (total, self.bayes_config.resolved(total))
+        return self._schedule[1]
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -111,19 +182,37 @@ class BayesLoRATrainer(Trainer):
             rank_params = {
                 id(p) for _, layer in adapted_layers(model) if (p := layer.rank_parameter()) is not None
             }
-            others = [p for p in model.parameters() if p.requires_grad and id(p) not in rank_params]
-            rank = [p for p in model.parameters() if p.requires_grad and id(p) in rank_params]
+            head_decay, head_no_decay = set(), set()
+            if self.head_lr is not None or self.head_weight_decay is not None:
+                for head in self.bayes_config.modules_to_save:
+                    for name, p in model.named_parameters():
+                        if name == head or name.startswith(f"{head}.") or f".{head}." in f".{name}":
+                            no_decay = name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
+                            (head_no_decay if no_decay else head_decay).add(id(p))
+            special = rank_params | head_decay | head_no_decay
+            trainable = [p for p in model.parameters() if p.requires_grad]
             lr = self.args.learning_rate
-            groups = [{"params": others, "lr": lr, "weight_decay": self.args.weight_decay}]
-            if rank:
-                groups.append(
-                    {
-                        "params": rank,
-                        "lr": 1.0 if self.rank_lr is None else self.rank_lr,
-                        "weight_decay": 0.0,
-                        "eps": 1.0,
-                    }
-                )
+            groups = [
+                {
+                    "params": [p for p in trainable if id(p) not in special],
+                    "lr": lr,
+                    "weight_decay": self.args.weight_decay,
+                }
+            ]
+            head_lr = lr if self.head_lr is None else self.head_lr
+            head_wd = self.args.weight_decay if self.head_weight_decay is None else self.head_weight_decay
+            for ids, wd in ((head_decay, head_wd), (head_no_decay, 0.0)):
+                if params := [p for p in trainable if id(p) in ids]:
+                    groups.append({"params": params, "lr": head_lr, "weight_decay": wd})
+            if rank := [p for p in trainable if id(p) in rank_params]:
+                group = {
+                    "params": rank,
+                    "lr": 1.0 if self.rank_lr is None else self.rank_lr,
+                    "weight_decay": 0.0,
+                }
+                if self.rank_optimizer == "sgd-like":
+                    group["eps"] = 1.0
+                groups.append(group)
             self.optimizer = torch.optim.AdamW(groups, lr=lr)
         return self.optimizer
 
@@ -134,10 +223,10 @@ class BayesLoRATrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        config = self.bayes_config
+        config = self.schedule
         step = self.state.global_step
         training = model.training
-        sampling(model, training and config.method != "lora" and step >= config.sample_start)
+        sampling(model, training and config.sampling_at(step))
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
@@ -146,7 +235,8 @@ class BayesLoRATrainer(Trainer):
         if training and config.is_bayesian:
             beta = config.kl_beta(step)
             kl = kl_divergence(model)
-            loss = nll + (beta * config.kl_scale / self.num_train) * kl
+            per_example = 1.0 / self.num_train if config.kl_per_example else 1.0
+            loss = nll + (beta * config.kl_scale * per_example) * kl
             self._parts = {"nll": float(nll.detach()), "kl": float(kl.detach()), "beta": beta}
         elif training:
             self._parts = {"nll": float(nll.detach())}

@@ -1,0 +1,248 @@
+"""Does BayesLoRA earn its place? Named configurations × training-set sizes × seeds, resumable.
+
+Issue #19's benchmark. Every run trains one configuration (``CONFIGS``: ``TrainSettings`` of a
+recipe plus overrides) on VADER movies, exports its bundle, and scores the validation and test
+splits, the three shifted VADER domains and 500 BBC articles with the Rust runtime, in MC mode
+(``--samples``) where the model has a posterior and in mean mode. Each run's raw result is one JSON
+file, ``benches/results/fidelity/<config>__n<N>__s<seed>.json``: a run whose file exists is skipped,
+so an interrupted sweep resumes where it stopped and a sweep can be spread over sessions.
+
+    python benches/bench_fidelity.py --configs lora gate --seeds 0 1 2      # run (skips finished runs)
+    python benches/bench_fidelity.py --report                              # tables from the JSON
+
+The rule for the acceptance table, written before the runs (choose on validation, report on test):
+a configuration's hyper-parameters are chosen on the validation split of seed 0..2; rows report the
+test split, mean ± std over the seeds present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "fidelity"
+sys.path.insert(0, str(HERE))
+
+# name -> (recipe, overrides of TrainSettings); the hypothesis each one tests in the comment.
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lora": ("vi", {"method": "lora"}),
+    "mcdropout": ("vi", {"method": "mcdropout"}),
+    # the defaults as they were when issue #19 was filed (schedule in absolute steps)
+    "gate": ("vi", {}),
+    "additive": ("vi", {"posterior": "additive"}),
+    # H2 select, then refit: variational until half-way, settle the ranks, train the survivors
+    "gate-refit": ("vi", {"refit_start": 0.5}),
+    # H2 + H6: the cut chosen on validation NLL (within 0.02 nats) at the refit point
+    "gate-refit-val": ("vi", {"refit_start": 0.5, "rank_select": "validation"}),
+    "additive-refit-val": (
+        "vi",
+        {"posterior": "additive", "refit_start": 0.5, "rank_select": "validation"},
+    ),
+    # H2 with noise kept on at the frozen α while refitting
+    "gate-refit-val-noisy": (
+        "vi",
+        {"refit_start": 0.5, "rank_select": "validation", "refit_sampling": True},
+    ),
+    # H1: one KL per gate (kl_group unit) at the full per-example weight
+    "gate-unit": ("vi", {"kl_group": "unit", "kl_scale": 1.0}),
+    "gate-unit-refit-val": (
+        "vi",
+        {"kl_group": "unit", "kl_scale": 1.0, "refit_start": 0.5, "rank_select": "validation"},
+    ),
+    # H3: local reparameterisation of the gates in training (per-token output noise)
+    "gate-lrt": ("vi", {"gate_lrt": True}),
+    "gate-lrt-refit-val": ("vi", {"gate_lrt": True, "refit_start": 0.5, "rank_select": "validation"}),
+    # the authors' GLUE harness (SPEC §10)
+    "paper": ("paper", {}),
+}
+POSTERIOR_FREE = ("lora",)
+
+
+def run_one(name: str, n_train: int, seed: int, args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    from bayeslora.bundle import export
+    from bayeslora.pipeline import TrainSettings, train
+    from bench_methods import _metrics, _score_bundle, _temperature_row, eval_sets
+
+    recipe, overrides = CONFIGS[name]
+    settings = TrainSettings.for_recipe(
+        recipe,
+        **{
+            **overrides,
+            "seed": seed,
+            "max_train": n_train,
+            "epochs": args.epochs,
+            "max_length": args.max_length,
+            "samples": 0,  # evaluated below, by the runtime
+            "max_eval": 64,
+            "save_steps": 10**6,
+        },
+    )
+    _, sets = eval_sets(seed, args.max_eval)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        run = train(settings, out, progress=False, log=log)
+        bundle = out / "bundle"
+        export(run["model"], run["tokenizer"], bundle, max_length=args.max_length)
+        t0 = time.perf_counter()
+        rows: dict[str, Any] = {}
+        mean_outs = _score_bundle(bundle, sets, 0, seed, args.threads)
+        rows["mean"] = _metrics(mean_outs, sets)
+        rows["mean"]["validation"] = _val(mean_outs, sets)
+        if settings.method != "lora":
+            mc_outs = _score_bundle(bundle, sets, args.samples, seed, args.threads)
+            rows["mc"] = _metrics(mc_outs, sets)
+            rows["mc"]["validation"] = _val(mc_outs, sets)
+        else:
+            rows["temperature"] = _temperature_row(mean_outs, sets, {})["lora + temperature"]
+        eval_seconds = time.perf_counter() - t0
+    return {
+        "config": name,
+        "recipe": recipe,
+        "overrides": overrides,
+        "n_train": run["num_train"],
+        "seed": seed,
+        "steps": run["log_history"][-1].get("step") if run["log_history"] else None,
+        "settings": run["settings"],
+        "total_rank": run["total_rank"],
+        "initial_total_rank": run["initial_total_rank"],
+        "ranks": run["ranks"],
+        "adapter_parameters": run["adapter_parameters"],
+        "train_seconds": run["train_seconds"],
+        "train_cpu_seconds": run["train_cpu_seconds"],
+        "eval_seconds": eval_seconds,
+        "prune_history": run["prune_history"],
+        "rank_selection": run["rank_selection"],
+        "rows": rows,
+    }
+
+
+def _val(outs: dict, sets: dict) -> dict[str, float]:
+    from bayeslora import metrics
+
+    return {
+        k: float(v) for k, v in metrics.summary(outs["validation"]["probs"], sets["validation"][1]).items()
+    }
+
+
+def result_path(results: Path, name: str, n_train: int, seed: int) -> Path:
+    return results / f"{name}__n{n_train}__s{seed}.json"
+
+
+# ---- report ----------------------------------------------------------------------------------------
+COLUMNS = (
+    ("accuracy", "acc", 3),
+    ("nll", "NLL", 3),
+    ("ece", "ECE", 3),
+    ("shift_ece", "shift ECE", 3),
+    ("auroc_entropy", "AUROC H", 3),
+    ("auroc_mutual_info", "AUROC MI", 3),
+)
+
+
+def load_results(results: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+
+
+def _ms(vals: list[float]) -> str:
+    a = np.array(vals, np.float64)
+    if a.size == 0 or not np.all(np.isfinite(a)):
+        return "—"
+    std = a.std(ddof=1) if a.size > 1 else 0.0
+    return f"{a.mean():.3f} ± {std:.3f}"
+
+
+def report(results: list[dict[str, Any]]) -> str:
+    groups: dict[tuple[str, int, str], list[dict]] = {}
+    for r in results:
+        for mode, row in r["rows"].items():
+            groups.setdefault((r["config"], r["n_train"], mode), []).append({**r, "row": row})
+    head = (
+        "| config | N | mode | seeds | val acc | val NLL | "
+        + " | ".join(label for _, label, _ in COLUMNS)
+        + " | total rank | rank std/mean |"
+    )
+    lines = [head, "|---|---:|---|---:|" + "---:|" * (len(COLUMNS) + 4)]
+    for (name, n, mode), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2])):
+        ranks = np.array([r["total_rank"] for r in runs], np.float64)
+        rel = ranks.std(ddof=1) / ranks.mean() if ranks.size > 1 and ranks.mean() > 0 else float("nan")
+        cells = [
+            name,
+            str(n),
+            mode,
+            str(len(runs)),
+            _ms([r["row"]["validation"]["accuracy"] for r in runs if "validation" in r["row"]]),
+            _ms([r["row"]["validation"]["nll"] for r in runs if "validation" in r["row"]]),
+        ]
+        for key, _, _ in COLUMNS:
+            if key == "auroc_mutual_info" and mode != "mc":
+                cells.append("—")
+            else:
+                cells.append(_ms([r["row"][key] for r in runs]))
+        cells.append(f"{ranks.mean():.1f} ± {ranks.std(ddof=1) if ranks.size > 1 else 0.0:.1f}")
+        cells.append("—" if math.isnan(rel) else f"{rel:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=["lora", "gate"], choices=sorted(CONFIGS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--n-train", nargs="+", type=int, default=[2000], help="training-set sizes")
+    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--results", default=str(RESULTS), help="folder of the per-run JSON files")
+    ap.add_argument("--max-length", type=int, default=48)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--max-eval", type=int, default=None, help="cap every evaluation set (smoke runs)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--report", action="store_true", help="print the table of what is in results/")
+    args = ap.parse_args(argv)
+    if args.report:
+        print(report(load_results(Path(args.results))))
+        return 0
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+
+    def log(*a: Any) -> None:
+        print(*a, file=sys.stderr, flush=True)
+
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        for n in args.n_train:
+            for name in args.configs:
+                path = result_path(results, name, n, seed)
+                if path.exists():
+                    continue
+                t0 = time.perf_counter()
+                res = run_one(name, n, seed, args, log)
+                res["wall_seconds"] = time.perf_counter() - t0
+                res["command"] = " ".join(["python benches/bench_fidelity.py", *sys.argv[1:]])
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(res, indent=1, default=str))
+                tmp.replace(path)
+                row = res["rows"].get("mc", res["rows"]["mean"])
+                log(
+                    f"{name:24} N={n} seed {seed}: acc {row['accuracy']:.3f} NLL {row['nll']:.3f} "
+                    f"ECE {row['ece']:.3f} AUROC(H) {row['auroc_entropy']:.3f} "
+                    f"AUROC(MI) {row.get('auroc_mutual_info', float('nan')):.3f} rank {res['total_rank']} "
+                    f"({res['wall_seconds']:.0f} s)"
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
