@@ -248,11 +248,27 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_trained_source(p)
     p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write")
+    _add_force(p, "bundle")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weight storage dtype")
     p.add_argument("--no-prune", action="store_true", help="remove masked ranks only (no pruning at τ)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per input (default: tokenizer's)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(handler=_export)
+
+
+def _add_force(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help=f"replace --out even if it is a non-empty directory that is not a {what} bayeslora wrote",
+    )
+
+
+def _check_out(args: argparse.Namespace, kind: str, *sources: str | None) -> None:
+    """Refuse a bad --out before anything is loaded (the writer checks again)."""
+    from ._atomic import check_output_dir
+
+    check_output_dir(args.out, kind=kind, force=args.force, sources=[s for s in sources if s])
 
 
 def _add_trained_source(p: argparse.ArgumentParser) -> None:
@@ -299,6 +315,7 @@ def _export(args: argparse.Namespace) -> int:
     from .bundle import export
 
     try:
+        _check_out(args, "bundle", args.ckpt, args.model)
         model, tokenizer, run = _load_trained(Path(args.ckpt), args.model)
         if tokenizer is None:  # an adapter directory: the base model's tokenizer, if it has one
             from transformers import AutoTokenizer
@@ -310,7 +327,13 @@ def _export(args: argparse.Namespace) -> int:
                 tokenizer = model_dir / "tokenizer.json" if (model_dir / "tokenizer.json").exists() else None
         max_length = args.max_length or (int(run["settings"]["max_length"]) if run else None)
         out = export(
-            model, tokenizer, args.out, dtype=args.dtype, prune=not args.no_prune, max_length=max_length
+            model,
+            tokenizer,
+            args.out,
+            dtype=args.dtype,
+            prune=not args.no_prune,
+            max_length=max_length,
+            force=args.force,
         )
     except BayesLoRAError as e:
         return _fail(str(e))
@@ -332,6 +355,7 @@ def _add_export_peft(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_trained_source(p)
     p.add_argument("--out", required=True, metavar="DIR", help="PEFT directory to write")
+    _add_force(p, "PEFT export")
     p.add_argument("--no-prune", action="store_true", help="remove masked ranks only (no pruning at τ)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(handler=_export_peft)
@@ -341,8 +365,9 @@ def _export_peft(args: argparse.Namespace) -> int:
     from .peft_io import PEFT_CONFIG, export_peft
 
     try:
+        _check_out(args, "peft", args.ckpt, args.model)
         model, _, _ = _load_trained(Path(args.ckpt), args.model)
-        out = export_peft(model, args.out, prune=not args.no_prune)
+        out = export_peft(model, args.out, prune=not args.no_prune, force=args.force)
     except BayesLoRAError as e:
         return _fail(str(e))
     cfg = json.loads((out / PEFT_CONFIG).read_text())
@@ -368,6 +393,7 @@ def _add_import_peft(subparsers: argparse._SubParsersAction) -> None:
         help="base HF model directory (default: base_model_name_or_path of the PEFT config, or 'default')",
     )
     p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint directory to write")
+    _add_force(p, "checkpoint")
     p.add_argument(
         "--method",
         default=None,
@@ -397,7 +423,12 @@ def _import_peft(args: argparse.Namespace) -> int:
         # no options: restore the posterior export-peft saved beside the PEFT files, if any
         config = BayesLoRAConfig(**options) if options else None
         run = import_peft_checkpoint(
-            args.peft_dir, args.out, model=args.model, config=config, max_length=args.max_length
+            args.peft_dir,
+            args.out,
+            model=args.model,
+            config=config,
+            max_length=args.max_length,
+            force=args.force,
         )
     except BayesLoRAError as e:
         return _fail(str(e))

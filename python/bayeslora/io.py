@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._atomic import write_dir_atomically
+from ._atomic import output_sources, write_dir_atomically
 from .config import BayesLoRAConfig
 from .errors import BundleError
 from .injection import _matches_list, adapted_layers, get_config, inject
@@ -40,8 +40,13 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
-    """Write the adapter of ``model`` to ``out_dir`` atomically (a crash leaves no half directory)."""
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write the adapter of ``model`` to ``out_dir`` atomically (a crash leaves no half directory).
+
+    An adapter directory already at ``out_dir`` is replaced; anything else there (a non-empty
+    directory bayeslora did not write as an adapter) raises :class:`~bayeslora.errors.OutputError`
+    unless ``force``. A file, the current directory and the model's own directory are refused.
+    """
     model = _unwrap(model)
     config = get_config(model)
     out = Path(out_dir)
@@ -65,7 +70,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
         }
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-    return write_dir_atomically(out, write)
+    return write_dir_atomically(out, write, kind="adapter", force=force, sources=output_sources(model))
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[BayesLoRAConfig, dict]:
