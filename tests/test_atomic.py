@@ -334,3 +334,17 @@ def test_cli_import_peft_refuses_an_existing_file(tmp_path, capsys):
     assert cli.main([*args, "--force"]) == 0
     assert (tmp_path / "ck" / "run.json").is_file() and not (tmp_path / "ck" / "notes.txt").exists()
     assert cli.main(args) == 0  # a checkpoint replaces a checkpoint
+
+
+def test_cli_export_to_the_current_directory_or_an_unwritable_place(adapter_ckpt, monkeypatch, capsys):
+    ckpt, base = adapter_ckpt
+    monkeypatch.chdir(ckpt.parent)
+    before = snapshot(ckpt.parent)
+    assert cli.main(["export", str(ckpt), "--model", str(base), "--out", ".", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bayeslora: error: ") and "current directory" in err and err.count("\n") == 1
+    assert snapshot(ckpt.parent) == before
+    if Path("/proc/self").is_dir():
+        assert cli.main(["export", str(ckpt), "--model", str(base), "--out", "/proc/x"]) == 2
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert err.startswith("bayeslora: error: cannot write /proc/x"), err

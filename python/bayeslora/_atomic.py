@@ -244,13 +244,17 @@ def sweep_stale(parent: Path) -> list[Path]:
         return done
     now = time.time()
     for entry in entries:
+        if not entry.name.startswith("."):
+            continue
+        m = _TEMP.match(entry.name)
+        if m is None and _LEGACY_TEMP.match(entry.name) is None:
+            continue
         try:
             if not entry.is_dir(follow_symlinks=False):
                 continue
             age = now - entry.stat(follow_symlinks=False).st_mtime
         except OSError:
             continue
-        m = _TEMP.match(entry.name)
         if m is not None:
             pid, same_host = int(m["pid"]), m["host"] == _HOST
             if same_host and pid == os.getpid():

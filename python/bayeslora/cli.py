@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -187,9 +188,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_evaluate)
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 2) -> int:
     print(f"bayeslora: error: {message}", file=sys.stderr)
-    return 2
+    return code
 
 
 # ---- score (torch-free) ------------------------------------------------------------------------
@@ -213,20 +214,35 @@ def _add_score(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from .runtime import Scorer
+    from .runtime import MAX_SAMPLES, MAX_SEED, MAX_THREADS, Scorer, check_int
 
+    try:
+        check_int("--samples", args.samples, 0, MAX_SAMPLES)
+        check_int("--seed", args.seed, 0, MAX_SEED)
+        if args.threads is not None:
+            check_int("--threads", args.threads, 1, MAX_THREADS)
+    except BayesLoRAError as e:
+        return _fail(str(e))
+    if args.batch_size < 1:
+        return _fail("--batch-size must be >= 1")
     if args.file is not None:
         try:
-            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+            raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
         except OSError as e:
-            return _fail(f"cannot read {args.file}: {e}")
+            return _fail(f"cannot read {args.file}: {e.strerror or e}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            return _fail(f"{args.file} is not UTF-8 text (byte {e.start}, line {line})", 1)
         texts = [line for line in text.splitlines() if line.strip()]
     else:
         texts = list(args.text)
-    if args.samples < 0:
-        return _fail("--samples must be >= 0")
-    if args.batch_size < 1:
-        return _fail("--batch-size must be >= 1")
+        for i, t in enumerate(texts, 1):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                return _fail(f"--text: argument {i} is not valid UTF-8 (or not in the locale's encoding)")
     try:
         scorer = Scorer(args.bundle, num_threads=args.threads)
         for start in range(0, len(texts), args.batch_size):
@@ -509,11 +525,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(handler(args) or 0)
     except BayesLoRAError as e:
-        print(f"bayeslora: error: {e}", file=sys.stderr)
+        print(f"bayeslora: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bayeslora: interrupted; the last checkpoint in --out stays loadable", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `bayeslora score ... | head`: the reader left
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        return 1
+    except Exception as e:  # no traceback, ever (BAYESLORA_DEBUG=1 shows it)
+        if os.environ.get("BAYESLORA_DEBUG"):
+            raise
+        if isinstance(e, (OSError, ValueError)):  # bad files, paths and values (UnicodeError too)
+            print(f"bayeslora: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        else:
+            print(
+                f"bayeslora: error: internal error, {type(e).__name__}: {_one_line(e)} "
+                "(please report it; BAYESLORA_DEBUG=1 shows the traceback)",
+                file=sys.stderr,
+            )
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":
