@@ -319,22 +319,26 @@ def read_peft_config(peft_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_peft_weights(peft_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of ``adapter_model.safetensors`` (or the legacy ``adapter_model.bin``)."""
+    """The tensors of ``adapter_model.safetensors``.
+
+    Pickled weights (the legacy ``adapter_model.bin``) are never loaded, not even through
+    ``torch.load(weights_only=True)``: unpickling a file from elsewhere is a risk this package
+    does not take. The error says how to convert them.
+    """
     root = Path(peft_dir)
     st, pt = root / PEFT_WEIGHTS, root / PEFT_WEIGHTS_BIN
-    try:
-        if st.exists():
-            return load_file(str(st))
+    if not st.exists():
         if pt.exists():
-            state = torch.load(str(pt), map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-                raise BundleError(f"{pt}: expected a dict of tensors")
-            return state
-    except BundleError:
-        raise
-    except Exception as e:  # safetensors / pickle raise their own types for corrupt files
+            raise BundleError(
+                f"{pt}: pickled PyTorch weights are not loaded (unpickling can run code); convert "
+                "them in a trusted environment: load the adapter with peft.PeftModel.from_pretrained "
+                f"and save it with save_pretrained(DIR, safe_serialization=True), which writes {PEFT_WEIGHTS}"
+            )
+        raise BundleError(f"{root}: {PEFT_WEIGHTS} not found")
+    try:
+        return load_file(str(st))
+    except Exception as e:  # safetensors raises its own types for corrupt files
         raise BundleError(f"cannot read the PEFT weights in {root}: {e}") from e
-    raise BundleError(f"{root}: neither {PEFT_WEIGHTS} nor {PEFT_WEIGHTS_BIN} found")
 
 
 def _split_weights(
@@ -440,7 +444,7 @@ def import_peft(
     """
     root = Path(peft_dir)
     cfg = read_peft_config(root)
-    weights_path = root / (PEFT_WEIGHTS if (root / PEFT_WEIGHTS).exists() else PEFT_WEIGHTS_BIN)
+    weights_path = root / PEFT_WEIGHTS
     lora, rest = _split_weights(read_peft_weights(root), weights_path)
     if not lora:
         raise BundleError(f"{weights_path}: no lora_A/lora_B tensors")
