@@ -134,7 +134,9 @@ def _refusal(path: Path, entries: set[str], kind: str) -> str | None:
             return (
                 f"holds a bayeslora {KINDS[theirs].description if theirs in KINDS else theirs}, not a {want}"
             )
-        foreign = sorted(entries - {MARKER} - {str(f) for f in marker.get("files") or []})
+        files = marker.get("files")
+        ours = {str(f) for f in (files if isinstance(files, list) else [])} | KINDS[kind].names
+        foreign = sorted(entries - {MARKER} - ours)
         if foreign:
             return f"holds files bayeslora did not write ({', '.join(foreign[:3])})"
         return None
