@@ -95,6 +95,7 @@ def test_cli_help_lists_commands():
         ("text,label\nhello,pos\nworld,pos\nagain,pos\n", "at least 2 classes"),
         ("sentence,target\nhello,pos\n", "text"),
         ("", "empty"),
+        ("text,label\ngood film,pos\nbad film,neg\nfine,pos\n", "0 validation, 0 test"),
     ],
 )
 def test_cli_train_rejects_bad_csv(tiny_model_dir, tmp_path, content, message):
@@ -103,11 +104,14 @@ def test_cli_train_rejects_bad_csv(tiny_model_dir, tmp_path, content, message):
     res = _cli(*_train_args(tiny_model_dir, csv, tmp_path / "out"))
     assert res.returncode == 1
     assert "bayeslora: error:" in res.stderr and message in res.stderr.lower(), res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and res.stderr.count("bayeslora: error:") == 1
+    assert not (tmp_path / "out").exists()  # no empty --out left behind
 
 
 def test_cli_train_rejects_unknown_target_and_unwritable_out(tiny_model_dir, sentiment_csv, tmp_path):
     res = _cli(*_train_args(tiny_model_dir, sentiment_csv, tmp_path / "o"), "--targets", "querry")
     assert res.returncode == 1 and "Close matches: ['query']" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     res = _cli(*_train_args(tiny_model_dir, sentiment_csv, blocker / "out"))

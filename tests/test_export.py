@@ -40,6 +40,7 @@ def test_bundle_follows_the_contract(tmp_path):
     out = bl.export(model, tok, tmp_path / "b")
     tensors, meta, metadata = read_bundle(out)
     assert sorted(p.name for p in out.iterdir()) == [
+        ".bayeslora-output.json",
         "bayeslora.json",
         "config.json",
         "model.safetensors",

@@ -489,13 +489,25 @@ def test_pissa_style_initialisation_is_flagged(peft_dir, tmp_path):
         bl.import_peft(rm.build("bert"), d)
 
 
-def test_legacy_bin_weights_import_like_safetensors(peft_dir, tmp_path):
+def test_pickled_bin_weights_are_refused_without_unpickling(peft_dir, tmp_path, monkeypatch, capsys):
     d = tmp_path / "legacy"
     shutil.copytree(peft_dir, d)
     torch.save(load_file(str(d / PEFT_WEIGHTS)), d / "adapter_model.bin")
     (d / PEFT_WEIGHTS).unlink()
-    x = rm.batch()
-    a = rm.torch_logits(bl.import_peft(rm.build("bert"), d), x)
-    b = rm.torch_logits(bl.import_peft(rm.build("bert"), peft_dir), x)
-    np.testing.assert_array_equal(a, b)
-    assert not np.allclose(a, rm.torch_logits(rm.build("bert"), x), atol=1e-3)  # the adapter acts
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    model = rm.build("bert")
+    with pytest.raises(BundleError, match="pickled PyTorch weights are not loaded") as info:
+        bl.import_peft(model, d)
+    message = str(info.value)
+    assert "safe_serialization=True" in message and "weights_only" not in message
+    assert not list(adapted_layers(model))
+    base = _tiny_base_dir(tmp_path / "base")
+    capsys.readouterr()
+    assert cli.main(["import-peft", str(d), "--model", str(base), "--out", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bayeslora: error: ") and "safe_serialization=True" in err
+    assert not (tmp_path / "ck").exists()

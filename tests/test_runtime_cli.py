@@ -331,3 +331,98 @@ def test_bad_inputs_raise_typed_errors(bundle):
         s.logits(ids, gates={"bert.pooler.dense": np.ones((1, 4), np.float32)})
     with pytest.raises(ValueError, match="seed"):
         s.score(ids, samples=2, seed=-1)
+
+
+def test_scorer_checks_its_arguments_before_the_core(bundle):
+    with pytest.raises(InvalidValueError, match=r"num_threads must be in 1\.\.1024, got 0"):
+        Scorer(bundle, num_threads=0)
+    for bad in (True, 2.0, "2", 10**30):
+        with pytest.raises(InvalidValueError, match="num_threads"):
+            Scorer(bundle, num_threads=bad)
+    s = Scorer(bundle, num_threads=np.int64(1))
+    ids = np.array([[2, 5, 6, 3]])
+    for kwargs, message in [
+        ({"samples": -1}, r"samples must be in 0\.\.1048576, got -1"),
+        ({"samples": 2**64}, r"samples must be in 0\.\.1048576"),
+        ({"samples": 1.5}, "samples must be an integer"),
+        ({"seed": -1}, r"seed must be in 0\.\.9223372036854775807, got -1"),
+        ({"seed": 2**64}, r"seed must be in 0\.\.9223372036854775807"),
+        ({"seed": None}, "seed must be an integer"),
+    ]:
+        with pytest.raises(InvalidValueError, match=message):
+            s.score(ids, **kwargs)
+        with pytest.raises(InvalidValueError, match=message):
+            s.records(["w5"], **kwargs)
+    with pytest.raises(InvalidValueError, match=r"samples must be in 1\.\."):
+        s.sample_logits(ids, samples=0)
+    with pytest.raises(InvalidValueError, match="seed"):
+        s.sample_logits(ids, samples=2, seed=2**63)
+    want = s.score(["w5 w6", "w7"], samples=2, seed=np.uint64(3))
+    for texts in (
+        np.array(["w5 w6", "w7"]),
+        np.array(["w5 w6", "w7"], dtype=object),
+        [np.str_("w5 w6"), "w7"],
+    ):
+        got = s.score(texts, samples=2, seed=3)
+        np.testing.assert_array_equal(got["probs"], want["probs"])
+    assert s.records(np.array(["w5"]))[0]["text"] == "w5"
+    for inputs, message in [
+        (["w5", 3], "item 1 is a int"),
+        (["w5", b"w6"], "item 1 is a bytes"),
+        (["w5", "w6 \udcff"], "text 1 is not valid Unicode: lone surrogate"),
+        (5, "not int"),
+        ({"attention_mask": ids}, "input_ids"),
+    ]:
+        with pytest.raises(InvalidValueError, match=message):
+            s.score(inputs)
+    with pytest.raises(ShapeError, match="one-dimensional"):
+        s.score(np.array([["w5"]]))
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--threads", "0"], 2, "--threads must be in 1..1024"),
+        (["--seed", "-1"], 2, "--seed must be in 0..9223372036854775807"),
+        (["--seed", str(2**64)], 2, "--seed must be in"),
+        (["--samples", "-2"], 2, "--samples must be in 0..1048576"),
+        (["--text", "w5", "\udcff"], 2, "--text: argument 2 is not valid UTF-8"),
+        (["--file", "BINARY"], 1, "is not UTF-8 text (byte 2, line 1)"),
+        (["--file", "MISSING"], 2, "cannot read"),
+    ],
+)
+def test_score_cli_bad_arguments_print_one_line(bundle, tmp_path, args, code, message):
+    (tmp_path / "BINARY").write_bytes(b"w5\xff\xfe\x00\x01\n")
+    args = [str(tmp_path / a) if a in ("BINARY", "MISSING") else a for a in args]
+    if "--text" not in args and "--file" not in args:
+        args = ["--text", "w5", *args]
+    res = run_cli(["score", str(bundle), *args])
+    assert res.returncode == code, res.stderr
+    assert res.stderr.startswith("bayeslora: error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert message in res.stderr and res.stdout == ""
+
+
+def test_cli_guard_maps_every_exception_to_one_line(bundle, monkeypatch, capsys):
+    import bayeslora.runtime
+
+    for error, code, want in [
+        (
+            PermissionError(13, "Permission denied", "/x"),
+            1,
+            "PermissionError: [Errno 13] Permission denied: '/x'",
+        ),
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), 1, "UnicodeDecodeError: 'utf-8'"),
+        (ValueError("bad\nvalue"), 1, "ValueError: bad value"),
+        (RuntimeError("boom"), 1, "internal error, RuntimeError: boom"),
+    ]:
+
+        def broken(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(bayeslora.runtime, "Scorer", broken)
+        assert cli.main(["score", str(bundle), "--text", "w5"]) == code
+        err = capsys.readouterr().err
+        assert err.startswith("bayeslora: error: ") and err.count("\n") == 1 and want in err, err
+    monkeypatch.setenv("BAYESLORA_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.main(["score", str(bundle), "--text", "w5"])

@@ -13,9 +13,12 @@ A bundle is a directory with
 - ``bayeslora.json``: format version, architecture, method, posterior, labels, per-module
   rank/scale/dims (see :func:`export`).
 - ``tokenizer.json`` (when a tokenizer is given).
+- ``.bayeslora-output.json``: the marker of every directory bayeslora writes (see ``_atomic``).
 
 The directory is written beside its destination under a temporary name, checked by loading it
-with the Rust runtime, then renamed into place: a crash never leaves a half bundle that loads.
+with the Rust runtime, then renamed into place: a crash never leaves a half bundle that loads. An
+existing bundle is replaced in one step; a directory that is not a bundle is never replaced
+without ``force``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ._atomic import write_dir_atomically
+from ._atomic import check_output_dir, output_sources, write_dir_atomically
 from .errors import BundleError, ConfigError
 from .injection import adapted_layers, get_config
 from .layers import BayesLoRALayer
@@ -191,6 +194,7 @@ def export(
     prune: bool = True,
     max_length: int | None = None,
     validate: bool = True,
+    force: bool = False,
 ) -> Path:
     """Write ``model`` (a BERT/DistilBERT/RoBERTa sequence classifier after :func:`bl.inject`) and
     ``tokenizer`` as a bundle at ``out_dir``, atomically. The caller's model is not modified.
@@ -207,9 +211,15 @@ def export(
         max_length: tokens per input the runtime's tokenizer truncates to (default: the
             tokenizer's ``model_max_length`` capped by the position table).
         validate: load the written bundle with the Rust runtime before moving it into place.
+        force: replace ``out_dir`` even when it is a non-empty directory that is not a bundle
+            bayeslora wrote (an existing bundle is always replaced, atomically).
 
     Returns:
         The bundle directory.
+
+    Raises:
+        OutputError: ``out_dir`` is a file, the current directory, the model's own directory, or
+            (without ``force``) a directory bayeslora did not write as a bundle; nothing is written.
 
     ``bayeslora.json``: ``{"format_version": 1, "architecture", "model_type", "method",
     "posterior", "num_labels", "labels", "prune_threshold", "dropout", "dtype", "max_length",
@@ -218,6 +228,10 @@ def export(
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     base = _unwrap(model)
+    sources = output_sources(base)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        sources.append(os.fspath(tokenizer))
+    check_output_dir(out_dir, kind="bundle", force=force, sources=sources)
     config = get_config(base)
     hf_config = getattr(base, "config", None)
     model_type = getattr(hf_config, "model_type", None)
@@ -258,7 +272,7 @@ def export(
 
             _core.Runtime(str(tmp), 1)
 
-    return write_dir_atomically(out, write)
+    return write_dir_atomically(out, write, kind="bundle", force=force, sources=sources)
 
 
 __all__ = ["bundle_tensors", "export", "kept_ranks"]

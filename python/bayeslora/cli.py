@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -230,9 +231,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_evaluate)
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 2) -> int:
     print(f"bayeslora: error: {message}", file=sys.stderr)
-    return 2
+    return code
 
 
 # ---- score (torch-free) ------------------------------------------------------------------------
@@ -256,20 +257,35 @@ def _add_score(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from .runtime import Scorer
+    from .runtime import MAX_SAMPLES, MAX_SEED, MAX_THREADS, Scorer, check_int
 
+    try:
+        check_int("--samples", args.samples, 0, MAX_SAMPLES)
+        check_int("--seed", args.seed, 0, MAX_SEED)
+        if args.threads is not None:
+            check_int("--threads", args.threads, 1, MAX_THREADS)
+    except BayesLoRAError as e:
+        return _fail(str(e))
+    if args.batch_size < 1:
+        return _fail("--batch-size must be >= 1")
     if args.file is not None:
         try:
-            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+            raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
         except OSError as e:
-            return _fail(f"cannot read {args.file}: {e}")
+            return _fail(f"cannot read {args.file}: {e.strerror or e}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            return _fail(f"{args.file} is not UTF-8 text (byte {e.start}, line {line})", 1)
         texts = [line for line in text.splitlines() if line.strip()]
     else:
         texts = list(args.text)
-    if args.samples < 0:
-        return _fail("--samples must be >= 0")
-    if args.batch_size < 1:
-        return _fail("--batch-size must be >= 1")
+        for i, t in enumerate(texts, 1):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                return _fail(f"--text: argument {i} is not valid UTF-8 (or not in the locale's encoding)")
     try:
         scorer = Scorer(args.bundle, num_threads=args.threads)
         for start in range(0, len(texts), args.batch_size):
@@ -291,11 +307,27 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_trained_source(p)
     p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write")
+    _add_force(p, "bundle")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weight storage dtype")
     p.add_argument("--no-prune", action="store_true", help="remove masked ranks only (no pruning at τ)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per input (default: tokenizer's)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(handler=_export)
+
+
+def _add_force(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help=f"replace --out even if it is a non-empty directory that is not a {what} bayeslora wrote",
+    )
+
+
+def _check_out(args: argparse.Namespace, kind: str, *sources: str | None) -> None:
+    """Refuse a bad --out before anything is loaded (the writer checks again)."""
+    from ._atomic import check_output_dir
+
+    check_output_dir(args.out, kind=kind, force=args.force, sources=[s for s in sources if s])
 
 
 def _add_trained_source(p: argparse.ArgumentParser) -> None:
@@ -342,6 +374,7 @@ def _export(args: argparse.Namespace) -> int:
     from .bundle import export
 
     try:
+        _check_out(args, "bundle", args.ckpt, args.model)
         model, tokenizer, run = _load_trained(Path(args.ckpt), args.model)
         if tokenizer is None:  # an adapter directory: the base model's tokenizer, if it has one
             from transformers import AutoTokenizer
@@ -353,7 +386,13 @@ def _export(args: argparse.Namespace) -> int:
                 tokenizer = model_dir / "tokenizer.json" if (model_dir / "tokenizer.json").exists() else None
         max_length = args.max_length or (int(run["settings"]["max_length"]) if run else None)
         out = export(
-            model, tokenizer, args.out, dtype=args.dtype, prune=not args.no_prune, max_length=max_length
+            model,
+            tokenizer,
+            args.out,
+            dtype=args.dtype,
+            prune=not args.no_prune,
+            max_length=max_length,
+            force=args.force,
         )
     except BayesLoRAError as e:
         return _fail(str(e))
@@ -375,6 +414,7 @@ def _add_export_peft(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_trained_source(p)
     p.add_argument("--out", required=True, metavar="DIR", help="PEFT directory to write")
+    _add_force(p, "PEFT export")
     p.add_argument("--no-prune", action="store_true", help="remove masked ranks only (no pruning at τ)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(handler=_export_peft)
@@ -384,8 +424,9 @@ def _export_peft(args: argparse.Namespace) -> int:
     from .peft_io import PEFT_CONFIG, export_peft
 
     try:
+        _check_out(args, "peft", args.ckpt, args.model)
         model, _, _ = _load_trained(Path(args.ckpt), args.model)
-        out = export_peft(model, args.out, prune=not args.no_prune)
+        out = export_peft(model, args.out, prune=not args.no_prune, force=args.force)
     except BayesLoRAError as e:
         return _fail(str(e))
     cfg = json.loads((out / PEFT_CONFIG).read_text())
@@ -411,6 +452,7 @@ def _add_import_peft(subparsers: argparse._SubParsersAction) -> None:
         help="base HF model directory (default: base_model_name_or_path of the PEFT config, or 'default')",
     )
     p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint directory to write")
+    _add_force(p, "checkpoint")
     p.add_argument(
         "--method",
         default=None,
@@ -440,7 +482,12 @@ def _import_peft(args: argparse.Namespace) -> int:
         # no options: restore the posterior export-peft saved beside the PEFT files, if any
         config = BayesLoRAConfig(**options) if options else None
         run = import_peft_checkpoint(
-            args.peft_dir, args.out, model=args.model, config=config, max_length=args.max_length
+            args.peft_dir,
+            args.out,
+            model=args.model,
+            config=config,
+            max_length=args.max_length,
+            force=args.force,
         )
     except BayesLoRAError as e:
         return _fail(str(e))
@@ -521,11 +568,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(handler(args) or 0)
     except BayesLoRAError as e:
-        print(f"bayeslora: error: {e}", file=sys.stderr)
+        print(f"bayeslora: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bayeslora: interrupted; the last checkpoint in --out stays loadable", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `bayeslora score ... | head`: the reader left
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        return 1
+    except Exception as e:  # no traceback, ever (BAYESLORA_DEBUG=1 shows it)
+        if os.environ.get("BAYESLORA_DEBUG"):
+            raise
+        if isinstance(e, (OSError, ValueError)):  # bad files, paths and values (UnicodeError too)
+            print(f"bayeslora: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        else:
+            print(
+                f"bayeslora: error: internal error, {type(e).__name__}: {_one_line(e)} "
+                "(please report it; BAYESLORA_DEBUG=1 shows the traceback)",
+                file=sys.stderr,
+            )
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

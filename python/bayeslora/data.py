@@ -424,6 +424,8 @@ def read_csv_dataset(path: str | Path) -> tuple[list[str], np.ndarray, tuple[str
     if not content.strip():
         raise DataError(f"CSV file {path} is empty: it needs a header `text,label` and rows")
     reader = csv.reader(io.StringIO(content, newline=""))
+    field_limit = csv.field_size_limit()  # 131,072 characters: long texts are fine, up to the file
+    csv.field_size_limit(max(field_limit, min(len(content), 2**31 - 1)))
     try:
         header = next(reader)
         columns = [h.strip().lower() for h in header]
@@ -451,6 +453,8 @@ def read_csv_dataset(path: str | Path) -> tuple[list[str], np.ndarray, tuple[str
             label_strs.append(label)
     except csv.Error as err:
         raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err})") from err
+    finally:
+        csv.field_size_limit(field_limit)
     if not texts:
         raise DataError(f"CSV file {path} has a header but no rows")
     names = _label_order(set(label_strs))

@@ -36,12 +36,18 @@ class DataError(BayesLoRAError, ValueError):
     """A dataset is missing, malformed, or unusable (e.g. a single class)."""
 
 
+class OutputError(BayesLoRAError, OSError):
+    """An output path is refused: writing there would destroy something bayeslora did not write
+    (a user's directory, a file, the current directory, the input), or it cannot be written."""
+
+
 __all__ = [
     "BayesLoRAError",
     "BundleError",
     "ConfigError",
     "DataError",
     "InvalidValueError",
+    "OutputError",
     "ShapeError",
     "TargetNotFoundError",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -10,10 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._atomic import write_dir_atomically
+from ._atomic import output_sources, write_dir_atomically
 from .config import BayesLoRAConfig
 from .errors import BundleError
-from .injection import _matches_list, adapted_layers, get_config, inject
+from .injection import _matches_list, adapted_layers, get_config, inject, is_target
+from .layers import base_dims
 from .objective import _unwrap
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -40,8 +42,13 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
-    """Write the adapter of ``model`` to ``out_dir`` atomically (a crash leaves no half directory)."""
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write the adapter of ``model`` to ``out_dir`` atomically (a crash leaves no half directory).
+
+    An adapter directory already at ``out_dir`` is replaced; anything else there (a non-empty
+    directory bayeslora did not write as an adapter) raises :class:`~bayeslora.errors.OutputError`
+    unless ``force``. A file, the current directory and the model's own directory are refused.
+    """
     model = _unwrap(model)
     config = get_config(model)
     out = Path(out_dir)
@@ -65,26 +72,106 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
         }
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-    return write_dir_atomically(out, write)
+    return write_dir_atomically(out, write, kind="adapter", force=force, sources=output_sources(model))
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[BayesLoRAConfig, dict]:
-    """(config, per-module metadata) of a saved adapter directory."""
+    """(config, per-module metadata) of a saved adapter directory.
+
+    Raises :class:`BundleError` for a missing, unreadable or malformed ``bayeslora_adapter.json``.
+    """
     cfg_path = Path(path) / ADAPTER_CONFIG
     try:
         meta = json.loads(cfg_path.read_text())
     except FileNotFoundError as e:
         raise BundleError(f"{cfg_path} not found: not a bayeslora adapter directory") from e
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise BundleError(f"cannot read {cfg_path}: {e}") from e
+    if not isinstance(meta, dict):
+        raise BundleError(f"{cfg_path}: expected a JSON object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{cfg_path}: unsupported format_version {meta.get('format_version')!r}")
-    return BayesLoRAConfig.from_dict(meta["config"]), meta["modules"]
+    config, modules = meta.get("config"), meta.get("modules")
+    if not isinstance(config, dict):
+        raise BundleError(f"{cfg_path}: 'config' must be an object, got {config!r:.80}")
+    if not isinstance(modules, dict) or not all(isinstance(m, dict) for m in modules.values()):
+        raise BundleError(f"{cfg_path}: 'modules' must map module names to objects")
+    try:
+        return BayesLoRAConfig.from_dict(config), modules
+    except (TypeError, ValueError) as e:  # ConfigError is a ValueError
+        raise BundleError(f"{cfg_path}: invalid config: {e}") from e
+
+
+def _layer_tensor_names(config: BayesLoRAConfig) -> tuple[str, ...]:
+    """The tensors a :class:`BayesLoRALayer` made under ``config`` holds (see ``_LAYER_TENSORS``)."""
+    if config.method != "bayeslora":
+        extra: tuple[str, ...] = ()
+    else:
+        extra = ("log_sigma2",) if config.posterior == "additive" else ("log_alpha",)
+    return ("lora_A", "lora_B", *extra, "rank_mask", "rank_index")
+
+
+def _check_layer(
+    where: Path, name: str, meta: dict, d_in: int, d_out: int, r0: int, tensors: dict[str, torch.Tensor]
+) -> None:
+    """Raise :class:`BundleError` unless one module's saved tensors and metadata fit a layer with
+    dims ``d_in``/``d_out`` and initial rank ``r0``."""
+    A = tensors["lora_A"]
+    if A.dim() != 2:
+        raise BundleError(f"{where}: {name}.lora_A must be [r, {d_in}], got {list(A.shape)}")
+    r = int(A.shape[0])
+    want = {
+        "lora_A": (r, d_in),
+        "lora_B": (d_out, r),
+        "log_alpha": (r,),
+        "log_sigma2": (r,),
+        "rank_mask": (r,),
+        "rank_index": (r,),
+    }
+    for t, value in tensors.items():
+        if tuple(value.shape) != want[t]:
+            raise BundleError(
+                f"{where}: {name}.{t} is {list(value.shape)} but the model needs {list(want[t])} "
+                f"(rank {r}, d_in {d_in}, d_out {d_out})"
+            )
+        if t == "rank_index":
+            if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+                raise BundleError(f"{where}: {name}.rank_index must be integers, got {value.dtype}")
+            idx = value.tolist()
+            if any(not 0 <= i < r0 for i in idx) or len(set(idx)) != r:
+                raise BundleError(f"{where}: {name}.rank_index must be {r} distinct ranks in 0..{r0 - 1}")
+            continue
+        if not value.dtype.is_floating_point:
+            raise BundleError(f"{where}: {name}.{t} must be floating point, got {value.dtype}")
+        if not bool(torch.isfinite(value).all()):
+            raise BundleError(f"{where}: {name}.{t} has NaN or infinite values")
+        if t == "rank_mask" and not bool(((value == 0) | (value == 1)).all()):
+            raise BundleError(f"{where}: {name}.rank_mask must hold only 0 and 1")
+    if r > r0:
+        raise BundleError(f"{where}: {name} has rank {r} above the config's rank {r0}")
+    if meta.get("rank", r) != r:
+        raise BundleError(f"{where}: {name} has rank {r} but {ADAPTER_CONFIG} says {meta.get('rank')!r}")
+    for key, dim in (("d_in", d_in), ("d_out", d_out)):
+        if meta.get(key, dim) != dim:
+            raise BundleError(f"{where}: {name} has {key} {meta.get(key)!r} but the model's layer has {dim}")
+    if "scale" in meta:
+        scale = meta["scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise BundleError(f"{where}: {name} has scale {scale!r}; it must be a finite number")
 
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a saved adapter into ``model`` (injecting it first if needed); exact round trip."""
+    """Load a saved adapter into ``model`` (injecting it first if needed); exact round trip.
+
+    Everything is checked against the model before anything changes: the adapted modules, every
+    tensor's presence, shape, dtype and finiteness, the rank indices, each module's scale, and
+    that the other tensors (``modules_to_save``) fit the model's parameters. On failure the model
+    is left as it was.
+
+    Raises:
+        BundleError: a missing, unreadable or malformed adapter, or one that does not fit ``model``.
+    """
     config, modules = read_adapter_config(path)
     weights = Path(path) / ADAPTER_WEIGHTS
     if not weights.exists():
@@ -94,31 +181,62 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise BundleError(f"cannot read {weights}: {e}") from e
     base = _unwrap(model)
-    if getattr(base, "bayeslora_config", None) is None:
-        inject(base, config)
-    layers = dict(adapted_layers(base))
-    if set(layers) != set(modules):
-        missing, extra = sorted(set(modules) - set(layers)), sorted(set(layers) - set(modules))
+    injected = getattr(base, "bayeslora_config", None) is not None
+    # (d_in, d_out, r0, tensor names) of each adapted layer, as it is or as inject would make it
+    plan: dict[str, tuple[int, int, int, tuple[str, ...]]] = {}
+    if injected:
+        for name, layer in adapted_layers(base):
+            names = tuple(t for t in _LAYER_TENSORS if torch.is_tensor(getattr(layer, t, None)))
+            plan[name] = (layer.d_in, layer.d_out, int(layer.initial_rank), names)
+    else:
+        for name, module in base.named_modules():
+            if is_target(name, module, config):
+                plan[name] = (*base_dims(module), config.rank, _layer_tensor_names(config))
+        if config.modules_to_save and not any(
+            _matches_list(n, config.modules_to_save) for n, _ in base.named_modules()
+        ):
+            raise BundleError(f"adapter does not fit the model: no module matches {config.modules_to_save}")
+    if set(plan) != set(modules) or not plan:
+        missing, extra = sorted(set(modules) - set(plan)), sorted(set(plan) - set(modules))
         raise BundleError(f"adapter does not fit the model: missing modules {missing}, unexpected {extra}")
-    for name, layer in layers.items():
+    layer_values: dict[str, dict[str, torch.Tensor]] = {}
+    for name, (d_in, d_out, r0, names) in plan.items():
+        missing_t = [f"{name}.{t}" for t in names if f"{name}.{t}" not in state]
+        if missing_t:
+            raise BundleError(f"{weights}: missing tensor {missing_t[0]!r}")
+        values = {t: state.pop(f"{name}.{t}") for t in names}
+        _check_layer(weights, name, modules[name], d_in, d_out, r0, values)
+        layer_values[name] = values
+    base_state = base.state_dict()
+    unexpected = sorted(k for k in state if k not in base_state)
+    if unexpected:
+        raise BundleError(f"{weights}: tensors that fit no module: {unexpected[:5]}")
+    for key, value in state.items():
+        have = base_state[key]
+        if (
+            tuple(value.shape) != tuple(have.shape)
+            or value.dtype.is_floating_point != have.dtype.is_floating_point
+        ):
+            raise BundleError(
+                f"{weights}: {key} is {value.dtype} {list(value.shape)} but the model has "
+                f"{have.dtype} {list(have.shape)}"
+            )
+        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+            raise BundleError(f"{weights}: {key} has NaN or infinite values")
+    # checked: now change the model
+    if not injected:
+        inject(base, config)
+    for name, layer in adapted_layers(base):
         device = layer.lora_A.device
         if "scale" in modules[name]:  # per module: imported PEFT adapters may differ from alpha / r0
             layer.scale = float(modules[name]["scale"])
-        for t in _LAYER_TENSORS:
-            key = f"{name}.{t}"
-            current = getattr(layer, t, None)
-            if current is None:
-                continue
-            if key not in state:
-                raise BundleError(f"{weights}: missing tensor {key!r}")
-            value = state.pop(key).to(device)
+        for t, value in layer_values[name].items():
+            value = value.to(device, torch.long) if t == "rank_index" else value.to(device)
+            current = getattr(layer, t)
             if isinstance(current, nn.Parameter):
                 setattr(layer, t, nn.Parameter(value, requires_grad=current.requires_grad))
             else:
                 setattr(layer, t, value)
-    rest = {k: v for k, v in state.items()}
-    if rest:
-        missing, unexpected = base.load_state_dict(rest, strict=False)
-        if unexpected:
-            raise BundleError(f"{weights}: tensors that fit no module: {unexpected[:5]}")
+    if state:
+        base.load_state_dict(state, strict=False)
     return model

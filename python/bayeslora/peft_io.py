@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._atomic import write_dir_atomically
+from ._atomic import check_output_dir, output_sources, write_dir_atomically
 from .bundle import exported_module, warn_extra_pruned
 from .config import BayesLoRAConfig
 from .errors import BundleError, ConfigError
@@ -131,7 +131,9 @@ def _wrapped_modules(model: nn.Module, modules_to_save: list[str]) -> list[str]:
 
 # ---- export -----------------------------------------------------------------------------------
 @torch.no_grad()
-def export_peft(model: nn.Module, out_dir: str | os.PathLike, *, prune: bool = True) -> Path:
+def export_peft(
+    model: nn.Module, out_dir: str | os.PathLike, *, prune: bool = True, force: bool = False
+) -> Path:
     """Write the mean-mode adapter of ``model`` (after :func:`bl.inject`) as a PEFT LoRA directory.
 
     The caller's model is not modified. ``peft.PeftModel.from_pretrained(base, out_dir)`` on the
@@ -139,9 +141,13 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, *, prune: bool = T
 
     Args:
         model: a model with BayesLoRA adapters (any method/posterior; the mean is exported).
-        out_dir: directory to write (replaced atomically if it exists).
+        out_dir: directory to write (a PEFT export of bayeslora already there is replaced
+            atomically).
         prune: also drop ranks whose relevance exceeds the config's τ, as :func:`bl.export` does
             (with a warning naming how many); masked ranks are always dropped.
+        force: replace ``out_dir`` even when it is a non-empty directory bayeslora did not write
+            as a PEFT export (a file, the current directory and the model's own directory are
+            always refused: :class:`~bayeslora.errors.OutputError`).
 
     Returns:
         The directory. Besides PEFT's two files it holds ``bayeslora_posterior.safetensors``
@@ -151,6 +157,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, *, prune: bool = T
     """
     base = _unwrap(model)
     config = get_config(base)
+    sources = output_sources(base)
+    check_output_dir(out_dir, kind="peft", force=force, sources=sources)
     layers = dict(adapted_layers(base))
     lora: dict[str, torch.Tensor] = {}
     posterior: dict[str, torch.Tensor] = {}
@@ -243,7 +251,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, *, prune: bool = T
         (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
         (tmp / POSTERIOR_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-    return write_dir_atomically(Path(out_dir), write)
+    return write_dir_atomically(Path(out_dir), write, kind="peft", force=force, sources=sources)
 
 
 def _peft_selects_exactly(
@@ -311,22 +319,26 @@ def read_peft_config(peft_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_peft_weights(peft_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of ``adapter_model.safetensors`` (or the legacy ``adapter_model.bin``)."""
+    """The tensors of ``adapter_model.safetensors``.
+
+    Pickled weights (the legacy ``adapter_model.bin``) are never loaded, not even through
+    ``torch.load(weights_only=True)``: unpickling a file from elsewhere is a risk this package
+    does not take. The error says how to convert them.
+    """
     root = Path(peft_dir)
     st, pt = root / PEFT_WEIGHTS, root / PEFT_WEIGHTS_BIN
-    try:
-        if st.exists():
-            return load_file(str(st))
+    if not st.exists():
         if pt.exists():
-            state = torch.load(str(pt), map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-                raise BundleError(f"{pt}: expected a dict of tensors")
-            return state
-    except BundleError:
-        raise
-    except Exception as e:  # safetensors / pickle raise their own types for corrupt files
+            raise BundleError(
+                f"{pt}: pickled PyTorch weights are not loaded (unpickling can run code); convert "
+                "them in a trusted environment: load the adapter with peft.PeftModel.from_pretrained "
+                f"and save it with save_pretrained(DIR, safe_serialization=True), which writes {PEFT_WEIGHTS}"
+            )
+        raise BundleError(f"{root}: {PEFT_WEIGHTS} not found")
+    try:
+        return load_file(str(st))
+    except Exception as e:  # safetensors raises its own types for corrupt files
         raise BundleError(f"cannot read the PEFT weights in {root}: {e}") from e
-    raise BundleError(f"{root}: neither {PEFT_WEIGHTS} nor {PEFT_WEIGHTS_BIN} found")
 
 
 def _split_weights(
@@ -432,7 +444,7 @@ def import_peft(
     """
     root = Path(peft_dir)
     cfg = read_peft_config(root)
-    weights_path = root / (PEFT_WEIGHTS if (root / PEFT_WEIGHTS).exists() else PEFT_WEIGHTS_BIN)
+    weights_path = root / PEFT_WEIGHTS
     lora, rest = _split_weights(read_peft_weights(root), weights_path)
     if not lora:
         raise BundleError(f"{weights_path}: no lora_A/lora_B tensors")
@@ -567,11 +579,16 @@ def import_peft_checkpoint(
     model: str | os.PathLike | None = None,
     config: BayesLoRAConfig | None = None,
     max_length: int = 64,
+    force: bool = False,
 ) -> dict[str, Any]:
     """``bayeslora import-peft``: load a PEFT LoRA sequence classifier onto its base model
     (``model``: an HF model directory or ``"default"``; else the PEFT config's
     ``base_model_name_or_path``) and write a checkpoint like ``bayeslora train`` does
-    (``adapter/``, ``tokenizer/``, ``run.json``). Returns the run metadata."""
+    (``adapter/``, ``tokenizer/``, ``run.json``), atomically. Returns the run metadata.
+
+    A checkpoint already at ``out`` is replaced; a non-empty directory bayeslora did not write as
+    a checkpoint needs ``force``; a file, the current directory, the PEFT directory and the base
+    model's directory are refused (:class:`~bayeslora.errors.OutputError`, before any loading)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     from .io import save_adapter
@@ -583,6 +600,8 @@ def import_peft_checkpoint(
     if not name:
         raise ConfigError(f"{peft_dir}: the PEFT config names no base model; pass --model DIR")
     base_dir = resolve_model(str(name))
+    sources = [peft_dir, base_dir]
+    check_output_dir(out, kind="checkpoint", force=force, sources=sources)
     n = _head_rows(read_peft_weights(peft_dir))
     kwargs: dict[str, Any] = {}
     if n is not None:
@@ -617,16 +636,18 @@ def import_peft_checkpoint(
         "initial_total_rank": sum(final.values()),
         "adapter_parameters": adapter_parameter_count(hf),
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_adapter(hf, out / "adapter")
     try:
-        AutoTokenizer.from_pretrained(base_dir).save_pretrained(out / "tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
     except (OSError, ValueError):
-        pass  # a base model without a tokenizer: the checkpoint scores token ids only
-    tmp = out / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(run, indent=2, default=str))
-    os.replace(tmp, out / RUN_FILE)
+        tokenizer = None  # a base model without a tokenizer: the checkpoint scores token ids only
+
+    def write(tmp: Path) -> None:
+        save_adapter(hf, tmp / "adapter")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "tokenizer")
+        (tmp / RUN_FILE).write_text(json.dumps(run, indent=2, default=str))
+
+    write_dir_atomically(out, write, kind="checkpoint", force=force, sources=sources)
     return run
 
 

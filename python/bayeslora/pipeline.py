@@ -338,14 +338,45 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, dict]:
     return model.eval(), tokenizer, run
 
 
-def _check_writable(out: Path) -> None:
+def _check_writable(out: Path) -> list[Path]:
+    """Create ``out`` and check that it is writable; returns the directories this created,
+    innermost first (see :func:`_remove_if_empty`)."""
+    created = [p for p in (out, *out.parents) if not os.path.lexists(p)]
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
+        _remove_if_empty(created)
         raise ConfigError(f"--out {out}: not writable ({e.strerror or e})") from e
+    return created
+
+
+def _remove_if_empty(created: list[Path]) -> None:
+    """Remove the directories of ``created`` (innermost first) that are still empty."""
+    for p in created:
+        try:
+            p.rmdir()
+        except OSError:
+            break
+
+
+def check_splits(data: Any, n_eval: int | None) -> None:
+    """Raise :class:`DataError` (one line) unless ``data`` has a training, a validation and a test
+    example (after ``max_eval``): a run trains on the first and reports on the other two."""
+    from .errors import DataError
+
+    if n_eval is not None and n_eval < 1:
+        raise DataError(f"max_eval must be >= 1, got {n_eval}")
+    sizes = {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)}
+    if all(sizes.values()):
+        return
+    counts = ", ".join(f"{n} {name}" for name, n in sizes.items())
+    raise DataError(  # round(0.1 n) >= 1 from n = 5 on (data.stratified_split)
+        f"{data.name}: {len(data.all)} examples give {counts} (each class gives 10 % to validation "
+        "and 10 % to test); training needs at least one in each: give some class 5 or more examples"
+    )
 
 
 def training_arguments(
@@ -387,7 +418,20 @@ def training_arguments(
 
 
 def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True, log: Any = print) -> dict:
-    """Fine-tune per ``settings``, write the checkpoint to ``out``, return the run summary."""
+    """Fine-tune per ``settings``, write the checkpoint to ``out``, return the run summary.
+
+    A run that fails before it saved anything (bad data, model or targets) leaves no ``out``
+    directory behind that it created."""
+    out = Path(out)
+    created = _check_writable(out)
+    try:
+        return _train(settings, out, progress, log)
+    except BaseException:
+        _remove_if_empty(created)
+        raise
+
+
+def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict:
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -402,10 +446,9 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
     from .pruning import adapter_parameter_count, prune, ranks, shrink
     from .training import BayesLoRATrainer, _is_main_process
 
-    out = Path(out)
-    _check_writable(out)
     hf_logging.set_verbosity_error()
     data = load_dataset(settings.data, seed=settings.seed)
+    check_splits(data, settings.max_eval)
     model_dir = resolve_model(settings.model)
     set_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

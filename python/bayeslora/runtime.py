@@ -13,6 +13,7 @@ batch-mates, its position in the batch, or the number of threads.
 from __future__ import annotations
 
 import json
+import operator
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,10 +22,50 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from .errors import BundleError, ShapeError
+from .errors import BundleError, InvalidValueError, ShapeError
 
 FIELDS = ("probs", "label", "confidence", "entropy", "expected_entropy", "mutual_info", "variance")
 _CHUNK = 1024  # texts tokenised and scored per call into the core (bounds padding memory)
+MAX_SEED = 2**63 - 1  # seeds are 0..2^63-1 (the core's signed 64-bit argument)
+MAX_SAMPLES = 2**20
+MAX_THREADS = 1024
+
+
+def check_int(name: str, value: Any, low: int, high: int) -> int:
+    """``value`` as an int in ``low..high`` (Python or numpy integers, not bools or floats), else
+    :class:`InvalidValueError` naming the range."""
+    if isinstance(value, (bool, np.bool_)):
+        raise InvalidValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise InvalidValueError(
+            f"{name} must be an integer in {low}..{high}, got {type(value).__name__} {value!r}"
+        ) from None
+    if not low <= v <= high:
+        raise InvalidValueError(f"{name} must be in {low}..{high}, got {v}")
+    return v
+
+
+def check_texts(texts: Sequence[Any]) -> list[str]:
+    """``texts`` as a list of str (numpy ``str_`` items included), each encodable as UTF-8; else
+    :class:`InvalidValueError` naming the first bad item."""
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            raise InvalidValueError(
+                f"inputs must be texts (str), (input_ids, attention_mask) or a mapping of them; "
+                f"item {i} is a {type(t).__name__}"
+            )
+        if not t.isascii():
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InvalidValueError(
+                    f"text {i} is not valid Unicode: lone surrogate {t[e.start]!r} at position {e.start} "
+                    "(undecodable bytes read with errors='surrogateescape'?)"
+                ) from None
+    return [str(t) for t in out]
 
 
 def _as_ids(input_ids: Any, attention_mask: Any | None) -> tuple[np.ndarray, np.ndarray]:
@@ -49,13 +90,20 @@ class Scorer:
 
     Args:
         bundle_dir: directory written by :func:`bayeslora.export`.
-        num_threads: size of the runtime's thread pool (None = all cores).
+        num_threads: size of the runtime's thread pool, 1..1024 (None = all cores).
 
     Raises:
         bayeslora.errors.BundleError: the bundle is missing, malformed or inconsistent.
+        bayeslora.errors.InvalidValueError: ``num_threads`` is not an integer in 1..1024.
+
+    Every method checks its arguments before calling into the core: counts and seeds must be
+    integers in their range, texts must be ``str`` (numpy ``str_`` and arrays of strings are
+    texts too) without lone surrogates; anything else raises ``InvalidValueError``.
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, num_threads: int | None = None) -> None:
+        if num_threads is not None:
+            num_threads = check_int("num_threads", num_threads, 1, MAX_THREADS)
         self.bundle_dir = Path(bundle_dir)
         self._rt = _core.Runtime(str(self.bundle_dir), num_threads)
         self._tokenizer: Any = None
@@ -102,14 +150,23 @@ class Scorer:
         if isinstance(inputs, str):
             inputs = [inputs]
         if isinstance(inputs, Mapping):
+            if "input_ids" not in inputs:
+                raise InvalidValueError("a mapping of inputs needs 'input_ids' (and 'attention_mask')")
             return [_as_ids(inputs["input_ids"], inputs.get("attention_mask"))]
         if isinstance(inputs, tuple) and len(inputs) == 2 and not isinstance(inputs[0], str):
             return [_as_ids(*inputs)]
-        if isinstance(inputs, np.ndarray):
+        if isinstance(inputs, np.ndarray) and inputs.dtype.kind not in "UO":
             return [_as_ids(inputs, None)]
-        texts = list(inputs)
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("inputs must be texts, (input_ids, attention_mask) or a mapping of them")
+        # texts: a sequence of str, or a numpy array of strings (dtype str_ or object)
+        if isinstance(inputs, np.ndarray) and inputs.ndim != 1:
+            raise ShapeError(f"an array of texts must be one-dimensional, got shape {inputs.shape}")
+        try:
+            texts = check_texts(inputs)
+        except TypeError:
+            raise InvalidValueError(
+                f"inputs must be texts, (input_ids, attention_mask) or a mapping of them, "
+                f"not {type(inputs).__name__}"
+            ) from None
         return [self.encode(texts[i : i + _CHUNK]) for i in range(0, len(texts), _CHUNK)] or [
             (np.zeros((0, 1), np.int64), np.zeros((0, 1), np.int64))
         ]
@@ -118,17 +175,19 @@ class Scorer:
         """SPEC §6 prediction with uncertainty.
 
         Args:
-            inputs: a text, a list of texts, ``(input_ids, attention_mask)`` (``[N, T]`` ints), or a
-                mapping with those keys.
-            samples: S posterior samples per input; 0 = mean mode (one deterministic pass).
-            seed: seeds the noise streams.
+            inputs: a text, a list (or 1-D numpy array) of texts, ``(input_ids, attention_mask)``
+                (``[N, T]`` ints), or a mapping with those keys.
+            samples: S posterior samples per input, 0..2^20; 0 = mean mode (one deterministic pass).
+            seed: seeds the noise streams, 0..2^63-1.
 
         Returns:
             ``probs float32[N, C]`` (mean over samples), ``label int64[N]``, and float32 ``[N]``:
             ``confidence`` (max prob), ``entropy`` (total), ``expected_entropy`` (aleatoric),
             ``mutual_info`` (epistemic), ``variance`` (of the predicted class's probability).
         """
-        parts = [self._rt.score(ids, mask, int(samples), int(seed)) for ids, mask in self._inputs(inputs)]
+        samples = check_int("samples", samples, 0, MAX_SAMPLES)
+        seed = check_int("seed", seed, 0, MAX_SEED)
+        parts = [self._rt.score(ids, mask, samples, seed) for ids, mask in self._inputs(inputs)]
         return {k: np.concatenate([p[k] for p in parts]) for k in FIELDS}
 
     def logits(
@@ -150,8 +209,10 @@ class Scorer:
         self, input_ids: Any, attention_mask: Any | None = None, samples: int = 16, seed: int = 0
     ) -> np.ndarray:
         """Per-sample logits ``float32[N, S, C]`` of S ≥ 1 posterior samples."""
+        samples = check_int("samples", samples, 1, MAX_SAMPLES)
+        seed = check_int("seed", seed, 0, MAX_SEED)
         ids, mask = _as_ids(input_ids, attention_mask)
-        return self._rt.sample_logits(ids, mask, int(samples), int(seed))
+        return self._rt.sample_logits(ids, mask, samples, seed)
 
     def label_name(self, label: int) -> str | int:
         """The class name of ``label`` when the bundle has names, else the index."""
@@ -160,7 +221,8 @@ class Scorer:
     def records(self, texts: Sequence[str], samples: int = 0, seed: int = 0) -> list[dict[str, Any]]:
         """One JSON-ready dict per text: ``text, label, probs, confidence, entropy,
         expected_entropy, mutual_info, variance`` (label as its name when the bundle has names)."""
-        out = self.score(list(texts), samples=samples, seed=seed)
+        texts = check_texts(texts)
+        out = self.score(texts, samples=samples, seed=seed)
         rows = []
         for i, text in enumerate(texts):
             rows.append(
