@@ -294,7 +294,7 @@ def test_cli_export_refuses_a_users_directory_in_one_line(adapter_ckpt, tmp_path
     ckpt, base = adapter_ckpt
     before = user_dir(tmp_path / "mine")
     res = _run_cli("export", str(ckpt), "--model", str(base), "--out", str(tmp_path / "mine"))
-    assert res.returncode == 2, res.stderr
+    assert res.returncode == 1, res.stderr
     assert res.stderr.startswith("bayeslora: error: ") and res.stderr.count("\n") == 1, res.stderr
     assert "--force" in res.stderr and "Traceback" not in res.stderr
     assert snapshot(tmp_path / "mine") == before
@@ -309,7 +309,7 @@ def test_cli_export_refuses_its_own_source(adapter_ckpt, command, capsys):
     before = snapshot(ckpt)
     for out in (ckpt, ckpt.parent):
         code = cli.main([command, str(ckpt), "--model", str(base), "--out", str(out), "--force"])
-        assert code == 2
+        assert code == 1
         err = capsys.readouterr().err
         assert err.startswith("bayeslora: error: ") and "the input" in err, err
     assert snapshot(ckpt) == before
@@ -324,13 +324,13 @@ def test_cli_import_peft_refuses_an_existing_file(tmp_path, capsys):
     (tmp_path / "ck").write_text("precious")
     capsys.readouterr()
     args = ["import-peft", str(tmp_path / "peft"), "--model", str(base), "--out", str(tmp_path / "ck")]
-    assert cli.main(args) == 2
+    assert cli.main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("bayeslora: error: ") and "not a directory" in err, err
     assert (tmp_path / "ck").read_text() == "precious"
     (tmp_path / "ck").unlink()
     user_dir(tmp_path / "ck")
-    assert cli.main(args) == 2 and "bayeslora did not write" in capsys.readouterr().err
+    assert cli.main(args) == 1 and "bayeslora did not write" in capsys.readouterr().err
     assert cli.main([*args, "--force"]) == 0
     assert (tmp_path / "ck" / "run.json").is_file() and not (tmp_path / "ck" / "notes.txt").exists()
     assert cli.main(args) == 0  # a checkpoint replaces a checkpoint
@@ -340,11 +340,11 @@ def test_cli_export_to_the_current_directory_or_an_unwritable_place(adapter_ckpt
     ckpt, base = adapter_ckpt
     monkeypatch.chdir(ckpt.parent)
     before = snapshot(ckpt.parent)
-    assert cli.main(["export", str(ckpt), "--model", str(base), "--out", ".", "--force"]) == 2
+    assert cli.main(["export", str(ckpt), "--model", str(base), "--out", ".", "--force"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("bayeslora: error: ") and "current directory" in err and err.count("\n") == 1
     assert snapshot(ckpt.parent) == before
     if Path("/proc/self").is_dir():
-        assert cli.main(["export", str(ckpt), "--model", str(base), "--out", "/proc/x"]) == 2
+        assert cli.main(["export", str(ckpt), "--model", str(base), "--out", "/proc/x"]) == 1
         err = capsys.readouterr().err.splitlines()[-1]
         assert err.startswith("bayeslora: error: cannot write /proc/x"), err

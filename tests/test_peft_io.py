@@ -310,7 +310,7 @@ def test_cli_import_peft_reports_errors_without_a_traceback(tmp_path, capsys):
     code = cli.main(
         ["import-peft", str(tmp_path / "nowhere"), "--model", str(base), "--out", str(tmp_path / "ck")]
     )
-    assert code == 2
+    assert code == 1
     assert "not a directory" in capsys.readouterr().err
 
 
@@ -507,7 +507,7 @@ def test_pickled_bin_weights_are_refused_without_unpickling(peft_dir, tmp_path, 
     assert not list(adapted_layers(model))
     base = _tiny_base_dir(tmp_path / "base")
     capsys.readouterr()
-    assert cli.main(["import-peft", str(d), "--model", str(base), "--out", str(tmp_path / "ck")]) == 2
+    assert cli.main(["import-peft", str(d), "--model", str(base), "--out", str(tmp_path / "ck")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("bayeslora: error: ") and "safe_serialization=True" in err
     assert not (tmp_path / "ck").exists()

@@ -125,7 +125,7 @@ def test_score_cli_reads_a_file_and_matches_the_torch_model(tmp_path, capsys):
 
 def test_score_cli_reports_a_bad_bundle_without_a_traceback(tmp_path):
     res = run_cli(["score", str(tmp_path), "--text", "hello"])
-    assert res.returncode == 2
+    assert res.returncode == 1  # not a usage error: the bundle is bad
     assert "bayeslora.json" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -388,7 +388,7 @@ def test_scorer_checks_its_arguments_before_the_core(bundle):
         (["--samples", "-2"], 2, "--samples must be in 0..1048576"),
         (["--text", "w5", "\udcff"], 2, "--text: argument 2 is not valid UTF-8"),
         (["--file", "BINARY"], 1, "is not UTF-8 text (byte 2, line 1)"),
-        (["--file", "MISSING"], 2, "cannot read"),
+        (["--file", "MISSING"], 1, "cannot read"),
     ],
 )
 def test_score_cli_bad_arguments_print_one_line(bundle, tmp_path, args, code, message):

@@ -231,7 +231,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_evaluate)
 
 
-def _fail(message: str, code: int = 2) -> int:
+def _fail(message: str, code: int = 1) -> int:
     print(f"bayeslora: error: {message}", file=sys.stderr)
     return code
 
@@ -265,9 +265,9 @@ def _score(args: argparse.Namespace) -> int:
         if args.threads is not None:
             check_int("--threads", args.threads, 1, MAX_THREADS)
     except BayesLoRAError as e:
-        return _fail(str(e))
+        return _fail(str(e), 2)  # a usage error
     if args.batch_size < 1:
-        return _fail("--batch-size must be >= 1")
+        return _fail("--batch-size must be >= 1", 2)
     if args.file is not None:
         try:
             raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
@@ -277,7 +277,7 @@ def _score(args: argparse.Namespace) -> int:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             line = raw[: e.start].count(b"\n") + 1
-            return _fail(f"{args.file} is not UTF-8 text (byte {e.start}, line {line})", 1)
+            return _fail(f"{args.file} is not UTF-8 text (byte {e.start}, line {line})")
         texts = [line for line in text.splitlines() if line.strip()]
     else:
         texts = list(args.text)
@@ -285,7 +285,7 @@ def _score(args: argparse.Namespace) -> int:
             try:
                 t.encode("utf-8")
             except UnicodeEncodeError:
-                return _fail(f"--text: argument {i} is not valid UTF-8 (or not in the locale's encoding)")
+                return _fail(f"--text: argument {i} is not valid UTF-8 (or not in the locale's encoding)", 2)
     try:
         scorer = Scorer(args.bundle, num_threads=args.threads)
         for start in range(0, len(texts), args.batch_size):
