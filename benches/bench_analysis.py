@@ -1,4 +1,4 @@
-"""Rank analysis (SPEC §8): speed of the Rust route, and the alignment claim against its controls.
+"""Rank analysis (docs/method.md §8): speed of the Rust route, and the alignment claim against its controls.
 
 (a) Speed: analyse every adapter of a MiniLM-shaped model (6 layers, hidden 384, rank 8; q/v
     targets → 12 modules, and all-linear → 36 modules) with ``_core.analyze_modules`` vs the

@@ -61,7 +61,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # H3: local reparameterisation of the gates in training (per-token output noise)
     "gate-lrt": ("vi", {"gate_lrt": True}),
     "gate-lrt-refit-val": ("vi", {"gate_lrt": True, "refit_start": 0.5, "rank_select": "validation"}),
-    # the authors' GLUE harness (SPEC §10)
+    # the authors' GLUE harness (docs/method.md §10)
     "paper": ("paper", {}),
 }
 POSTERIOR_FREE = ("lora",)

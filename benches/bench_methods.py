@@ -1,4 +1,4 @@
-"""The paper's method comparison on our data (issue #5, SPEC §9), mean ± std over seeds.
+"""The paper's method comparison on our data (issue #5, docs/method.md §9), mean ± std over seeds.
 
 Methods, all rank 8 on query/value of the 6 layers of all-MiniLM-L6-v2, the same optimiser, budget
 and seeds (``TrainSettings`` defaults, the quickstart's budget):
@@ -6,7 +6,7 @@ and seeds (``TrainSettings`` defaults, the quickstart's budget):
 - ``lora``                 plain LoRA, one deterministic pass;
 - ``lora + temperature``   the same model, temperature fitted on the validation NLL;
 - ``mcdropout``            dropout (p = 0.1) on the rank activations, MC at test time;
-- ``bayeslora/gate``       multiplicative rank gates (SPEC §2), MC at test time (and mean mode);
+- ``bayeslora/gate``       multiplicative rank gates (docs/method.md §2), MC at test time (and mean mode);
 - ``bayeslora/additive``   additive factor noise, MC at test time;
 - ``adalora``              PEFT's AdaLoRA (init rank 8) with its final budget set to the total rank
                            ``bayeslora/gate`` ended with on the same seed.
@@ -68,7 +68,7 @@ def _fields_from_probs(probs: np.ndarray) -> dict[str, np.ndarray]:
 def _metrics(
     outs: dict[str, dict[str, np.ndarray]], sets: dict[str, tuple[list[str], np.ndarray | None]]
 ) -> dict[str, Any]:
-    """Every metric of one method from its SPEC §6 fields on each evaluation set."""
+    """Every metric of one method from its docs/method.md §6 fields on each evaluation set."""
     from bayeslora import metrics
 
     test_labels = sets["test"][1]
@@ -345,7 +345,7 @@ def _noise(a: tuple[float, float], b: tuple[float, float], n: int) -> float:
 
 
 def claims(table: dict, n_seeds: int) -> list[str]:
-    """SPEC §9 claims, each stated as held or not with the numbers behind it."""
+    """docs/method.md §9 claims, each stated as held or not with the numbers behind it."""
     out = []
     g, lo = table.get("bayeslora/gate"), table.get("lora")
     if g is None or lo is None:
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     stated = claims(table, args.seeds)
     cmd = " ".join(["python benches/bench_methods.py", *(sys.argv[1:] if argv is None else argv)])
     md = (
-        f"# Method comparison (SPEC §9), {args.seeds} seed(s), mean ± std\n\n"
+        f"# Method comparison (docs/method.md §9), {args.seeds} seed(s), mean ± std\n\n"
         f"`{cmd}` — {total / 60:.1f} min on {args.threads} threads ({os.cpu_count()} cores); "
         f"{args.max_train} training examples of VADER movies, {args.epochs:g} epochs, max length "
         f"{args.max_length}, rank 8 on query/value, {args.samples} posterior samples for MC methods; "

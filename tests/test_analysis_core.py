@@ -1,4 +1,4 @@
-"""Parity of the Rust rank-analysis numerics (SPEC §8) with numpy / scipy on the dense ΔW.
+"""Parity of the Rust rank-analysis numerics (docs/method.md §8) with numpy / scipy on the dense ΔW.
 
 References: ``numpy.linalg.svd`` of the dense product ``s · B diag(ez) A``,
 ``scipy.linalg.subspace_angles``, ``scipy.stats.spearmanr``. Inputs: random, rank-deficient (zero

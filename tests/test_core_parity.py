@@ -70,7 +70,7 @@ def test_rank_scores_rust_matches_torch_and_numpy(d_in, d_out, rank, seed):
 
 
 def test_additive_score_at_default_init_is_above_threshold():
-    # SPEC §2b's trap: at the default init ℓ_k ≈ 3.6 for d_in = 768, already above τ = 3.
+    # docs/method.md §2b's trap: at the default init ℓ_k ≈ 3.6 for d_in = 768, already above τ = 3.
     torch.manual_seed(0)
     layer = BayesLoRALayer(torch.nn.Linear(768, 768), bl.BayesLoRAConfig(rank=8, posterior="additive"))
     scores = layer.rank_scores().numpy()

@@ -9,7 +9,7 @@ from numpy.typing import NDArray
 
 __version__: str
 
-# ---- KL and rank scores (SPEC §2, §3) --------------------------------------------------------
+# ---- KL and rank scores (docs/method.md §2, §3) --------------------------------------------------------
 def kl_molchanov(log_alpha: NDArray[np.float64]) -> NDArray[np.float64]:
     """Elementwise Molchanov KL, ``[n] -> [n]``."""
 
@@ -33,7 +33,7 @@ def rank_scores_additive(
 def fma_peak_gflops(seconds: float = 0.3, threads: int = 1) -> float:
     """Measured f32 FMA peak in GFLOP/s of ``threads`` cores at once (0.0 without AVX2/FMA)."""
 
-# ---- rank analysis (SPEC §8) ---------------------------------------------------------------
+# ---- rank analysis (docs/method.md §8) ---------------------------------------------------------------
 def low_rank_svd(
     a: NDArray[np.float64], b: NDArray[np.float64], ez: NDArray[np.float64], scale: float
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
@@ -59,7 +59,7 @@ def analyze_modules(
 ) -> list[dict[str, Any]]:
     """Analyse ``(a, b, ez, relevance, scale)`` per module, in parallel."""
 
-# ---- runtime (SPEC §6) ---------------------------------------------------------------------
+# ---- runtime (docs/method.md §6) ---------------------------------------------------------------------
 class Runtime:
     """A loaded, validated bundle."""
 
@@ -88,4 +88,4 @@ class Runtime:
     def score(
         self, input_ids: NDArray[np.int64], attention_mask: NDArray[np.int64], samples: int = 0, seed: int = 0
     ) -> dict[str, NDArray[Any]]:
-        """SPEC §6 fields per input."""
+        """docs/method.md §6 fields per input."""

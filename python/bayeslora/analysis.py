@@ -1,4 +1,4 @@
-"""Rank analysis (SPEC §8): which rank directions did the posterior keep, and do they line up with
+"""Rank analysis (docs/method.md §8): which rank directions did the posterior keep, and do they line up with
 the singular directions of ``ΔW = s · B diag(E z) A``?
 
 Torch-free: reads an adapter checkpoint (``bl.save_adapter``) or a runtime bundle with numpy and

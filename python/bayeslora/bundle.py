@@ -1,4 +1,4 @@
-"""Export a trained model as a bundle the torch-free Rust runtime scores (DESIGN.md, "Bundle").
+"""Export a trained model as a bundle the torch-free Rust runtime scores (docs/formats.md).
 
 A bundle is a directory with
 
@@ -146,7 +146,7 @@ def bundle_tensors(
 
 def warn_extra_pruned(what: str, count: int, threshold: float) -> None:
     """Say (a warning from the exporting call's caller) that an export pruned ``count`` ranks
-    training had left unmasked, so that nothing changes silently (SPEC §4)."""
+    training had left unmasked, so that nothing changes silently (docs/method.md §4)."""
     if count > 0:
         warnings.warn(
             f"{what} pruned {count} rank(s) whose relevance exceeds τ = {threshold} and that training "
@@ -205,7 +205,7 @@ def export(
             token ids only).
         dtype: storage dtype of the weights and adapter factors, ``"float32"`` or ``"bfloat16"``
             (rank parameters stay float32); the runtime computes in float32.
-        prune: also remove ranks whose relevance score exceeds the config's τ (SPEC §4: a loop
+        prune: also remove ranks whose relevance score exceeds the config's τ (docs/method.md §4: a loop
             that never pruned still gets pruned here, with a warning saying how many ranks went).
             Masked ranks are always removed.
         max_length: tokens per input the runtime's tokenizer truncates to (default: the

@@ -1,4 +1,4 @@
-"""Temperature scaling (Guo et al. 2017): the cheap calibration baseline of SPEC §7, numpy only.
+"""Temperature scaling (Guo et al. 2017): the cheap calibration baseline of docs/method.md §7, numpy only.
 
 One scalar T divides the logits; it is fitted by minimising the validation NLL. The NLL is convex
 in 1/T, hence unimodal in log T, so a golden-section search on log T over ``[T_MIN, T_MAX]`` finds

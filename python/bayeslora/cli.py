@@ -524,7 +524,7 @@ def _add_analyze(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "analyze",
         help="per-module ranks, relevance and SVD alignment of a checkpoint or bundle",
-        description="Rank analysis (SPEC §8): which rank directions did the posterior keep, and do "
+        description="Rank analysis (docs/method.md §8): which rank directions did the posterior keep, and do "
         "they align with the singular directions of ΔW? Needs no torch.",
     )
     p.add_argument("path", metavar="CKPT|BUNDLE", help="adapter checkpoint or runtime bundle directory")

@@ -1,4 +1,4 @@
-"""The configuration of a BayesLoRA adapter (SPEC §2–§5). Plain data; no torch."""
+"""The configuration of a BayesLoRA adapter (docs/method.md §2–§5). Plain data; no torch."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ class BayesLoRAConfig:
         init_log_sigma2: initial ``λ_k = log σ_k²`` of the additive family.
         kl_scale: multiplies the KL term of the objective.
         kl_group: per-rank KL weight of the gate family: ``"params"`` (d_in + d_out) or ``"unit"`` (1).
-        kl_per_example: True (SPEC §4): the loss adds ``β·kl_scale·KL/N``, a per-example ELBO; False:
-            ``β·kl_scale·KL`` with no 1/N (the authors' GLUE harness, recipe ``paper``).
+        kl_per_example: True (docs/method.md §4): the loss adds ``β·kl_scale·KL/N``, a per-example
+            ELBO; False: ``β·kl_scale·KL`` with no 1/N (the authors' GLUE harness, recipe ``paper``).
         kl_freeze: steps with β = 0 before the KL warm-up.
         kl_warmup: steps over which β rises linearly from 0 to 1.
         sample_start: first training step with posterior noise on (``None``: never, the noise stays
@@ -189,7 +189,7 @@ class BayesLoRAConfig:
         return self.method == "bayeslora"
 
     def kl_beta(self, step: int) -> float:
-        """β(t) of SPEC §4: 0 for ``kl_freeze`` steps, then linear to 1 over ``kl_warmup``; 0 again
+        """β(t) of docs/method.md §4: 0 for ``kl_freeze`` steps, then linear to 1 over ``kl_warmup``; 0 again
         in the refit phase."""
         freeze, warmup = self._steps("kl_freeze"), self._steps("kl_warmup")
         assert freeze is not None and warmup is not None

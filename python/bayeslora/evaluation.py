@@ -2,7 +2,8 @@
 
 A training checkpoint (``bayeslora train`` output: ``run.json`` + ``adapter/``) is scored with torch;
 an exported bundle (``bayeslora.json`` + ``model.safetensors``) with the Rust runtime, torch-free.
-Both give the SPEC §6 fields per input; the metrics (SPEC §7) are computed by ``bayeslora.metrics``.
+Both give the fields of docs/method.md §6 per input; the metrics (docs/method.md §7) are computed by
+``bayeslora.metrics``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ Predictor = Callable[[Sequence[str]], dict[str, np.ndarray]]
 def load_predictor(
     path: str | os.PathLike, samples: int, seed: int, num_threads: int | None = None
 ) -> tuple[Predictor, dict[str, Any]]:
-    """A function ``texts -> SPEC §6 fields`` for a checkpoint (torch) or a bundle (Rust runtime)."""
+    """A function ``texts -> fields of docs/method.md §6`` for a checkpoint (torch) or a bundle (Rust
+    runtime)."""
     path = Path(path)
     if (path / "bayeslora.json").is_file():
         from .runtime import Scorer, read_meta

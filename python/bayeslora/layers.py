@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import BayesLoRAConfig
 
-# Molchanov et al. (2017) constants, SPEC §3.
+# Molchanov et al. (2017) constants, docs/method.md §3.
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 LOG_ALPHA_CLAMP = (-10.0, 10.0)
 LOG_SIGMA2_CLAMP = (-20.0, 2.0)
@@ -89,7 +89,7 @@ class LRTSample(torch.autograd.Function):
 
 
 class BayesLoRALayer(nn.Module):
-    """``y = base(x) + s · Δ(x)`` with a rank-wise posterior on the adapter (SPEC §2).
+    """``y = base(x) + s · Δ(x)`` with a rank-wise posterior on the adapter (docs/method.md §2).
 
     The base layer is frozen and kept as ``base_layer``. Noise is on only while ``sampling`` is
     True; ``train()``/``eval()`` never change that flag. In sampling mode, the ``gate`` family draws
@@ -238,7 +238,8 @@ class BayesLoRALayer(nn.Module):
         return torch.exp(self.log_sigma2.clamp(*LOG_SIGMA2_CLAMP))
 
     def _additive_lrt(self, x: torch.Tensor) -> torch.Tensor:
-        """``s · Δ(x)`` by local reparameterisation with the exact marginal variance (SPEC §2b), per token.
+        """``s · Δ(x)`` by local reparameterisation with the exact marginal variance, per token
+        (docs/method.md §2b).
 
         With ``v_k = σ_k² ‖x‖²`` the variance ``Σ_k (v_k B_jk² + m_k² σ_k² + v_k σ_k²)`` factorises as
         ``‖x‖² · c_j + t`` with ``c_j = Σ_k σ_k² (B_jk² + σ_k²)`` and ``t = Σ_k m_k² σ_k²``: a broadcast

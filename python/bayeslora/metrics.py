@@ -1,4 +1,4 @@
-"""Classification metrics of SPEC §7 and the uncertainty decomposition of SPEC §6, in numpy.
+"""Classification metrics (docs/method.md §7) and the uncertainty decomposition (§6), in numpy.
 
 This module never imports torch (the torch-free runtime and ``bayeslora evaluate`` on a bundle use it).
 Inputs are array-likes; they are validated once and computed in float64.
@@ -235,7 +235,7 @@ def ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
     Args:
         probs: ``[N, C]`` class probabilities.
         labels: ``[N]`` integer labels in ``[0, C)``.
-        n_bins: number of bins (SPEC §7: 15).
+        n_bins: number of bins (docs/method.md §7: 15).
     """
     conf, ok = _conf_correct(probs, labels)
     return calibration_error(conf, ok, n_bins, "l1")
@@ -247,7 +247,7 @@ def mce(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
     Args:
         probs: ``[N, C]`` class probabilities.
         labels: ``[N]`` integer labels in ``[0, C)``.
-        n_bins: number of bins (SPEC §7: 15).
+        n_bins: number of bins (docs/method.md §7: 15).
     """
     conf, ok = _conf_correct(probs, labels)
     return calibration_error(conf, ok, n_bins, "max")
@@ -408,7 +408,8 @@ def _entropy(p: NDArray[np.float64]) -> NDArray[np.float64]:
 
 
 def uncertainty(sample_probs: ArrayLike) -> dict[str, NDArray]:
-    """SPEC §6 fields from per-sample class probabilities (float64; numpy twin of ``prediction.summarize``).
+    """The fields of docs/method.md §6 from per-sample class probabilities (float64; numpy twin of
+    ``prediction.summarize``).
 
     Args:
         sample_probs: ``[N, S, C]`` class probabilities of S posterior samples per input.
@@ -446,7 +447,7 @@ UNCERTAINTY_SCORES: Sequence[str] = ("entropy", "mutual_info", "1-confidence")
 
 def uncertainty_scores(fields: Mapping[str, ArrayLike]) -> dict[str, NDArray[np.float64]]:
     """Per-input uncertainty scores (higher = more uncertain) for OOD detection and selective
-    prediction, from the SPEC §6 fields of :func:`uncertainty` (or the runtime's ``score``).
+    prediction, from the docs/method.md §6 fields of :func:`uncertainty` (or the runtime's ``score``).
 
     Returns ``{"entropy", "mutual_info", "1-confidence"}``, each float64 ``[N]``.
     """

@@ -1,4 +1,4 @@
-"""The variational objective (SPEC §4): per-example ELBO = NLL + β(t)·kl_scale·KL/N."""
+"""The variational objective (docs/method.md §4): per-example ELBO = NLL + β(t)·kl_scale·KL/N."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ def reliability_diagram(
     Args:
         out: PNG path, or an ``Axes`` to draw into.
         probs: ``[N, C]`` class probabilities; labels: ``[N]`` integer labels.
-        n_bins: equal-width bins ``(lo, hi]`` on the max-prob confidence (SPEC §7: 15).
+        n_bins: equal-width bins ``(lo, hi]`` on the max-prob confidence (docs/method.md §7: 15).
         title: figure title; default names ECE and MCE.
 
     Returns:

@@ -1,4 +1,4 @@
-"""Sampling switch and Monte-Carlo prediction with the uncertainty decomposition of SPEC §6."""
+"""Sampling switch and Monte-Carlo prediction with the uncertainty decomposition of docs/method.md §6."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 def summarize(sample_probs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """SPEC §6 fields from per-sample class probabilities ``[N, S, C]`` (float64 math).
+    """docs/method.md §6 fields from per-sample class probabilities ``[N, S, C]`` (float64 math).
 
     ``variance`` is the population variance over samples of the predicted class's probability.
     """

@@ -1,4 +1,7 @@
-"""Rank learning made visible: mask noisy ranks during training, shrink them away afterwards (SPEC §5)."""
+"""Rank learning made visible: mask noisy ranks during training, shrink them away afterwards.
+
+See docs/method.md §5.
+"""
 
 from __future__ import annotations
 

@@ -172,7 +172,7 @@ class Scorer:
         ]
 
     def score(self, inputs: Any, samples: int = 0, seed: int = 0) -> dict[str, np.ndarray]:
-        """SPEC §6 prediction with uncertainty.
+        """docs/method.md §6 prediction with uncertainty.
 
         Args:
             inputs: a text, a list (or 1-D numpy array) of texts, ``(input_ids, attention_mask)``

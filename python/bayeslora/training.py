@@ -115,7 +115,7 @@ class PruneCallback(TrainerCallback):
 
 
 class BayesLoRATrainer(Trainer):
-    """``transformers.Trainer`` with the BayesLoRA objective (SPEC §4) and prune schedule (SPEC §5).
+    """``transformers.Trainer`` with the BayesLoRA objective and prune schedule (docs/method.md §4, §5).
 
     Args:
         rank_lr: learning rate of ``log_alpha`` / ``log_sigma2`` (SGD-like, see the module docstring).
