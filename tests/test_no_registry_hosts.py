@@ -20,6 +20,7 @@ SCANNED = (
     "python",
     "tests",
     "benches",
+    "docs",
     ".ci",
     "rust",
     "README.md",

@@ -1,4 +1,4 @@
-//! Rank analysis of a trained adapter (SPEC §8): which rank directions did the posterior keep, and
+//! Rank analysis of a trained adapter (docs/method.md §8): which rank directions did the posterior keep, and
 //! do they line up with the singular directions of `ΔW = s · B diag(E z) A`?
 //!
 //! Everything is computed from the factors, never from the dense `d_out × d_in` product: the thin

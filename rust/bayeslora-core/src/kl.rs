@@ -1,5 +1,5 @@
 //! KL divergence of a Gaussian multiplicative-noise posterior to the log-uniform prior,
-//! after Molchanov, Ashukha & Vetrov (2017), SPEC §3.
+//! after Molchanov, Ashukha & Vetrov (2017), docs/method.md §3.
 //!
 //! `-KL(α) ≈ k1·σ(k2 + k3·log α) − ½·log(1 + 1/α) − k1`, evaluated in `log α` with
 //! `log(1 + 1/α) = softplus(−log α)` so that it never overflows.
@@ -10,9 +10,9 @@ use crate::error::{Error, Result};
 pub const K1: f64 = 0.63576;
 pub const K2: f64 = 1.87320;
 pub const K3: f64 = 1.48695;
-/// `log α` is clamped to this range inside the KL (SPEC §3).
+/// `log α` is clamped to this range inside the KL (docs/method.md §3).
 pub const LOG_ALPHA_CLAMP: (f64, f64) = (-10.0, 10.0);
-/// `log σ²` of the additive family is clamped to this range where it enters forward/KL (SPEC §2b).
+/// `log σ²` of the additive family is clamped to this range where it enters forward/KL (docs/method.md §2b).
 pub const LOG_SIGMA2_CLAMP: (f64, f64) = (-20.0, 2.0);
 /// Added to `μ²` in the per-weight noise ratio of the additive family.
 pub const MU2_EPS: f64 = 1e-8;
@@ -58,7 +58,7 @@ pub fn kl_molchanov_vec(log_alpha: &[f64]) -> Result<Vec<f64>> {
     Ok(log_alpha.iter().map(|&la| kl_molchanov(la)).collect())
 }
 
-/// KL of a `gate` module: `Σ_k g · KL(log α_k)`, `g` the group weight (SPEC §2a).
+/// KL of a `gate` module: `Σ_k g · KL(log α_k)`, `g` the group weight (docs/method.md §2a).
 pub fn kl_gate(log_alpha: &[f64], group_weight: f64) -> Result<f64> {
     check_finite("log_alpha", log_alpha)?;
     if !(group_weight.is_finite() && group_weight >= 0.0) {
@@ -70,7 +70,7 @@ pub fn kl_gate(log_alpha: &[f64], group_weight: f64) -> Result<f64> {
 }
 
 /// KL of an `additive` module: summed over every entry of `A` (r×d_in, row-major) and
-/// `B` (d_out×r, row-major) with `α_w = σ_k² / (μ_w² + 1e-8)` (SPEC §2b).
+/// `B` (d_out×r, row-major) with `α_w = σ_k² / (μ_w² + 1e-8)` (docs/method.md §2b).
 pub fn kl_additive(
     log_sigma2: &[f64],
     m_a: &[f64],

@@ -1,4 +1,4 @@
-//! Small dense linear algebra in f64 for the rank analysis (SPEC §8): Householder QR, one-sided
+//! Small dense linear algebra in f64 for the rank analysis (docs/method.md §8): Householder QR, one-sided
 //! Jacobi SVD, `orth`, principal angles between subspaces, Spearman correlation.
 //!
 //! The matrices here are thin (d × r with r ≤ a few dozen), so plain loops over contiguous columns

@@ -1,4 +1,4 @@
-//! Seeded Monte-Carlo noise and the online uncertainty summary of SPEC §6.
+//! Seeded Monte-Carlo noise and the online uncertainty summary of docs/method.md §6.
 //!
 //! # Noise streams (a fixed, documented contract)
 //! Every random number is a pure function of `(seed, input hash, sample, module, rank, element)`:
@@ -90,7 +90,7 @@ impl Stream {
     }
 }
 
-/// The SPEC §6 summary of one input, reduced online over its samples.
+/// The docs/method.md §6 summary of one input, reduced online over its samples.
 #[derive(Clone, Debug)]
 pub struct Summary {
     /// Mean class probabilities `[C]`.

@@ -1,4 +1,4 @@
-//! Rank relevance scores of both posterior families (SPEC §2). Larger = more noise per unit of
+//! Rank relevance scores of both posterior families (docs/method.md §2). Larger = more noise per unit of
 //! signal = less relevant; a rank is pruned when its score exceeds the threshold τ.
 
 use crate::error::Result;

@@ -1,4 +1,4 @@
-//! Bindings of the rank analysis (SPEC §8): low-rank SVD, principal angles, Spearman, and the
+//! Bindings of the rank analysis (docs/method.md §8): low-rank SVD, principal angles, Spearman, and the
 //! per-module analysis of a whole model in parallel. float64 numpy arrays in and out; the GIL is
 //! released around the numerical work.
 
@@ -186,7 +186,7 @@ fn analysis_to_dict<'py>(py: Python<'py>, m: ModuleAnalysis) -> PyResult<Bound<'
     Ok(d)
 }
 
-/// Analyse many modules in parallel (SPEC §8). `modules`: a sequence of tuples
+/// Analyse many modules in parallel (docs/method.md §8). `modules`: a sequence of tuples
 /// `(a [r, d_in], b [d_out, r], ez [r], relevance [r] | None, scale)` (float64, C-contiguous).
 /// `num_threads`: size of the thread pool (None: all cores). Returns one dict per module with
 /// `rank, d_in, d_out, r_eff, singular_values, u, v, magnitudes, cos_a, match_a, cos_b, match_b,

@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 
 mod runtime;
 
-/// The one place that maps core errors to Python exception classes (DESIGN.md, polars style).
+/// The one place that maps core errors to Python exception classes (docs/architecture.md, polars style).
 pub(crate) fn to_pyerr(py: Python<'_>, err: core::Error) -> PyErr {
     let class = match &err {
         core::Error::Shape(_) => "ShapeError",
@@ -124,7 +124,7 @@ fn rank_scores_gate<'py>(
     Ok(v.into_pyarray(py))
 }
 
-/// Median rank scores `ℓ_k` of an additive module (SPEC §2b) → float64[r].
+/// Median rank scores `ℓ_k` of an additive module (docs/method.md §2b) → float64[r].
 #[pyfunction]
 #[pyo3(signature = (log_sigma2, m_a, m_b, eps=None))]
 fn rank_scores_additive<'py>(

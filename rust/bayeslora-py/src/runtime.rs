@@ -224,7 +224,7 @@ impl Runtime {
             .into_any())
     }
 
-    /// SPEC §6 fields of S samples per input (S = 0: mean mode), reduced online:
+    /// docs/method.md §6 fields of S samples per input (S = 0: mean mode), reduced online:
     /// dict of numpy arrays `probs [N, C]`, `label [N]` (int64), `confidence`, `entropy`,
     /// `expected_entropy`, `mutual_info`, `variance` (float32 [N]).
     #[pyo3(signature = (input_ids, attention_mask, samples=0, seed=0))]
