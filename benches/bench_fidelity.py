@@ -121,6 +121,7 @@ def run_one(name: str, n_train: int, seed: int, args: argparse.Namespace, log: A
         "eval_seconds": eval_seconds,
         "prune_history": run["prune_history"],
         "rank_selection": run["rank_selection"],
+        "noise_fit": run.get("noise_fit"),
         "rows": rows,
     }
 

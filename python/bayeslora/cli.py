@@ -36,6 +36,18 @@ def _schedule(text: str) -> int | float:
     return value
 
 
+def _noise_scale(text: str) -> float | str:
+    if text == "fit":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 'fit' or a number > 0") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a noise scale is > 0")
+    return value
+
+
 def _add_train_options(p: argparse.ArgumentParser, defaults: Any) -> None:
     """Every option defaults to SUPPRESS: only what the user gives overrides the recipe (the
     defaults in the help are the ``vi`` recipe's)."""
@@ -95,6 +107,12 @@ def _add_train_options(p: argparse.ArgumentParser, defaults: Any) -> None:
         choices=["threshold", "validation"],
     )
     opt("--select-tolerance", "validation NLL (nats) a rank cut may cost", type=float)
+    opt(
+        "--noise-scale",
+        "multiply the learned posterior variance by this after training, or 'fit': the value in "
+        "(0, 1] with the lowest MC validation NLL (a tempered posterior)",
+        type=_noise_scale,
+    )
     opt("--min-rank", type=int)
     opt("--samples", "MC samples for the final evaluation", type=int)
     opt("--seed", type=int)

@@ -106,6 +106,7 @@ class TrainSettings:
     refit_start: int | float | None = None
     refit_sampling: bool = False
     gate_lrt: bool = False
+    noise_scale: float | str = 1.0
     rank_select: str = "threshold"
     select_tolerance: float = 0.02
     rank_optimizer: str = "sgd-like"
@@ -120,6 +121,10 @@ class TrainSettings:
     max_eval: int | None = None
 
     def __post_init__(self) -> None:
+        if not (
+            self.noise_scale == "fit" or (isinstance(self.noise_scale, float | int) and self.noise_scale > 0)
+        ):
+            raise ConfigError(f"noise_scale must be 'fit' or a number > 0, got {self.noise_scale!r}")
         if self.recipe not in RECIPES:
             raise ConfigError(f"recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}")
         if self.rank_select not in ("threshold", "validation"):
@@ -252,6 +257,59 @@ def evaluate_probs(sample_probs: np.ndarray, labels: np.ndarray) -> dict[str, fl
 
     probs = sample_probs.mean(1)
     return {k: float(v) for k, v in metrics.summary(probs, labels).items()}
+
+
+NOISE_SCALES = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)  # candidates of fit_noise_scale
+NOISE_FIT_SAMPLES = 8
+
+
+def scale_noise(model: Any, factor: float) -> None:
+    """Multiply every module's posterior variance by ``factor``: ``α_k`` (gate) or ``σ_k²``
+    (additive) — a tempered posterior. Relevance scores shift by ``log factor`` alike, so their
+    order (and, for ``factor`` ≤ 1, every pruning decision) stays."""
+    import torch
+
+    from .injection import adapted_layers
+    from .objective import _unwrap
+
+    if not factor > 0:
+        raise ConfigError(f"a noise scale must be > 0, got {factor!r}")
+    with torch.no_grad():
+        for _, layer in adapted_layers(_unwrap(model)):
+            p = layer.rank_parameter()
+            if p is not None:
+                p.add_(float(np.log(factor)))
+
+
+def fit_noise_scale(
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    labels: np.ndarray,
+    samples: int = NOISE_FIT_SAMPLES,
+    seed: int = 0,
+    max_length: int = 64,
+    scales: tuple[float, ...] = NOISE_SCALES,
+) -> dict[str, Any]:
+    """Choose the posterior noise scale (see :func:`scale_noise`) with the lowest MC validation
+    NLL among ``scales`` (all ≤ 1: tempering never prunes), apply it, and return ``scale``, its
+    ``nll`` and every candidate's NLL in ``curve``. The cheap counterpart of a temperature fitted
+    on validation data, for the posterior instead of the logits."""
+    if any(not 0 < c <= 1 for c in scales):
+        raise ConfigError(f"noise scales must be in (0, 1], got {scales}")
+    labels = np.asarray(labels)
+    curve = []
+    applied = 1.0
+    for c in sorted(scales, reverse=True):
+        scale_noise(model, c / applied)
+        applied = c
+        probs = predict(model, tokenizer, texts, samples, seed, max_length).mean(1)
+        curve.append(
+            (c, float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)))))
+        )
+    best = min(curve, key=lambda cn: cn[1])
+    scale_noise(model, best[0] / applied)
+    return {"scale": best[0], "nll": best[1], "curve": curve}
 
 
 SELECT_EXAMPLES = 500  # validation examples the rank cut is chosen on (mean mode: one pass per cut)
@@ -511,6 +569,24 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
             log(f"[bayeslora] final pruning pass: {sum(a - b for a, b in changed.values())} more ranks off")
     shrink(model)
     model.eval()
+    noise_fit = None
+    if config.is_bayesian and settings.noise_scale != 1.0:
+        if settings.noise_scale == "fit":
+            n_fit = min(len(data.validation), SELECT_EXAMPLES)
+            noise_fit = fit_noise_scale(
+                model,
+                tokenizer,
+                data.validation.texts[:n_fit],
+                data.validation.labels[:n_fit],
+                seed=settings.seed,
+                max_length=settings.max_length,
+            )
+            log(
+                f"[bayeslora] posterior noise scale fitted on {n_fit} validation examples: "
+                f"{noise_fit['scale']:g} (MC validation NLL {noise_fit['nll']:.4f})"
+            )
+        else:
+            scale_noise(model, float(settings.noise_scale))
     final_ranks = ranks(model)
     n_eval = settings.max_eval
     val_texts, val_labels = data.validation.texts[:n_eval], data.validation.labels[:n_eval]
@@ -537,6 +613,7 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
         "log_history": trainer.state.log_history,
         "prune_history": trainer.prune_callback.history,
         "rank_selection": selections,
+        "noise_fit": noise_fit,
     }
     if settings.method != "lora" and settings.samples > 0:
         val_mc = predict(model, tokenizer, val_texts, settings.samples, settings.seed, settings.max_length)
