@@ -488,19 +488,22 @@ pub struct Bundle {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let size = std::fs::metadata(path)
-        .map_err(|e| bundle_err(format!("{}: {e}", path.display())))?
-        .len();
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let size = std::fs::metadata(path).map_err(io)?.len();
     if size > MAX_JSON_BYTES {
         return Err(bundle_err(format!(
             "{}: {size} bytes is too large for a JSON file",
             path.display()
         )));
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| bundle_err(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text)
-        .map_err(|e| bundle_err(format!("{}: invalid JSON: {e}", path.display())))
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    serde_json::from_str(&text).map_err(|source| Error::JsonSyntax {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 const ADAPTER_SUFFIXES: [&str; 6] = [
@@ -526,8 +529,11 @@ impl Bundle {
             return Err(bundle_err(format!("{}: not a directory", dir.display())));
         }
         let meta_path = dir.join(META_FILE);
-        let meta: BundleMeta = serde_json::from_value(read_json(&meta_path)?)
-            .map_err(|e| bundle_err(format!("{}: {e}", meta_path.display())))?;
+        let meta: BundleMeta =
+            serde_json::from_value(read_json(&meta_path)?).map_err(|source| Error::JsonSchema {
+                path: meta_path.clone(),
+                source,
+            })?;
         meta.validate(&meta_path)?;
         let arch = Arch::parse(&meta.architecture).ok_or_else(|| {
             bundle_err(format!(
@@ -630,16 +636,23 @@ impl Bundle {
 
         let weights_path = dir.join(WEIGHTS_FILE);
         let wp = weights_path.display().to_string();
-        let file = File::open(&weights_path).map_err(|e| bundle_err(format!("{wp}: {e}")))?;
+        let file = File::open(&weights_path).map_err(|source| Error::Io {
+            path: weights_path.clone(),
+            source,
+        })?;
         // SAFETY: the map is read-only and dropped before this function returns; the bundle's
         // files are not expected to change while being opened (a concurrent truncation would be
         // the caller's bug, as for any memory-mapped reader).
-        let mmap = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|e| bundle_err(format!("{wp}: cannot map: {e}")))?;
-        let st = SafeTensors::deserialize(&mmap)
-            .map_err(|e| bundle_err(format!("{wp}: not a valid safetensors file: {e}")))?;
-        let (_, header) = SafeTensors::read_metadata(&mmap)
-            .map_err(|e| bundle_err(format!("{wp}: not a valid safetensors file: {e}")))?;
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Map {
+            path: weights_path.clone(),
+            source,
+        })?;
+        let invalid = |source| Error::SafeTensors {
+            path: weights_path.clone(),
+            source,
+        };
+        let st = SafeTensors::deserialize(&mmap).map_err(invalid)?;
+        let (_, header) = SafeTensors::read_metadata(&mmap).map_err(invalid)?;
         if let Some(md) = header.metadata() {
             if let Some(fmt) = md.get("format") {
                 if fmt != "bayeslora-bundle" && fmt != "pt" {

@@ -8,9 +8,7 @@ pub mod bundle;
 pub mod encoder;
 pub mod error;
 pub mod kernels;
-pub mod kl;
-pub mod linalg;
 pub mod mc;
-pub mod rank;
+pub mod posterior;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
