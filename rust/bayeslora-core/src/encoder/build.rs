@@ -184,9 +184,8 @@ impl Encoder {
         let mut layers = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {
             let lp = cfg.layer_prefix(l);
-            let [query, key, value, attn_out, ffn_in, ffn_out] = cfg
-                .layer_linear_suffixes()
-                .map(|(suffix, _, _)| format!("{lp}.{suffix}"));
+            let [query, key, value, attn_out, ffn_in, ffn_out] =
+                cfg.layer_linears().map(|ll| format!("{lp}.{}", ll.suffix));
             let [attn_norm, ffn_norm] = cfg.layer_norm_suffixes();
             let qkv = build_linear(bundle, &[query, key, value.clone()])?;
             let pooled = if l + 1 == cfg.layers {
@@ -211,8 +210,7 @@ impl Encoder {
                 ffn_norm: layer_norm(bundle, &format!("{lp}.{ffn_norm}"))?,
             });
         }
-        let heads = cfg.head_linears(bundle.meta.num_labels);
-        let (head_hidden, head_out) = (heads[0].0.clone(), heads[1].0.clone());
+        let [head_hidden, head_out] = cfg.head_linears(bundle.meta.num_labels);
         let token_type0 = if cfg.type_vocab_size > 0 {
             let t = bundle.tensor(&format!("{p}.embeddings.token_type_embeddings.weight"))?;
             Some(t.data[..cfg.hidden].to_vec())
@@ -242,8 +240,8 @@ impl Encoder {
             token_type0,
             embedding_norm: layer_norm(bundle, &format!("{p}.embeddings.LayerNorm"))?,
             layers,
-            head_hidden: build_linear(bundle, &[head_hidden])?,
-            head_out: build_linear(bundle, &[head_out])?,
+            head_hidden: build_linear(bundle, &[head_hidden.name])?,
+            head_out: build_linear(bundle, &[head_out.name])?,
             module_ranks: bundle
                 .meta
                 .modules

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::{Encoder, Noise};
 use crate::bundle::{
-    Activation, AdapterTensors, Arch, Bundle, BundleMeta, ModelConfig, ModuleMeta, Tensor,
+    Activation, AdapterTensors, Arch, Bundle, BundleMeta, LinearSpec, ModelConfig, ModuleMeta,
+    Tensor,
 };
 use crate::mc::{fnv1a, input_hash, Stream};
 
@@ -60,14 +61,10 @@ fn bundle(adapted: &[&str]) -> Bundle {
             .collect();
         tensors.insert(name, Tensor { shape, data });
     };
-    for (name, shape) in config.embedding_tensors() {
-        let gamma = name.ends_with("LayerNorm.weight");
-        add(
-            name,
-            shape,
-            if gamma { 0.2 } else { 1.0 },
-            if gamma { 1.0 } else { 0.0 },
-        );
+    for spec in config.embedding_tensors() {
+        let gamma = spec.name.ends_with("LayerNorm.weight");
+        let (scale, offset) = if gamma { (0.2, 1.0) } else { (1.0, 0.0) };
+        add(spec.name, spec.shape, scale, offset);
     }
     for l in 0..LAYERS {
         for ln in config.layer_norm_suffixes() {
@@ -76,13 +73,18 @@ fn bundle(adapted: &[&str]) -> Bundle {
             add(format!("{p}.bias"), vec![HIDDEN], 0.2, 0.0);
         }
     }
-    for (name, d_in, d_out) in config.linears(LABELS) {
-        add(format!("{name}.weight"), vec![d_out, d_in], 1.5, 0.0);
-        add(format!("{name}.bias"), vec![d_out], 0.5, 0.0);
+    for l in config.linears(LABELS) {
+        add(
+            format!("{}.weight", l.name),
+            vec![l.d_out, l.d_in],
+            1.5,
+            0.0,
+        );
+        add(format!("{}.bias", l.name), vec![l.d_out], 0.5, 0.0);
     }
     let mut modules = BTreeMap::new();
     let mut adapters = HashMap::new();
-    for (name, d_in, d_out) in config.linears(LABELS) {
+    for LinearSpec { name, d_in, d_out } in config.linears(LABELS) {
         if !adapted.iter().any(|a| name.ends_with(a)) {
             continue;
         }
