@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 
 use bayeslora_core as core;
 use core::encoder::{Encoder, Noise, Sequence};
-use core::mc::OnlineSummary;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -237,40 +236,19 @@ impl Runtime {
         };
         let logits = self.run(py, &seqs, noise)?;
         let c = self.encoder.num_labels();
-        let s = samples.max(1);
-        let mut probs = Vec::with_capacity(n * c);
-        let mut fields: [Vec<f32>; 5] = Default::default();
-        let mut label = Vec::with_capacity(n);
-        for per_input in logits.chunks_exact(s * c) {
-            let mut acc = OnlineSummary::new(c);
-            for sample in per_input.chunks_exact(c) {
-                acc.push_logits(sample);
-            }
-            let sm = acc.finish();
-            probs.extend(sm.probs.iter().map(|&p| p as f32));
-            label.push(sm.label as i64);
-            for (f, v) in fields.iter_mut().zip([
-                sm.confidence,
-                sm.entropy,
-                sm.expected_entropy,
-                sm.mutual_info,
-                sm.variance,
-            ]) {
-                f.push(v as f32);
-            }
-        }
+        let cols = core::mc::summarize(&logits, samples.max(1), c)?;
+        let label: Vec<i64> = cols.label.iter().map(|&l| l as i64).collect();
         let out = PyDict::new(py);
-        out.set_item("probs", PyArray1::from_vec(py, probs).reshape([n, c])?)?;
+        out.set_item("probs", PyArray1::from_vec(py, cols.probs).reshape([n, c])?)?;
         out.set_item("label", PyArray1::from_vec(py, label))?;
-        let names = [
-            "confidence",
-            "entropy",
-            "expected_entropy",
-            "mutual_info",
-            "variance",
-        ];
-        for (name, f) in names.iter().zip(fields) {
-            out.set_item(*name, PyArray1::from_vec(py, f))?;
+        for (name, col) in [
+            ("confidence", cols.confidence),
+            ("entropy", cols.entropy),
+            ("expected_entropy", cols.expected_entropy),
+            ("mutual_info", cols.mutual_info),
+            ("variance", cols.variance),
+        ] {
+            out.set_item(name, PyArray1::from_vec(py, col))?;
         }
         Ok(out)
     }
