@@ -1,4 +1,5 @@
-//! Seeded Monte-Carlo noise and the online uncertainty summary of docs/method.md §6.
+//! Seeded Monte-Carlo noise, and the one reduction of per-sample logits to the uncertainty
+//! fields of docs/method.md §6 ([`OnlineSummary`] per input, [`summarize`] for a batch).
 //!
 //! # Noise streams (a fixed, documented contract)
 //! Every random number is a pure function of `(seed, input hash, sample, module, rank, element)`:
@@ -14,6 +15,8 @@
 //! `b = splitmix64(h + γ)`: uniform `u = (a >> 11)·2⁻⁵³ ∈ [0, 1)`, standard normal by Box–Muller
 //! `√(−2 ln u₁)·cos(2π u₂)` with `u₁ = ((a >> 11) + 1)·2⁻⁵³ ∈ (0, 1]`, `u₂ = (b >> 11)·2⁻⁵³`.
 //! So an input's scores depend on the bundle, the input, the seed and S only.
+
+use crate::error::{Error, Result};
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -181,6 +184,59 @@ impl OnlineSummary {
     }
 }
 
+/// The docs/method.md §6 fields of a batch of inputs, one column each, in the precision they are handed
+/// out in (f32; the reduction itself runs in f64).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct UncertaintyColumns {
+    /// Mean class probabilities `[N, C]`, row-major.
+    pub probs: Vec<f32>,
+    /// Predicted class `[N]`.
+    pub label: Vec<usize>,
+    /// `[N]`: see [`Summary::confidence`].
+    pub confidence: Vec<f32>,
+    /// `[N]`: see [`Summary::entropy`].
+    pub entropy: Vec<f32>,
+    /// `[N]`: see [`Summary::expected_entropy`].
+    pub expected_entropy: Vec<f32>,
+    /// `[N]`: see [`Summary::mutual_info`].
+    pub mutual_info: Vec<f32>,
+    /// `[N]`: see [`Summary::variance`].
+    pub variance: Vec<f32>,
+}
+
+/// Reduce per-sample logits `[N, S, C]` (row-major) to the docs/method.md §6 fields of each input, online
+/// over its `samples` samples (S = 1 for mean mode).
+pub fn summarize(logits: &[f32], samples: usize, classes: usize) -> Result<UncertaintyColumns> {
+    let per_input = samples * classes;
+    if samples == 0 || classes == 0 || !logits.len().is_multiple_of(per_input) {
+        return Err(Error::Shape(format!(
+            "{} logits are not [N, {samples}, {classes}]",
+            logits.len()
+        )));
+    }
+    let n = logits.len() / per_input;
+    let mut out = UncertaintyColumns {
+        probs: Vec::with_capacity(n * classes),
+        label: Vec::with_capacity(n),
+        ..Default::default()
+    };
+    for input in logits.chunks_exact(per_input) {
+        let mut acc = OnlineSummary::new(classes);
+        for sample in input.chunks_exact(classes) {
+            acc.push_logits(sample);
+        }
+        let s = acc.finish();
+        out.probs.extend(s.probs.iter().map(|&p| p as f32));
+        out.label.push(s.label);
+        out.confidence.push(s.confidence as f32);
+        out.entropy.push(s.entropy as f32);
+        out.expected_entropy.push(s.expected_entropy as f32);
+        out.mutual_info.push(s.mutual_info as f32);
+        out.variance.push(s.variance as f32);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,5 +300,37 @@ mod tests {
         assert!((s.variance - var).abs() < 1e-12);
         let eh = probs.iter().map(|p| entropy(p)).sum::<f64>() / 3.0;
         assert!((s.expected_entropy - eh).abs() < 1e-12);
+    }
+
+    #[test]
+    fn summarize_is_the_online_summary_of_each_input() {
+        let (n, samples, classes) = (3, 4, 5);
+        let logits: Vec<f32> = (0..n * samples * classes)
+            .map(|i| ((i * 37) % 11) as f32 * 0.3 - 1.5)
+            .collect();
+        let cols = summarize(&logits, samples, classes).expect("shape");
+        assert_eq!(
+            (cols.probs.len(), cols.label.len(), cols.variance.len()),
+            (15, 3, 3)
+        );
+        for (i, input) in logits.chunks_exact(samples * classes).enumerate() {
+            let mut acc = OnlineSummary::new(classes);
+            input.chunks_exact(classes).for_each(|l| acc.push_logits(l));
+            let s = acc.finish();
+            assert_eq!(cols.label[i], s.label);
+            assert_eq!(cols.mutual_info[i], s.mutual_info as f32);
+            assert_eq!(cols.expected_entropy[i], s.expected_entropy as f32);
+            let probs: Vec<f32> = s.probs.iter().map(|&p| p as f32).collect();
+            assert_eq!(&cols.probs[i * classes..(i + 1) * classes], &probs[..]);
+        }
+        assert!(matches!(
+            summarize(&logits, 7, classes),
+            Err(Error::Shape(_))
+        ));
+        assert!(matches!(
+            summarize(&logits, 0, classes),
+            Err(Error::Shape(_))
+        ));
+        assert_eq!(summarize(&[], 2, 3).expect("empty batch").label.len(), 0);
     }
 }

@@ -3,61 +3,39 @@
 //! released around the numerical work.
 
 use bayeslora_core as core;
+use core::analysis::linalg::Mat;
 use core::analysis::{LowRank, ModuleAnalysis, ModuleInput};
-use core::linalg::Mat;
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
     PyUntypedArrayMethods,
 };
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use crate::to_pyerr;
-
-fn slice1<'a>(name: &str, a: &'a PyReadonlyArray1<'_, f64>) -> PyResult<&'a [f64]> {
-    a.as_slice()
-        .map_err(|_| PyValueError::new_err(format!("{name} must be a C-contiguous float64 array")))
-}
-
-fn slice2<'a>(name: &str, a: &'a PyReadonlyArray2<'_, f64>) -> PyResult<&'a [f64]> {
-    // `as_slice` also accepts Fortran order, which would silently transpose the data.
-    let err = || PyValueError::new_err(format!("{name} must be a C-contiguous float64 array"));
-    if !a.is_c_contiguous() {
-        return Err(err());
-    }
-    a.as_slice().map_err(|_| err())
-}
-
-fn shape_err(py: Python<'_>, msg: String) -> PyErr {
-    to_pyerr(py, core::Error::Shape(msg))
-}
+use crate::arrays::c_slice;
+use crate::errors::{shape, BindingResult};
 
 /// Validated borrowed factors: `a` [r, d_in], `b` [d_out, r], `ez` [r].
 fn factors<'a>(
-    py: Python<'_>,
     a: &'a PyReadonlyArray2<'_, f64>,
     b: &'a PyReadonlyArray2<'_, f64>,
     ez: &'a PyReadonlyArray1<'_, f64>,
     scale: f64,
-) -> PyResult<LowRank<'a>> {
+) -> BindingResult<LowRank<'a>> {
     let (r, d_in) = (a.shape()[0], a.shape()[1]);
     let (d_out, rb) = (b.shape()[0], b.shape()[1]);
     if rb != r || ez.len() != r {
-        return Err(shape_err(
-            py,
-            format!(
-                "lora_A is {:?}, lora_B is {:?}, ez has {} values: ranks disagree",
-                a.shape(),
-                b.shape(),
-                ez.len()
-            ),
-        ));
+        return Err(shape(format!(
+            "lora_A is {:?}, lora_B is {:?}, ez has {} values: ranks disagree",
+            a.shape(),
+            b.shape(),
+            ez.len()
+        )));
     }
     Ok(LowRank {
-        a: slice2("a", a)?,
-        b: slice2("b", b)?,
-        ez: slice1("ez", ez)?,
+        a: c_slice("a", a)?,
+        b: c_slice("b", b)?,
+        ez: c_slice("ez", ez)?,
         rank: r,
         d_in,
         d_out,
@@ -91,15 +69,13 @@ fn low_rank_svd<'py>(
     b: PyReadonlyArray2<'py, f64>,
     ez: PyReadonlyArray1<'py, f64>,
     scale: f64,
-) -> PyResult<(
+) -> BindingResult<(
     Bound<'py, PyArray2<f64>>,
     Bound<'py, PyArray1<f64>>,
     Bound<'py, PyArray2<f64>>,
 )> {
-    let f = factors(py, &a, &b, &ez, scale)?;
-    let svd = py
-        .detach(|| core::analysis::low_rank_svd(&f))
-        .map_err(|e| to_pyerr(py, e))?;
+    let f = factors(&a, &b, &ez, scale)?;
+    let svd = py.detach(|| core::analysis::low_rank_svd(&f))?;
     Ok((
         mat_to_py(py, &svd.u)?,
         svd.s.into_pyarray(py),
@@ -114,34 +90,29 @@ fn subspace_angles<'py>(
     py: Python<'py>,
     x: PyReadonlyArray2<'py, f64>,
     y: PyReadonlyArray2<'py, f64>,
-) -> PyResult<Bound<'py, PyArray1<f64>>> {
+) -> BindingResult<Bound<'py, PyArray1<f64>>> {
     // Any memory layout: copied in logical (row-major) order.
     let xs: Vec<f64> = x.as_array().iter().copied().collect();
     let ys: Vec<f64> = y.as_array().iter().copied().collect();
     let (xr, xc, yr, yc) = (x.shape()[0], x.shape()[1], y.shape()[0], y.shape()[1]);
-    let th = py
-        .detach(|| {
-            let xm = Mat::from_row_major(xr, xc, &xs)?;
-            let ym = Mat::from_row_major(yr, yc, &ys)?;
-            core::linalg::subspace_angles(&xm, &ym)
-        })
-        .map_err(|e| to_pyerr(py, e))?;
+    let th = py.detach(|| {
+        let xm = Mat::from_row_major(xr, xc, &xs)?;
+        let ym = Mat::from_row_major(yr, yc, &ys)?;
+        core::analysis::linalg::subspace_angles(&xm, &ym)
+    })?;
     Ok(th.into_pyarray(py))
 }
 
 /// Spearman rank correlation with average ranks for ties (as `scipy.stats.spearmanr`); NaN when
 /// undefined.
 #[pyfunction]
-fn spearman(
-    py: Python<'_>,
-    x: PyReadonlyArray1<'_, f64>,
-    y: PyReadonlyArray1<'_, f64>,
-) -> PyResult<f64> {
+fn spearman(x: PyReadonlyArray1<'_, f64>, y: PyReadonlyArray1<'_, f64>) -> BindingResult<f64> {
     let xs: Vec<f64> = x.as_array().iter().copied().collect();
     let ys: Vec<f64> = y.as_array().iter().copied().collect();
-    core::linalg::spearman(&xs, &ys).map_err(|e| to_pyerr(py, e))
+    Ok(core::analysis::linalg::spearman(&xs, &ys)?)
 }
 
+/// One module of `analyze_modules`: `(a, b, ez, relevance, scale)` (a Python tuple).
 type ModuleArgs<'py> = (
     PyReadonlyArray2<'py, f64>,
     PyReadonlyArray2<'py, f64>,
@@ -198,12 +169,12 @@ fn analyze_modules<'py>(
     py: Python<'py>,
     modules: Vec<ModuleArgs<'py>>,
     num_threads: Option<usize>,
-) -> PyResult<Bound<'py, PyList>> {
+) -> BindingResult<Bound<'py, PyList>> {
     let mut inputs = Vec::with_capacity(modules.len());
     for (a, b, ez, rel, scale) in modules.iter() {
-        let f = factors(py, a, b, ez, *scale)?;
+        let f = factors(a, b, ez, *scale)?;
         let relevance = match rel {
-            Some(r) => Some(slice1("relevance", r)?),
+            Some(r) => Some(c_slice("relevance", r)?),
             None => None,
         };
         inputs.push(ModuleInput {
@@ -211,18 +182,17 @@ fn analyze_modules<'py>(
             relevance,
         });
     }
-    let out = py
-        .detach(|| core::analysis::analyze_modules(&inputs, num_threads))
-        .map_err(|e| to_pyerr(py, e))?;
-    PyList::new(
+    let out = py.detach(|| core::analysis::analyze_modules(&inputs, num_threads))?;
+    Ok(PyList::new(
         py,
         out.into_iter()
             .map(|m| analysis_to_dict(py, m))
             .collect::<PyResult<Vec<_>>>()?,
-    )
+    )?)
 }
 
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+/// Register the analysis functions.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(low_rank_svd, m)?)?;
     m.add_function(wrap_pyfunction!(subspace_angles, m)?)?;
     m.add_function(wrap_pyfunction!(spearman, m)?)?;

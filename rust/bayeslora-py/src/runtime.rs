@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex};
 
 use bayeslora_core as core;
 use core::encoder::{Encoder, Noise, Sequence};
-use core::mc::OnlineSummary;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::to_pyerr;
+use crate::arrays::c_slice;
+use crate::errors::{invalid, shape, BindingResult};
 
 struct Pool {
     pid: u32,
@@ -34,6 +34,9 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// The pool of this process. Its two failures (a poisoned lock, threads the OS will not
+    /// start) are faults of the process, not of the caller's input, so they stay `RuntimeError`
+    /// rather than a `bayeslora.errors` class.
     fn pool(&self) -> PyResult<Arc<rayon::ThreadPool>> {
         let mut guard = self
             .pool
@@ -67,24 +70,18 @@ impl Runtime {
 
     fn sequences(
         &self,
-        py: Python<'_>,
         input_ids: &PyReadonlyArray2<'_, i64>,
         attention_mask: &PyReadonlyArray2<'_, i64>,
-    ) -> PyResult<Vec<Sequence>> {
+    ) -> BindingResult<Vec<Sequence>> {
         let (shape_i, shape_m) = (input_ids.shape(), attention_mask.shape());
         if shape_i != shape_m {
-            let msg = format!("input_ids is {shape_i:?} but attention_mask is {shape_m:?}");
-            return Err(to_pyerr(py, core::Error::Shape(msg)));
+            return Err(shape(format!(
+                "input_ids is {shape_i:?} but attention_mask is {shape_m:?}"
+            )));
         }
-        let ids = input_ids
-            .as_slice()
-            .map_err(|_| PyValueError::new_err("input_ids must be a C-contiguous int64 array"))?;
-        let mask = attention_mask.as_slice().map_err(|_| {
-            PyValueError::new_err("attention_mask must be a C-contiguous int64 array")
-        })?;
-        self.encoder
-            .prepare(ids, mask, shape_i[0], shape_i[1])
-            .map_err(|e| to_pyerr(py, e))
+        let ids = c_slice("input_ids", input_ids)?;
+        let mask = c_slice("attention_mask", attention_mask)?;
+        Ok(self.encoder.prepare(ids, mask, shape_i[0], shape_i[1])?)
     }
 
     fn run(&self, py: Python<'_>, seqs: &[Sequence], noise: Noise<'_>) -> PyResult<Vec<f32>> {
@@ -94,8 +91,8 @@ impl Runtime {
     }
 }
 
-fn check_seed(seed: i64) -> PyResult<u64> {
-    u64::try_from(seed).map_err(|_| PyValueError::new_err(format!("seed must be >= 0, got {seed}")))
+fn check_seed(seed: i64) -> BindingResult<u64> {
+    u64::try_from(seed).map_err(|_| invalid(format!("seed must be >= 0, got {seed}")))
 }
 
 #[pymethods]
@@ -103,22 +100,20 @@ impl Runtime {
     /// Load and validate a bundle directory; `num_threads` None = all available cores.
     #[new]
     #[pyo3(signature = (bundle_dir, num_threads=None))]
-    fn new(py: Python<'_>, bundle_dir: PathBuf, num_threads: Option<usize>) -> PyResult<Self> {
+    fn new(py: Python<'_>, bundle_dir: PathBuf, num_threads: Option<usize>) -> BindingResult<Self> {
         let threads = match num_threads {
-            Some(0) => return Err(PyValueError::new_err("num_threads must be >= 1")),
+            Some(0) => return Err(invalid("num_threads must be >= 1")),
             Some(n) => n,
             None => std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
         };
-        let (encoder, labels, max_length) = py
-            .detach(|| -> core::Result<_> {
-                let bundle = core::bundle::Bundle::open(&bundle_dir)?;
-                let labels = bundle.meta.labels.clone();
-                let max_length = bundle.meta.max_length;
-                Ok((Encoder::new(&bundle)?, labels, max_length))
-            })
-            .map_err(|e| to_pyerr(py, e))?;
+        let (encoder, labels, max_length) = py.detach(|| -> core::Result<_> {
+            let bundle = core::bundle::Bundle::open(&bundle_dir)?;
+            let labels = bundle.meta.labels.clone();
+            let max_length = bundle.meta.max_length;
+            Ok((Encoder::new(&bundle)?, labels, max_length))
+        })?;
         Ok(Self {
             encoder: Arc::new(encoder),
             labels,
@@ -167,8 +162,8 @@ impl Runtime {
         input_ids: PyReadonlyArray2<'py, i64>,
         attention_mask: PyReadonlyArray2<'py, i64>,
         gates: Option<Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let seqs = self.sequences(py, &input_ids, &attention_mask)?;
+    ) -> BindingResult<Bound<'py, PyAny>> {
+        let seqs = self.sequences(&input_ids, &attention_mask)?;
         let n = seqs.len();
         let logits = match gates {
             None => self.run(py, &seqs, Noise::Mean)?,
@@ -177,23 +172,18 @@ impl Runtime {
                 for (k, v) in d.iter() {
                     let name: String = k.extract()?;
                     let arr: PyReadonlyArray2<'_, f32> = v.extract().map_err(|_| {
-                        PyValueError::new_err(format!(
-                            "gates[{name:?}] must be a 2-d float32 array"
-                        ))
+                        invalid(format!("gates[{name:?}] must be a 2-d float32 array"))
                     })?;
                     if arr.shape()[0] != n {
-                        let msg =
-                            format!("gates[{name:?}] has {} rows for {n} inputs", arr.shape()[0]);
-                        return Err(to_pyerr(py, core::Error::Shape(msg)));
+                        return Err(shape(format!(
+                            "gates[{name:?}] has {} rows for {n} inputs",
+                            arr.shape()[0]
+                        )));
                     }
-                    let vals = arr.as_slice().map_err(|_| {
-                        PyValueError::new_err(format!("gates[{name:?}] must be C-contiguous"))
-                    })?;
+                    let vals = c_slice(&format!("gates[{name:?}]"), &arr)?;
                     map.insert(name, vals.to_vec());
                 }
-                self.encoder
-                    .check_gates(&map, n)
-                    .map_err(|e| to_pyerr(py, e))?;
+                self.encoder.check_gates(&map, n)?;
                 self.run(py, &seqs, Noise::Explicit(&map))?
             }
         };
@@ -210,12 +200,12 @@ impl Runtime {
         attention_mask: PyReadonlyArray2<'py, i64>,
         samples: usize,
         seed: i64,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    ) -> BindingResult<Bound<'py, PyAny>> {
         if samples == 0 {
-            return Err(PyValueError::new_err("samples must be >= 1"));
+            return Err(invalid("samples must be >= 1"));
         }
         let seed = check_seed(seed)?;
-        let seqs = self.sequences(py, &input_ids, &attention_mask)?;
+        let seqs = self.sequences(&input_ids, &attention_mask)?;
         let n = seqs.len();
         let logits = self.run(py, &seqs, Noise::Sampled { samples, seed })?;
         let c = self.encoder.num_labels();
@@ -235,9 +225,9 @@ impl Runtime {
         attention_mask: PyReadonlyArray2<'py, i64>,
         samples: usize,
         seed: i64,
-    ) -> PyResult<Bound<'py, PyDict>> {
+    ) -> BindingResult<Bound<'py, PyDict>> {
         let seed = check_seed(seed)?;
-        let seqs = self.sequences(py, &input_ids, &attention_mask)?;
+        let seqs = self.sequences(&input_ids, &attention_mask)?;
         let n = seqs.len();
         let noise = if samples == 0 {
             Noise::Mean
@@ -246,47 +236,34 @@ impl Runtime {
         };
         let logits = self.run(py, &seqs, noise)?;
         let c = self.encoder.num_labels();
-        let s = samples.max(1);
-        let mut probs = Vec::with_capacity(n * c);
-        let mut fields: [Vec<f32>; 5] = Default::default();
-        let mut label = Vec::with_capacity(n);
-        for per_input in logits.chunks_exact(s * c) {
-            let mut acc = OnlineSummary::new(c);
-            for sample in per_input.chunks_exact(c) {
-                acc.push_logits(sample);
-            }
-            let sm = acc.finish();
-            probs.extend(sm.probs.iter().map(|&p| p as f32));
-            label.push(sm.label as i64);
-            for (f, v) in fields.iter_mut().zip([
-                sm.confidence,
-                sm.entropy,
-                sm.expected_entropy,
-                sm.mutual_info,
-                sm.variance,
-            ]) {
-                f.push(v as f32);
-            }
-        }
+        let cols = core::mc::summarize(&logits, samples.max(1), c)?;
+        let label: Vec<i64> = cols.label.iter().map(|&l| l as i64).collect();
         let out = PyDict::new(py);
-        out.set_item("probs", PyArray1::from_vec(py, probs).reshape([n, c])?)?;
+        out.set_item("probs", PyArray1::from_vec(py, cols.probs).reshape([n, c])?)?;
         out.set_item("label", PyArray1::from_vec(py, label))?;
-        let names = [
-            "confidence",
-            "entropy",
-            "expected_entropy",
-            "mutual_info",
-            "variance",
-        ];
-        for (name, f) in names.iter().zip(fields) {
-            out.set_item(*name, PyArray1::from_vec(py, f))?;
+        for (name, col) in [
+            ("confidence", cols.confidence),
+            ("entropy", cols.entropy),
+            ("expected_entropy", cols.expected_entropy),
+            ("mutual_info", cols.mutual_info),
+            ("variance", cols.variance),
+        ] {
+            out.set_item(name, PyArray1::from_vec(py, col))?;
         }
         Ok(out)
     }
 }
 
-/// Register the runtime class.
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+/// Measured f32 FMA peak in GFLOP/s of `threads` cores running at once for about `seconds`.
+#[pyfunction]
+#[pyo3(signature = (seconds=0.3, threads=1))]
+fn fma_peak_gflops(py: Python<'_>, seconds: f64, threads: usize) -> BindingResult<f64> {
+    Ok(py.detach(|| core::kernels::fma_peak_gflops(seconds, threads))?)
+}
+
+/// Register the runtime class and the FMA-peak probe.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Runtime>()?;
+    m.add_function(wrap_pyfunction!(fma_peak_gflops, m)?)?;
     Ok(())
 }

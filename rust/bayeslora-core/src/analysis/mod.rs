@@ -4,10 +4,12 @@
 //! Everything is computed from the factors, never from the dense `d_out × d_in` product: the thin
 //! SVD goes through two QR factorisations and an `r × r` core, `O((d_in + d_out) r²)`.
 
+pub mod linalg;
+
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::linalg::{
+use linalg::{
     dot, householder_qr, jacobi_svd, norm2, spearman, subspace_angles_orthonormal_b, Mat, Svd,
 };
 

@@ -1,8 +1,8 @@
 //! Rank relevance scores of both posterior families (docs/method.md §2). Larger = more noise per unit of
 //! signal = less relevant; a rank is pruned when its score exceeds the threshold τ.
 
+use super::kl::{check_shapes, MU2_EPS};
 use crate::error::Result;
-use crate::kl::{check_shapes, MU2_EPS};
 
 /// `gate`: the score of rank k is `log α_k` itself.
 pub fn rank_scores_gate(log_alpha: &[f64]) -> Result<Vec<f64>> {

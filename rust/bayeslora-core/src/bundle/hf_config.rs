@@ -1,0 +1,344 @@
+//! What the encoder needs from the HF `config.json`, and the names and shapes of the tensors
+//! of each architecture (the state-dict layout of BERT, DistilBERT and RoBERTa classifiers).
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::bundle_err;
+use super::tensors::TensorSpec;
+use crate::error::Result;
+
+/// Encoder family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// `BertForSequenceClassification` (also MiniLM).
+    Bert,
+    /// `DistilBertForSequenceClassification`.
+    DistilBert,
+    /// `RobertaForSequenceClassification`.
+    Roberta,
+}
+
+impl Arch {
+    pub(super) fn parse(s: &str) -> Option<Self> {
+        match s {
+            "bert" => Some(Self::Bert),
+            "distilbert" => Some(Self::DistilBert),
+            "roberta" => Some(Self::Roberta),
+            _ => None,
+        }
+    }
+}
+
+/// Feed-forward activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact erf GELU (`"gelu"`).
+    Gelu,
+    /// Tanh approximation (`"gelu_new"`, `"gelu_pytorch_tanh"`).
+    GeluTanh,
+    /// `"relu"`.
+    Relu,
+}
+
+/// What the encoder needs from the HF `config.json`.
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    /// Family.
+    pub arch: Arch,
+    /// Vocabulary rows.
+    pub vocab_size: usize,
+    /// Hidden width H.
+    pub hidden: usize,
+    /// Encoder layers.
+    pub layers: usize,
+    /// Attention heads (divides H).
+    pub heads: usize,
+    /// Feed-forward width.
+    pub intermediate: usize,
+    /// Position-embedding rows.
+    pub max_positions: usize,
+    /// Token-type rows (0 for DistilBERT).
+    pub type_vocab_size: usize,
+    /// LayerNorm epsilon.
+    pub layer_norm_eps: f32,
+    /// FFN activation.
+    pub activation: Activation,
+    /// RoBERTa's padding index (positions start after it).
+    pub pad_token_id: usize,
+}
+
+fn get_usize(cfg: &Value, key: &str, path: &Path, max: usize) -> Result<usize> {
+    let v = cfg
+        .get(key)
+        .ok_or_else(|| bundle_err(format!("{}: missing key {key:?}", path.display())))?;
+    let n = v.as_u64().ok_or_else(|| {
+        bundle_err(format!(
+            "{}: {key:?} must be a non-negative integer, got {v}",
+            path.display()
+        ))
+    })?;
+    if n == 0 || n as u128 > max as u128 {
+        return Err(bundle_err(format!(
+            "{}: {key:?} = {n} is out of range 1..={max}",
+            path.display()
+        )));
+    }
+    Ok(n as usize)
+}
+
+fn get_str<'a>(cfg: &'a Value, key: &str) -> Option<&'a str> {
+    cfg.get(key).and_then(Value::as_str)
+}
+
+impl ModelConfig {
+    /// Parse the HF config of an architecture (`arch` from `bayeslora.json`).
+    pub fn from_json(cfg: &Value, arch: Arch, path: &Path) -> Result<Self> {
+        let p = path.display();
+        let model_type = get_str(cfg, "model_type").unwrap_or("");
+        let family_ok = match arch {
+            Arch::Bert => model_type == "bert",
+            Arch::DistilBert => model_type == "distilbert",
+            Arch::Roberta => ["roberta", "xlm-roberta", "camembert"].contains(&model_type),
+        };
+        if !family_ok {
+            return Err(bundle_err(format!(
+                "{p}: model_type {model_type:?} does not match architecture {arch:?}"
+            )));
+        }
+        const BIG: usize = 1 << 20;
+        let (hidden, layers, heads, intermediate, act, eps, type_vocab) = match arch {
+            Arch::DistilBert => {
+                let act = get_str(cfg, "activation").unwrap_or("gelu");
+                (
+                    get_usize(cfg, "dim", path, 1 << 16)?,
+                    get_usize(cfg, "n_layers", path, 1024)?,
+                    get_usize(cfg, "n_heads", path, 1024)?,
+                    get_usize(cfg, "hidden_dim", path, 1 << 18)?,
+                    act,
+                    1e-12,
+                    0,
+                )
+            }
+            Arch::Bert | Arch::Roberta => {
+                let eps = match cfg.get("layer_norm_eps") {
+                    None => 1e-12,
+                    Some(v) => v
+                        .as_f64()
+                        .filter(|e| e.is_finite() && *e >= 0.0 && *e < 1.0)
+                        .ok_or_else(|| {
+                            bundle_err(format!("{p}: layer_norm_eps must be a number in [0, 1)"))
+                        })?,
+                };
+                if let Some(kind) = get_str(cfg, "position_embedding_type") {
+                    if kind != "absolute" {
+                        return Err(bundle_err(format!(
+                            "{p}: position_embedding_type {kind:?} is not supported"
+                        )));
+                    }
+                }
+                (
+                    get_usize(cfg, "hidden_size", path, 1 << 16)?,
+                    get_usize(cfg, "num_hidden_layers", path, 1024)?,
+                    get_usize(cfg, "num_attention_heads", path, 1024)?,
+                    get_usize(cfg, "intermediate_size", path, 1 << 18)?,
+                    get_str(cfg, "hidden_act").unwrap_or("gelu"),
+                    eps,
+                    get_usize(cfg, "type_vocab_size", path, BIG)?,
+                )
+            }
+        };
+        if hidden % heads != 0 {
+            return Err(bundle_err(format!(
+                "{p}: hidden size {hidden} is not a multiple of heads {heads}"
+            )));
+        }
+        let activation = match act {
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
+            other => {
+                return Err(bundle_err(format!(
+                    "{p}: activation {other:?} is not supported"
+                )))
+            }
+        };
+        let pad_token_id = match arch {
+            Arch::Roberta => cfg.get("pad_token_id").and_then(Value::as_u64).unwrap_or(1) as usize,
+            _ => 0,
+        };
+        Ok(Self {
+            arch,
+            vocab_size: get_usize(cfg, "vocab_size", path, 1 << 24)?,
+            hidden,
+            layers,
+            heads,
+            intermediate,
+            max_positions: get_usize(cfg, "max_position_embeddings", path, BIG)?,
+            type_vocab_size: type_vocab,
+            layer_norm_eps: eps as f32,
+            activation,
+            pad_token_id,
+        })
+    }
+
+    /// State-dict prefix of the encoder.
+    pub fn prefix(&self) -> &'static str {
+        match self.arch {
+            Arch::Bert => "bert",
+            Arch::DistilBert => "distilbert",
+            Arch::Roberta => "roberta",
+        }
+    }
+
+    /// Every linear layer the encoder runs, in execution order.
+    pub fn linears(&self, num_labels: usize) -> Vec<LinearSpec> {
+        let width = |w: Width| match w {
+            Width::Hidden => self.hidden,
+            Width::Intermediate => self.intermediate,
+        };
+        let mut out = Vec::new();
+        for l in 0..self.layers {
+            for ll in self.layer_linears() {
+                out.push(LinearSpec {
+                    name: format!("{}.{}", self.layer_prefix(l), ll.suffix),
+                    d_in: width(ll.input),
+                    d_out: width(ll.output),
+                });
+            }
+        }
+        out.extend(self.head_linears(num_labels));
+        out
+    }
+
+    /// Prefix of layer `l`'s modules.
+    pub fn layer_prefix(&self, l: usize) -> String {
+        match self.arch {
+            Arch::DistilBert => format!("distilbert.transformer.layer.{l}"),
+            _ => format!("{}.encoder.layer.{l}", self.prefix()),
+        }
+    }
+
+    /// One layer's linears: query, key, value, attention output, FFN in, FFN out.
+    pub fn layer_linears(&self) -> [LayerLinear; 6] {
+        use Width::{Hidden, Intermediate};
+        let suffixes = match self.arch {
+            Arch::DistilBert => [
+                "attention.q_lin",
+                "attention.k_lin",
+                "attention.v_lin",
+                "attention.out_lin",
+                "ffn.lin1",
+                "ffn.lin2",
+            ],
+            _ => [
+                "attention.self.query",
+                "attention.self.key",
+                "attention.self.value",
+                "attention.output.dense",
+                "intermediate.dense",
+                "output.dense",
+            ],
+        };
+        let widths = [
+            (Hidden, Hidden),
+            (Hidden, Hidden),
+            (Hidden, Hidden),
+            (Hidden, Hidden),
+            (Hidden, Intermediate),
+            (Intermediate, Hidden),
+        ];
+        std::array::from_fn(|i| LayerLinear {
+            suffix: suffixes[i],
+            input: widths[i].0,
+            output: widths[i].1,
+        })
+    }
+
+    /// Suffixes of one layer's two LayerNorms (after attention, after the FFN).
+    pub fn layer_norm_suffixes(&self) -> [&'static str; 2] {
+        match self.arch {
+            Arch::DistilBert => ["sa_layer_norm", "output_layer_norm"],
+            _ => ["attention.output.LayerNorm", "output.LayerNorm"],
+        }
+    }
+
+    /// The head's two linears: hidden → hidden (pooler / pre-classifier), hidden → classes.
+    pub fn head_linears(&self, num_labels: usize) -> [LinearSpec; 2] {
+        let h = self.hidden;
+        let [dense, out] = match self.arch {
+            Arch::Bert => ["bert.pooler.dense", "classifier"],
+            Arch::DistilBert => ["pre_classifier", "classifier"],
+            Arch::Roberta => ["classifier.dense", "classifier.out_proj"],
+        };
+        [
+            LinearSpec {
+                name: dense.into(),
+                d_in: h,
+                d_out: h,
+            },
+            LinearSpec {
+                name: out.into(),
+                d_in: h,
+                d_out: num_labels,
+            },
+        ]
+    }
+
+    /// Embedding tables and LayerNorm.
+    pub fn embedding_tensors(&self) -> Vec<TensorSpec> {
+        let p = self.prefix();
+        let h = self.hidden;
+        let mut v = vec![
+            TensorSpec::float(
+                format!("{p}.embeddings.word_embeddings.weight"),
+                vec![self.vocab_size, h],
+            ),
+            TensorSpec::float(
+                format!("{p}.embeddings.position_embeddings.weight"),
+                vec![self.max_positions, h],
+            ),
+            TensorSpec::float(format!("{p}.embeddings.LayerNorm.weight"), vec![h]),
+            TensorSpec::float(format!("{p}.embeddings.LayerNorm.bias"), vec![h]),
+        ];
+        if self.type_vocab_size > 0 {
+            v.push(TensorSpec::float(
+                format!("{p}.embeddings.token_type_embeddings.weight"),
+                vec![self.type_vocab_size, h],
+            ));
+        }
+        v
+    }
+}
+
+/// A linear layer of the model: its HF module name and shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinearSpec {
+    /// HF module name (`….weight`, `….bias` are its tensors).
+    pub name: String,
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+}
+
+/// Which width of the model a linear's input or output has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Width {
+    /// The hidden size H.
+    Hidden,
+    /// The feed-forward size.
+    Intermediate,
+}
+
+/// One of a layer's six linears: its name after the layer prefix, and its widths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerLinear {
+    /// Module name after the layer prefix.
+    pub suffix: &'static str,
+    /// Width of the input.
+    pub input: Width,
+    /// Width of the output.
+    pub output: Width,
+}

@@ -1,0 +1,129 @@
+//! The exported bundle: `bayeslora.json`, `config.json` (the HF model config) and
+//! `model.safetensors`, read and validated before anything large is allocated.
+//!
+//! Order of work: the two JSON files are parsed into typed structs and range-checked
+//! ([`meta`], [`hf_config`]); the tensor file is memory-mapped and its header checked by
+//! `safetensors` (offsets contiguous, sizes consistent with the file length); then every tensor
+//! the encoder needs is checked by name, dtype and shape against the config, every adapter
+//! against `bayeslora.json`; only then are the tensors copied out (converted to f32)
+//! ([`tensors`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+pub mod hf_config;
+pub mod meta;
+pub mod tensors;
+#[cfg(test)]
+mod tests;
+
+pub use hf_config::{Activation, Arch, LayerLinear, LinearSpec, ModelConfig, Width};
+pub use meta::{BundleMeta, ModuleMeta, NoiseKind};
+pub use tensors::{TensorKind, TensorSpec};
+
+/// File names inside a bundle directory.
+pub const META_FILE: &str = "bayeslora.json";
+/// The HF model config.
+pub const CONFIG_FILE: &str = "config.json";
+/// Base weights and adapters.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Bundle format understood by this reader.
+pub const FORMAT_VERSION: u32 = 1;
+/// JSON files larger than this are refused before reading (they are a few KiB in practice).
+const MAX_JSON_BYTES: u64 = 64 << 20;
+
+fn bundle_err(msg: impl Into<String>) -> Error {
+    Error::Bundle(msg.into())
+}
+
+/// A tensor copied out of the bundle as f32, with its shape.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+    /// Values.
+    pub data: Vec<f32>,
+}
+
+/// One adapted module's tensors (rank > 0).
+#[derive(Clone, Debug)]
+pub struct AdapterTensors {
+    /// `[r, d_in]`.
+    pub lora_a: Vec<f32>,
+    /// `[d_out, r]`.
+    pub lora_b: Vec<f32>,
+    /// `log_alpha` (gate) or `log_sigma2` (additive), `[r]`; empty otherwise.
+    pub rank_param: Vec<f32>,
+    /// Original rank positions `[r]`.
+    pub rank_index: Vec<u64>,
+}
+
+/// A validated bundle in memory.
+#[derive(Debug)]
+pub struct Bundle {
+    /// Where it was read from.
+    pub dir: PathBuf,
+    /// `bayeslora.json`.
+    pub meta: BundleMeta,
+    /// What the encoder needs from `config.json`.
+    pub config: ModelConfig,
+    /// Base tensors by name (f32).
+    pub tensors: HashMap<String, Tensor>,
+    /// Adapters of modules with rank > 0, by module name.
+    pub adapters: HashMap<String, AdapterTensors>,
+}
+
+/// A JSON file, refused unread when absurdly large.
+fn read_json(path: &Path) -> Result<Value> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let size = std::fs::metadata(path).map_err(io)?.len();
+    if size > MAX_JSON_BYTES {
+        return Err(bundle_err(format!(
+            "{}: {size} bytes is too large for a JSON file",
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    serde_json::from_str(&text).map_err(|source| Error::JsonSyntax {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl Bundle {
+    /// Read and validate a bundle directory.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.is_dir() {
+            return Err(bundle_err(format!("{}: not a directory", dir.display())));
+        }
+        let meta_path = dir.join(META_FILE);
+        let meta = BundleMeta::read(&meta_path)?;
+        let arch = meta.arch(&meta_path)?;
+        let cfg_path = dir.join(CONFIG_FILE);
+        let config = ModelConfig::from_json(&read_json(&cfg_path)?, arch, &cfg_path)?;
+        let expect = tensors::expected(&meta, &config, &meta_path)?;
+        let loaded = tensors::load(&dir.join(WEIGHTS_FILE), &meta, &expect)?;
+        Ok(Self {
+            dir,
+            meta,
+            config,
+            tensors: loaded.tensors,
+            adapters: loaded.adapters,
+        })
+    }
+
+    /// A base tensor by name (validated at open, so present).
+    pub fn tensor(&self, name: &str) -> Result<&Tensor> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| bundle_err(format!("internal: tensor {name:?} was not loaded")))
+    }
+}
