@@ -66,7 +66,9 @@ def test_defaults_train_prune_and_evaluate_a_new_three_class_csv(three_class_csv
     assert 0 < run["total_rank"] < run["initial_total_rank"], run["ranks"]
     # the majority-class rate of a balanced 3-class set is 1/3
     assert run["metrics"]["test_mean"]["accuracy"] > 0.55, run["metrics"]
-    res = _cli("evaluate", str(out), "--data", f"csv:{heldout_csv}", "--ood", "--shift", "--samples", "4", "--json")
+    res = _cli(
+        "evaluate", str(out), "--data", f"csv:{heldout_csv}", "--ood", "--shift", "--samples", "4", "--json"
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     ev = json.loads(res.stdout.strip().splitlines()[-1])
     assert (ev["n"], ev["split"]) == (3 * PER_CLASS_HELDOUT, "all")

@@ -286,3 +286,39 @@ def test_gate_local_reparameterisation_matches_per_sequence_gates_in_distributio
     # the variance of a sample variance is about 2σ⁴/(n−1) for a Gaussian (the gate draw is one)
     assert torch.all((v0 - v1).abs() < 5 * torch.sqrt(2 * (v0**2 + v1**2) / (n - 1))), (v0, v1)
     assert v0.min() > 1e-3  # the noise is really there
+
+
+def test_noise_scale_tempers_the_posterior_and_fit_picks_the_best_validation_nll(tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from bayeslora.pipeline import fit_noise_scale, scale_noise
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bl.inject(model, BayesLoRAConfig(rank=4, init_b_std=2.0, init_log_alpha=1.0))
+    layers = [layer for _, layer in bl.injection.adapted_layers(model)]
+    before = [layer.log_alpha.detach().clone() for layer in layers]
+    scale_noise(model, 0.25)
+    for layer, b in zip(layers, before, strict=True):
+        torch.testing.assert_close(layer.log_alpha.detach(), b + float(np.log(0.25)))
+    scale_noise(model, 4.0)
+    with pytest.raises(ConfigError, match="> 0"):
+        scale_noise(model, 0.0)
+
+    texts = ["good film", "awful plot", "the actor was great", "boring story", "nice", "bad"] * 2
+    labels = np.array([1, 0, 1, 0, 1, 0] * 2)
+    fit = fit_noise_scale(model, tok, texts, labels, samples=4, max_length=16, scales=(1.0, 0.1, 0.01))
+    assert [c for c, _ in fit["curve"]] == [1.0, 0.1, 0.01]
+    assert fit["nll"] == min(nll for _, nll in fit["curve"])
+    for layer, b in zip(layers, before, strict=True):
+        torch.testing.assert_close(layer.log_alpha.detach(), b + float(np.log(fit["scale"])))
+    # the NLL it reports is the one the tempered model has
+    from bayeslora.pipeline import predict
+
+    probs = predict(model, tok, texts, 4, 0, 16).mean(1)
+    assert -np.mean(np.log(probs[np.arange(len(labels)), labels])) == pytest.approx(fit["nll"], rel=1e-5)
+    with pytest.raises(ConfigError, match=r"\(0, 1\]"):
+        fit_noise_scale(model, tok, texts, labels, scales=(2.0,))
+    with pytest.raises(ConfigError, match="noise_scale"):
+        TrainSettings(noise_scale="auto")

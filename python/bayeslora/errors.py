@@ -1,7 +1,7 @@
 """Exception classes of bayeslora.
 
 Every error the Rust core reports arrives as one of these (the mapping lives in one place,
-``rust/bayeslora-py/src/lib.rs``). They also derive from the builtin class a caller would
+``rust/bayeslora-py/src/errors.rs``). They also derive from the builtin class a caller would
 catch without knowing us (``ValueError`` for bad input, ``OSError`` for files).
 """
 
