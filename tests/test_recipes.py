@@ -322,3 +322,13 @@ def test_noise_scale_tempers_the_posterior_and_fit_picks_the_best_validation_nll
         fit_noise_scale(model, tok, texts, labels, scales=(2.0,))
     with pytest.raises(ConfigError, match="noise_scale"):
         TrainSettings(noise_scale="auto")
+
+
+def test_library_default_kl_scale_is_the_posteriors_not_one():
+    from bayeslora.config import KL_SCALE_DEFAULTS
+
+    assert BayesLoRAConfig().kl_scale == KL_SCALE_DEFAULTS["gate"] == TrainSettings().kl_scale
+    assert BayesLoRAConfig(posterior="additive").kl_scale == KL_SCALE_DEFAULTS["additive"]
+    assert BayesLoRAConfig(kl_scale=0.5).kl_scale == 0.5
+    with pytest.raises(ConfigError, match="kl_scale"):
+        BayesLoRAConfig(kl_scale=float("nan"))

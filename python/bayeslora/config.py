@@ -15,6 +15,9 @@ Method = Literal["bayeslora", "lora", "mcdropout"]
 KLGroup = Literal["params", "unit"]
 
 POSTERIORS = ("gate", "additive")
+# kl_scale per posterior when a config leaves it unset (benches/RESULTS_methods.md chose them on
+# the validation split of VADER movies; see TrainSettings in bayeslora.pipeline)
+KL_SCALE_DEFAULTS = {"gate": 0.02, "additive": 0.01}
 # Fields that are a step count (int) or a fraction of the run (float in [0, 1]).
 SCHEDULE_FIELDS = ("kl_freeze", "kl_warmup", "sample_start", "prune_start", "prune_every", "refit_start")
 METHODS = ("bayeslora", "lora", "mcdropout")
@@ -38,7 +41,10 @@ class BayesLoRAConfig:
             (Bernoulli dropout on the rank activation, kept on when sampling).
         init_log_alpha: initial ``log α_k`` of the gate family.
         init_log_sigma2: initial ``λ_k = log σ_k²`` of the additive family.
-        kl_scale: multiplies the KL term of the objective.
+        kl_scale: multiplies the KL term of the objective; None: the posterior's default
+            (``KL_SCALE_DEFAULTS``: 0.02 for gate, 0.01 for additive, chosen on validation data —
+            at 1.0 the per-example KL of rank-8 adapters on a few thousand examples switches every
+            rank off).
         kl_group: per-rank KL weight of the gate family: ``"params"`` (d_in + d_out) or ``"unit"`` (1).
         kl_per_example: True (docs/method.md §4): the loss adds ``β·kl_scale·KL/N``, a per-example
             ELBO; False: ``β·kl_scale·KL`` with no 1/N (the authors' GLUE harness, recipe ``paper``).
@@ -75,7 +81,7 @@ class BayesLoRAConfig:
     method: Method = "bayeslora"
     init_log_alpha: float = -3.0
     init_log_sigma2: float = -8.0
-    kl_scale: float = 1.0
+    kl_scale: float | None = None
     kl_group: KLGroup = "params"
     kl_per_example: bool = True
     kl_freeze: int | float = 0
@@ -110,7 +116,9 @@ class BayesLoRAConfig:
             raise ConfigError(f"kl_group must be 'params' or 'unit', got {self.kl_group!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.kl_scale < 0:
+        if self.kl_scale is None:
+            self.kl_scale = KL_SCALE_DEFAULTS[self.posterior]
+        if not self.kl_scale >= 0:
             raise ConfigError(f"kl_scale must be >= 0, got {self.kl_scale!r}")
         if not isinstance(self.min_rank, int) or self.min_rank < 0:
             raise ConfigError(f"min_rank must be an integer >= 0, got {self.min_rank!r}")

@@ -17,12 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from .config import KL_SCALE_DEFAULTS
 from .errors import BundleError, ConfigError
 
 RUN_FILE = "run.json"
 HEAD_NAMES = ("classifier", "score")
-# kl_scale per posterior when TrainSettings leaves it unset (see TrainSettings)
-KL_SCALE_DEFAULTS = {"gate": 0.02, "additive": 0.01}
 # The authors' GLUE harness (recipe "paper"): additive posterior, a deterministic training forward
 # (the noise never switched on, so λ moves only under the KL), CE + 1e-6·ΣKL with no 1/N and β = 1,
 # AdamW (factors 1e-3, log σ² 1e-4 with plain Adam, head 1e-2 with weight decay 1e-2), grad-norm clip
