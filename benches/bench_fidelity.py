@@ -10,9 +10,15 @@ so an interrupted sweep resumes where it stopped and a sweep can be spread over 
     python benches/bench_fidelity.py --configs lora gate --seeds 0 1 2      # run (skips finished runs)
     python benches/bench_fidelity.py --report                              # tables from the JSON
 
-The rule for the acceptance table, written before the runs (choose on validation, report on test):
-a configuration's hyper-parameters are chosen on the validation split of seed 0..2; rows report the
-test split, mean ± std over the seeds present.
+The rule, written before the runs (choose on validation, report on test): configurations are
+compared on the validation split (accuracy, NLL); rows report the test split, mean ± std over the
+seeds present. ``--report --candidate NAME`` states issue #19's acceptance points for one
+configuration (its MC row) against LoRA and temperature-scaled LoRA at the same N:
+1. accuracy ≥ LoRA's − 0.01 or within two standard errors of the difference; total rank ≤ 50 % of
+   the initial; std of the total rank over seeds ≤ 20 % of its mean;
+2. ECE and NLL ≤ temperature-scaled LoRA's on the test split and on the shifted domains (mean);
+3. the best of its OOD AUROCs (entropy, mutual information, 1 − confidence) ≥ LoRA's entropy AUROC,
+   and its mutual-information AUROC > 0.5.
 """
 
 from __future__ import annotations
@@ -194,6 +200,66 @@ def report(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _seeds_row(results: list[dict], name: str, n: int, mode: str) -> list[dict]:
+    return [
+        r["rows"][mode] | {"_run": r}
+        for r in results
+        if r["config"] == name and r["n_train"] == n and mode in r["rows"]
+    ]
+
+
+def _shift_nll(row: dict) -> float:
+    return float(np.mean([v["nll"] for v in row["shift"].values()]))
+
+
+def verdicts(results: list[dict], candidate: str, n: int) -> list[str]:
+    """Issue #19's acceptance points 1–3 for ``candidate`` (MC rows) at training size ``n``."""
+    from bayeslora import metrics
+
+    cand = _seeds_row(results, candidate, n, "mc") or _seeds_row(results, candidate, n, "mean")
+    lora = _seeds_row(results, "lora", n, "mean")
+    temp = _seeds_row(results, "lora", n, "temperature")
+    if not cand or not lora or not temp:
+        return [f"no verdict: {candidate} or lora missing at N = {n}"]
+    k = min(len(cand), len(lora))
+
+    def ms(rows: list[dict], f: Any) -> tuple[float, float]:
+        a = np.array([f(r) for r in rows], np.float64)
+        return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+    acc, acc_l = ms(cand, lambda r: r["accuracy"]), ms(lora, lambda r: r["accuracy"])
+    noise = 2.0 * math.sqrt((acc[1] ** 2 + acc_l[1] ** 2) / max(k, 1))
+    ranks = np.array([r["_run"]["total_rank"] for r in cand], np.float64)
+    init = cand[0]["_run"]["initial_total_rank"]
+    rel = float(ranks.std(ddof=1) / ranks.mean()) if ranks.size > 1 and ranks.mean() > 0 else float("nan")
+    ok1 = (acc[0] >= acc_l[0] - 0.01 or abs(acc[0] - acc_l[0]) <= noise) and ranks.mean() <= 0.5 * init
+    ok1 = ok1 and ranks.size > 1 and rel <= 0.2
+    out = [
+        f"1. accuracy {acc[0]:.3f} vs LoRA {acc_l[0]:.3f} (2 SE of the difference {noise:.3f}), total rank "
+        f"{ranks.mean():.1f} of {init} ({100 * ranks.mean() / init:.0f} %), rank std/mean "
+        f"{'—' if math.isnan(rel) else f'{rel:.2f}'} over {ranks.size} seed(s): "
+        f"**{'held' if ok1 else 'not held'}**"
+    ]
+    pairs = {
+        "ECE": (ms(cand, lambda r: r["ece"]), ms(temp, lambda r: r["ece"])),
+        "NLL": (ms(cand, lambda r: r["nll"]), ms(temp, lambda r: r["nll"])),
+        "shift ECE": (ms(cand, lambda r: r["shift_ece"]), ms(temp, lambda r: r["shift_ece"])),
+        "shift NLL": (ms(cand, _shift_nll), ms(temp, _shift_nll)),
+    }
+    ok2 = all(c[0] <= t[0] for c, t in pairs.values())
+    cells = ", ".join(f"{k} {c[0]:.3f} vs {t[0]:.3f}" for k, (c, t) in pairs.items())
+    out.append(f"2. against temperature-scaled LoRA: {cells}: **{'held' if ok2 else 'not held'}**")
+    scores = {key: ms(cand, lambda r, key=key: r[f"auroc_{key}"]) for key in metrics.UNCERTAINTY_SCORES}
+    best = max(scores, key=lambda key: scores[key][0])
+    lora_h = ms(lora, lambda r: r["auroc_entropy"])
+    ok3 = scores[best][0] >= lora_h[0] and scores["mutual_info"][0] > 0.5
+    out.append(
+        f"3. best OOD AUROC ({best}) {scores[best][0]:.3f} vs LoRA's entropy {lora_h[0]:.3f}; MI AUROC "
+        f"{scores['mutual_info'][0]:.3f}: **{'held' if ok3 else 'not held'}**"
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["lora", "gate"], choices=sorted(CONFIGS))
@@ -206,9 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-eval", type=int, default=None, help="cap every evaluation set (smoke runs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--report", action="store_true", help="print the table of what is in results/")
+    ap.add_argument("--candidate", default=None, help="with --report: acceptance verdicts for this config")
     args = ap.parse_args(argv)
     if args.report:
-        print(report(load_results(Path(args.results))))
+        results = load_results(Path(args.results))
+        print(report(results))
+        if args.candidate:
+            for n in sorted({r["n_train"] for r in results if r["config"] == args.candidate}):
+                print(f"\n{args.candidate}, N = {n}:")
+                print("\n".join(verdicts(results, args.candidate, n)))
         return 0
 
     import torch
