@@ -67,6 +67,17 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # H3: local reparameterisation of the gates in training (per-token output noise)
     "gate-lrt": ("vi", {"gate_lrt": True}),
     "gate-lrt-refit-val": ("vi", {"gate_lrt": True, "refit_start": 0.5, "rank_select": "validation"}),
+    # H1, the ELBO as written: one KL per gate (a rank gate is one random variable), kl_scale 1
+    "gate-unit-refit-val-fit": (
+        "vi",
+        {
+            "kl_group": "unit",
+            "kl_scale": 1.0,
+            "refit_start": 0.5,
+            "rank_select": "validation",
+            "noise_scale": "fit",
+        },
+    ),
     # the authors' GLUE harness (docs/method.md §10)
     "paper": ("paper", {}),
 }
