@@ -80,8 +80,34 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     # the authors' GLUE harness (docs/method.md §10)
     "paper": ("paper", {}),
+    # its baseline: plain LoRA with the same targets, optimiser groups, clip and schedule
+    "lora-paper": ("paper", {"method": "lora"}),
+    # the authors' noise-free training, the ranks settled by the validation cut half-way, then refit
+    "paper-val": ("paper", {"refit_start": 0.5, "rank_select": "validation", "prune_start": 0.5}),
 }
-POSTERIOR_FREE = ("lora",)
+# What each configuration tests (the hypothesis table of benches/RESULTS_fidelity.md).
+TESTS = {
+    "lora": "baseline",
+    "lora-paper": "baseline with the paper recipe's targets and optimiser",
+    "mcdropout": "baseline: MC dropout on the rank units",
+    "gate": "the default when issue #19 was filed",
+    "additive": "the additive posterior with the same schedule",
+    "gate-refit": "H2 select, then refit (τ pass at 0.5)",
+    "gate-refit-val": "H2 + H6: validation cut at 0.5, refit",
+    "additive-refit-val": "H2 + H6 on the additive posterior",
+    "gate-refit-val-noisy": "H2: refit with the noise on at the frozen α",
+    "gate-unit": "H1: one KL per gate, kl_scale 1",
+    "gate-unit-refit-val": "H1 + H2 + H6",
+    "gate-unit-refit-val-fit": "H1 + H2 + H6 + tempering",
+    "gate-lrt": "H3: gates by local reparameterisation in training",
+    "gate-lrt-refit-val": "H3 + H2 + H6",
+    "gate-fit": "H5: the gate posterior tempered on validation",
+    "gate-refit-val-fit": "H2 + H6 + tempering",
+    "additive-refit-val-fit": "H2 + H6 + tempering, additive",
+    "gate-late-val-fit": "pre-training without the KL (KL from 0.5), cut at 0.8, refit, tempering",
+    "paper": "the authors' GLUE harness (recipe paper)",
+    "paper-val": "the paper recipe with the validation cut at 0.5 and refit",
+}
 
 
 def run_one(name: str, n_train: int, seed: int, args: argparse.Namespace, log: Any) -> dict[str, Any]:
@@ -224,14 +250,18 @@ def _shift_nll(row: dict) -> float:
 
 
 def verdicts(results: list[dict], candidate: str, n: int) -> list[str]:
-    """Issue #19's acceptance points 1–3 for ``candidate`` (MC rows) at training size ``n``."""
+    """Issue #19's acceptance points 1–3 for ``candidate`` (MC rows) at training size ``n``, against
+    the LoRA of the same recipe (``lora-paper`` for the paper recipe's configurations, when run)."""
     from bayeslora import metrics
 
+    base = "lora"
+    if candidate.startswith("paper") and _seeds_row(results, "lora-paper", n, "mean"):
+        base = "lora-paper"
     cand = _seeds_row(results, candidate, n, "mc") or _seeds_row(results, candidate, n, "mean")
-    lora = _seeds_row(results, "lora", n, "mean")
-    temp = _seeds_row(results, "lora", n, "temperature")
+    lora = _seeds_row(results, base, n, "mean")
+    temp = _seeds_row(results, base, n, "temperature")
     if not cand or not lora or not temp:
-        return [f"no verdict: {candidate} or lora missing at N = {n}"]
+        return [f"no verdict: {candidate} or {base} missing at N = {n}"]
     k = min(len(cand), len(lora))
 
     def ms(rows: list[dict], f: Any) -> tuple[float, float]:
@@ -246,10 +276,11 @@ def verdicts(results: list[dict], candidate: str, n: int) -> list[str]:
     ok1 = (acc[0] >= acc_l[0] - 0.01 or abs(acc[0] - acc_l[0]) <= noise) and ranks.mean() <= 0.5 * init
     ok1 = ok1 and ranks.size > 1 and rel <= 0.2
     out = [
+        f"(baseline: `{base}`)",
         f"1. accuracy {acc[0]:.3f} vs LoRA {acc_l[0]:.3f} (2 SE of the difference {noise:.3f}), total rank "
         f"{ranks.mean():.1f} of {init} ({100 * ranks.mean() / init:.0f} %), rank std/mean "
         f"{'—' if math.isnan(rel) else f'{rel:.2f}'} over {ranks.size} seed(s): "
-        f"**{'held' if ok1 else 'not held'}**"
+        f"**{'held' if ok1 else 'not held'}**",
     ]
     pairs = {
         "ECE": (ms(cand, lambda r: r["ece"]), ms(temp, lambda r: r["ece"])),
@@ -283,15 +314,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-eval", type=int, default=None, help="cap every evaluation set (smoke runs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--report", action="store_true", help="print the table of what is in results/")
-    ap.add_argument("--candidate", default=None, help="with --report: acceptance verdicts for this config")
+    ap.add_argument(
+        "--candidate", nargs="*", default=[], help="with --report: acceptance verdicts for these configs"
+    )
+    ap.add_argument("--write", default=None, help="with --report: also write the report to this .md file")
     args = ap.parse_args(argv)
     if args.report:
         results = load_results(Path(args.results))
-        print(report(results))
-        if args.candidate:
-            for n in sorted({r["n_train"] for r in results if r["config"] == args.candidate}):
-                print(f"\n{args.candidate}, N = {n}:")
-                print("\n".join(verdicts(results, args.candidate, n)))
+        text = [
+            "# BayesLoRA fidelity (issue #19): configurations × N × seeds",
+            "",
+            "Generated by `python benches/bench_fidelity.py --report --candidate ... --write "
+            "benches/RESULTS_fidelity.md` from the raw per-run JSON in `benches/results/fidelity/`. "
+            "Test split unless the column says val; mc = averaged over the posterior samples the run "
+            "used (Rust runtime), mean = one pass at the posterior mean; lora's temperature row is "
+            "fitted on the validation NLL.",
+            "",
+            "## What each configuration tests",
+            "",
+            "| config | tests |",
+            "|---|---|",
+            *(f"| {k} | {v} |" for k, v in TESTS.items() if any(r["config"] == k for r in results)),
+            "",
+            "## Results",
+            "",
+            report(results),
+        ]
+        for cand in args.candidate:
+            for n in sorted({r["n_train"] for r in results if r["config"] == cand}):
+                text += ["", f"## Acceptance points for `{cand}`, N = {n}", ""]
+                text += verdicts(results, cand, n)
+        out = "\n".join(text) + "\n"
+        print(out)
+        if args.write:
+            Path(args.write).write_text(out)
         return 0
 
     import torch
