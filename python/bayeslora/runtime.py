@@ -187,7 +187,11 @@ class Scorer:
         """
         samples = check_int("samples", samples, 0, MAX_SAMPLES)
         seed = check_int("seed", seed, 0, MAX_SEED)
-        parts = [self._rt.score(ids, mask, samples, seed) for ids, mask in self._inputs(inputs)]
+        parts = []
+        first = 0
+        for ids, mask in self._inputs(inputs):
+            parts.append(self._rt.score(ids, mask, samples, seed, first))
+            first += len(ids)
         return {k: np.concatenate([p[k] for p in parts]) for k in FIELDS}
 
     def logits(

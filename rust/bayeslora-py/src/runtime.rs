@@ -72,6 +72,7 @@ impl Runtime {
         &self,
         input_ids: &PyReadonlyArray2<'_, i64>,
         attention_mask: &PyReadonlyArray2<'_, i64>,
+        first_index: usize,
     ) -> BindingResult<Vec<Sequence>> {
         let (shape_i, shape_m) = (input_ids.shape(), attention_mask.shape());
         if shape_i != shape_m {
@@ -81,13 +82,15 @@ impl Runtime {
         }
         let ids = c_slice("input_ids", input_ids)?;
         let mask = c_slice("attention_mask", attention_mask)?;
-        Ok(self.encoder.prepare(ids, mask, shape_i[0], shape_i[1])?)
+        Ok(self
+            .encoder
+            .prepare_at(ids, mask, shape_i[0], shape_i[1], first_index)?)
     }
 
-    fn run(&self, py: Python<'_>, seqs: &[Sequence], noise: Noise<'_>) -> PyResult<Vec<f32>> {
+    fn run(&self, py: Python<'_>, seqs: &[Sequence], noise: Noise<'_>) -> BindingResult<Vec<f32>> {
         let pool = self.pool()?;
         let enc = &self.encoder;
-        Ok(py.detach(|| pool.install(|| enc.forward(seqs, noise))))
+        Ok(py.detach(|| pool.install(|| enc.forward(seqs, noise)))?)
     }
 }
 
@@ -163,7 +166,7 @@ impl Runtime {
         attention_mask: PyReadonlyArray2<'py, i64>,
         gates: Option<Bound<'py, PyDict>>,
     ) -> BindingResult<Bound<'py, PyAny>> {
-        let seqs = self.sequences(&input_ids, &attention_mask)?;
+        let seqs = self.sequences(&input_ids, &attention_mask, 0)?;
         let n = seqs.len();
         let logits = match gates {
             None => self.run(py, &seqs, Noise::Mean)?,
@@ -183,7 +186,6 @@ impl Runtime {
                     let vals = c_slice(&format!("gates[{name:?}]"), &arr)?;
                     map.insert(name, vals.to_vec());
                 }
-                self.encoder.check_gates(&map, n)?;
                 self.run(py, &seqs, Noise::Explicit(&map))?
             }
         };
@@ -201,11 +203,9 @@ impl Runtime {
         samples: usize,
         seed: i64,
     ) -> BindingResult<Bound<'py, PyAny>> {
-        if samples == 0 {
-            return Err(invalid("samples must be >= 1"));
-        }
+        let samples = core::mc::check_samples(samples)?;
         let seed = check_seed(seed)?;
-        let seqs = self.sequences(&input_ids, &attention_mask)?;
+        let seqs = self.sequences(&input_ids, &attention_mask, 0)?;
         let n = seqs.len();
         let logits = self.run(py, &seqs, Noise::Sampled { samples, seed })?;
         let c = self.encoder.num_labels();
@@ -214,10 +214,11 @@ impl Runtime {
             .into_any())
     }
 
-    /// docs/method.md §6 fields of S samples per input (S = 0: mean mode), reduced online:
-    /// dict of numpy arrays `probs [N, C]`, `label [N]` (int64), `confidence`, `entropy`,
-    /// `expected_entropy`, `mutual_info`, `variance` (float32 [N]).
-    #[pyo3(signature = (input_ids, attention_mask, samples=0, seed=0))]
+    /// docs/method.md §6 fields of S samples per input (S = 0: mean mode), reduced online (memory
+    /// does not grow with S): dict of numpy arrays `probs [N, C]`, `label [N]` (int64),
+    /// `confidence`, `entropy`, `expected_entropy`, `mutual_info`, `variance` (float32 [N]).
+    /// `first_index`: the index of row 0 in the caller's whole request, for error messages.
+    #[pyo3(signature = (input_ids, attention_mask, samples=0, seed=0, first_index=0))]
     fn score<'py>(
         &self,
         py: Python<'py>,
@@ -225,18 +226,23 @@ impl Runtime {
         attention_mask: PyReadonlyArray2<'py, i64>,
         samples: usize,
         seed: i64,
+        first_index: usize,
     ) -> BindingResult<Bound<'py, PyDict>> {
         let seed = check_seed(seed)?;
-        let seqs = self.sequences(&input_ids, &attention_mask)?;
-        let n = seqs.len();
         let noise = if samples == 0 {
             Noise::Mean
         } else {
-            Noise::Sampled { samples, seed }
+            Noise::Sampled {
+                samples: core::mc::check_samples(samples)?,
+                seed,
+            }
         };
-        let logits = self.run(py, &seqs, noise)?;
+        let seqs = self.sequences(&input_ids, &attention_mask, first_index)?;
+        let n = seqs.len();
+        let pool = self.pool()?;
+        let enc = &self.encoder;
+        let cols = py.detach(|| pool.install(|| enc.score(&seqs, noise)))?;
         let c = self.encoder.num_labels();
-        let cols = core::mc::summarize(&logits, samples.max(1), c)?;
         let label: Vec<i64> = cols.label.iter().map(|&l| l as i64).collect();
         let out = PyDict::new(py);
         out.set_item("probs", PyArray1::from_vec(py, cols.probs).reshape([n, c])?)?;

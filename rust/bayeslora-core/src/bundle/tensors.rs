@@ -53,6 +53,11 @@ impl TensorSpec {
         }
     }
 
+    /// Elements of the shape, `None` if the product overflows `usize`.
+    pub fn numel(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
+    }
+
     /// An index tensor.
     pub fn index(name: String, shape: Vec<usize>) -> Self {
         Self {
@@ -122,6 +127,17 @@ pub(super) fn expected(
                 expect.push(TensorSpec::float(format!("{name}.log_sigma2"), vec![r]))
             }
             _ => {}
+        }
+    }
+    // every size product of the shapes fits (the allocations of the copies are sized by them)
+    for e in &expect {
+        if e.numel().is_none() {
+            return Err(bundle_err(format!(
+                "{}: tensor {:?} of shape {:?} is too large",
+                meta_path.display(),
+                e.name,
+                e.shape
+            )));
         }
     }
     Ok(expect)

@@ -153,13 +153,15 @@ fn a_valid_bundle_loads_and_runs() {
     assert_eq!(b.tensor("classifier.weight").expect("head").data, want);
     let enc = Encoder::new(&b).expect("encoder");
     let seqs = enc.prepare(&[1, 3, 2], &[1, 1, 1], 1, 3).expect("input");
-    let logits = enc.forward(
-        &seqs,
-        Noise::Sampled {
-            samples: 2,
-            seed: 0,
-        },
-    );
+    let logits = enc
+        .forward(
+            &seqs,
+            Noise::Sampled {
+                samples: 2,
+                seed: 0,
+            },
+        )
+        .expect("forward");
     assert!(logits.len() == 4 && logits.iter().all(|v| v.is_finite()));
 }
 
