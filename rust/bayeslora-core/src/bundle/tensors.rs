@@ -2,14 +2,13 @@
 //! and `bayeslora.json`), the header checked against them, then the tensors copied out as f32.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
 
 use super::hf_config::ModelConfig;
 use super::meta::{BundleMeta, NoiseKind};
-use super::{bundle_err, AdapterTensors, Tensor, META_FILE};
+use super::{bundle_err, files, AdapterTensors, Tensor, MAX_WEIGHTS_BYTES, META_FILE};
 use crate::error::{Error, Result};
 
 /// Tensor-name suffixes of an adapter; a tensor with one of them that `bayeslora.json` does not
@@ -149,26 +148,16 @@ pub(super) struct Loaded {
     pub adapters: HashMap<String, AdapterTensors>,
 }
 
-/// Map the tensor file at `path`, check its header against `expect`, and copy out the tensors.
+/// Read the tensor file at `path`, check its header against `expect`, and copy out the tensors.
 pub(super) fn load(path: &Path, meta: &BundleMeta, expect: &[TensorSpec]) -> Result<Loaded> {
-    let file = File::open(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    // SAFETY: the map is read-only and dropped before this function returns; the bundle's
-    // files are not expected to change while being opened (a concurrent truncation would be
-    // the caller's bug, as for any memory-mapped reader).
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Map {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = files::read_exact(path, MAX_WEIGHTS_BYTES)?;
     let invalid = |source| Error::SafeTensors {
         path: path.to_path_buf(),
         source,
     };
-    let st = SafeTensors::deserialize(&mmap).map_err(invalid)?;
-    let (_, header) = SafeTensors::read_metadata(&mmap).map_err(invalid)?;
-    let file = MappedFile {
+    let st = SafeTensors::deserialize(&bytes).map_err(invalid)?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(invalid)?;
+    let file = StoredFile {
         path: path.display().to_string(),
         st,
     };
@@ -185,13 +174,13 @@ pub(super) fn load(path: &Path, meta: &BundleMeta, expect: &[TensorSpec]) -> Res
     file.copy_out(meta, expect)
 }
 
-/// A mapped safetensors file and its path for messages.
-struct MappedFile<'data> {
+/// A safetensors file read into memory, and its path for messages.
+struct StoredFile<'data> {
     path: String,
     st: SafeTensors<'data>,
 }
 
-impl MappedFile<'_> {
+impl StoredFile<'_> {
     fn view(&self, name: &str) -> Result<safetensors::tensor::TensorView<'_>> {
         self.st
             .tensor(name)
