@@ -297,13 +297,16 @@ impl StoredFile<'_> {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(chunk);
                 let v = i64::from_le_bytes(b);
-                if v < 0 || v as u64 >= m.initial_rank as u64 || !seen.insert(v) {
-                    return Err(bundle_err(format!(
-                        "{}: {idx_name:?} has {v}: entries must be distinct and in 0..{}",
-                        self.path, m.initial_rank
-                    )));
-                }
-                rank_index.push(v as u64);
+                let k = usize::try_from(v)
+                    .ok()
+                    .filter(|&k| k < m.initial_rank && seen.insert(k))
+                    .ok_or_else(|| {
+                        bundle_err(format!(
+                            "{}: {idx_name:?} has {v}: entries must be distinct and in 0..{}",
+                            self.path, m.initial_rank
+                        ))
+                    })?;
+                rank_index.push(k as u64);
             }
             let rank_param = match noise {
                 NoiseKind::Gate => self.floats(&format!("{name}.log_alpha"))?,
