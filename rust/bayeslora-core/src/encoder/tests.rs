@@ -559,3 +559,28 @@ fn non_finite_logits_name_the_input() {
     let first = enc.prepare(&ids[..t], &mask[..t], 1, t).expect("input 0");
     assert!(enc.score(&first, sampled).is_ok());
 }
+
+#[test]
+fn explicit_gates_that_overflow_name_the_input() {
+    // finite gates of 1e38 on input 2 only: the values overflow inside the model (a LayerNorm's
+    // variance), which must not come out as a finite, meaningless row
+    // (on a query they would only saturate the softmax, on the classifier give logits of 1e37:
+    // finite, as in torch)
+    let b = bundle(&["value", "intermediate.dense"]);
+    let enc = Encoder::new(&b).expect("encoder");
+    let (ids, mask, t) = padded(&INPUTS);
+    let seqs = enc.prepare(&ids, &mask, INPUTS.len(), t).expect("inputs");
+    for module in [
+        "bert.encoder.layer.0.attention.self.value",
+        "bert.encoder.layer.1.intermediate.dense",
+    ] {
+        let mut z = vec![1.0f32; INPUTS.len() * RANK];
+        z[2 * RANK..].fill(1e38);
+        let gates = HashMap::from([(module.to_string(), z)]);
+        let e = enc.forward(&seqs, Noise::Explicit(&gates));
+        assert!(
+            matches!(&e, Err(crate::Error::Value(m)) if m.starts_with("input 2:")),
+            "{module}: {e:?}"
+        );
+    }
+}
