@@ -263,7 +263,9 @@ impl Encoder {
                 .collect::<HashMap<_, _>>(),
             buffers: BufferPool::default(),
             max_rows: super::MAX_ROWS,
+            // 3H: fused QKV; heads·H: the last layer's per-head key queries and pooled rows
             max_width: (3 * cfg.hidden)
+                .max(cfg.heads * cfg.hidden)
                 .max(cfg.intermediate)
                 .max(bundle.meta.num_labels),
         })

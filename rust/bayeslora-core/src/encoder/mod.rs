@@ -21,6 +21,12 @@
 //!   noise, gate coefficients or sampled factors, is the same for every token, so the term is
 //!   linear in x). When the key adapter is noisy, keys are computed for all tokens as in the
 //!   other layers.
+//! - A request runs in pieces of at most [`Encoder::max_rows`] stacked rows: whole inputs with all
+//!   their samples while they fit, else one input's samples in chunks (copy `s` of a chunk is
+//!   sample `first_sample + s`, which keys its noise). [`Encoder::score`] reduces each piece's
+//!   logits online, so memory is O(chunk) for any S, and an input's result does not depend on the
+//!   pieces (tested: chunked and unchunked results are bit-identical). Logits that are not finite
+//!   are refused, naming the input.
 //! - Activation buffers come from a pool kept between calls (initialised once to their
 //!   capacity, never zeroed again); with enough inputs × samples, attention runs one task per
 //!   sequence copy and writes every head in place.
