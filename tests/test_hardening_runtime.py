@@ -191,8 +191,18 @@ def test_the_core_checks_the_sample_count_itself(bundle):
             rt.score(ids, mask, samples, 0)
         with pytest.raises(InvalidValueError, match="samples must be in"):
             rt.sample_logits(ids, mask, samples, 0)
+    for samples in (2**64, 2**200, -1):
+        with pytest.raises(InvalidValueError, match="samples must be in"):
+            rt.score(ids, mask, samples, 0)
     with pytest.raises(InvalidValueError, match="samples must be in"):
         rt.sample_logits(ids, mask, 0, 0)
+    for seed in (-1, 2**63, 2**64, 2**100):
+        with pytest.raises(InvalidValueError, match="seed must be in"):
+            rt.score(ids, mask, 2, seed)
+    for bad in (True, 2.0, "3", None):
+        with pytest.raises(InvalidValueError, match="samples must be an integer"):
+            rt.sample_logits(ids, mask, bad, 0)
+    assert rt.score(ids, mask, np.int64(3), np.uint64(5))["probs"].shape == (1, 2)
     assert rt.score(ids, mask, 3, 0)["probs"].shape == (1, 2)
 
 

@@ -29,7 +29,7 @@ pub fn check_samples(samples: usize) -> Result<usize> {
         Ok(samples)
     } else {
         Err(Error::Value(format!(
-            "samples must be in 1..={MAX_SAMPLES}, got {samples}"
+            "samples must be in 1..{MAX_SAMPLES}, got {samples}"
         )))
     }
 }
