@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -92,23 +93,57 @@ LOAD_EXPECTING_BUNDLE_ERROR = """
 """
 
 
-@pytest.mark.parametrize("how", ["fifo", "symlink to a fifo", "symlink to /dev/zero", "directory"])
+def make_special(path: Path, how: str, tmp_path: Path) -> None:
+    """Put a special file of kind ``how`` at ``path`` (which must not exist)."""
+    if how == "fifo":
+        os.mkfifo(path)
+    elif how == "symlink to a fifo":
+        os.mkfifo(tmp_path / "pipe")
+        path.symlink_to(tmp_path / "pipe")
+    elif how == "symlink to /dev/zero":
+        path.symlink_to("/dev/zero")
+    elif how == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))  # the socket file stays after the socket closes
+        sock.close()
+    else:
+        path.mkdir()
+
+
+SPECIAL = ["fifo", "symlink to a fifo", "symlink to /dev/zero", "socket", "directory"]
+
+
+@pytest.mark.parametrize("how", SPECIAL)
 @pytest.mark.parametrize("name", FILES)
 def test_special_files_are_refused_quickly(name, how, bundle, tmp_path):
     bad = copy_bundle(bundle, tmp_path)
     (bad / name).unlink()
-    if how == "fifo":
-        os.mkfifo(bad / name)
-    elif how == "symlink to a fifo":
-        os.mkfifo(tmp_path / "pipe")
-        (bad / name).symlink_to(tmp_path / "pipe")
-    elif how == "symlink to /dev/zero":
-        (bad / name).symlink_to("/dev/zero")
-    else:
-        (bad / name).mkdir()
+    make_special(bad / name, how, tmp_path)
     res = run_py(LOAD_EXPECTING_BUNDLE_ERROR.format(path=str(bad)))
     assert res.returncode == 0, (signal_name(res.returncode), res.stdout, res.stderr)
     assert "not a regular file" in res.stdout and name in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("how", SPECIAL)
+def test_special_tokenizer_file_is_refused_quickly(how, bundle, tmp_path):
+    bad = copy_bundle(bundle, tmp_path)
+    (bad / "tokenizer.json").unlink()
+    make_special(bad / "tokenizer.json", how, tmp_path)
+    code = f"""
+        import sys
+        from bayeslora.errors import BundleError
+        from bayeslora.runtime import Scorer
+        s = Scorer({str(bad)!r}, num_threads=1)
+        try:
+            s.score(["w4"])
+        except BundleError as e:
+            print(e)
+            sys.exit(0)
+        sys.exit("scored")
+    """
+    res = run_py(code)
+    assert res.returncode == 0, (signal_name(res.returncode), res.stdout, res.stderr)
+    assert "tokenizer.json" in res.stdout, res.stdout
 
 
 def test_truncated_weights_are_bundle_errors(bundle, tmp_path):

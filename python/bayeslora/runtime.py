@@ -124,6 +124,8 @@ class Scorer:
             from tokenizers import Tokenizer
 
             path = self.bundle_dir / "tokenizer.json"
+            if path.exists() and not path.is_file():  # a FIFO or a device: never opened
+                raise BundleError(f"{path}: not a regular file")
             if not path.is_file():
                 raise BundleError(f"{path} not found: this bundle scores token ids only")
             try:

@@ -59,6 +59,9 @@ use pool::{Buffer, BufferPool};
 /// Stacked rows kept below this per chunk of inputs and samples (bounds the memory of MC mode);
 /// the default of [`Encoder::max_rows`].
 pub const MAX_ROWS: usize = 8192;
+/// The most per-sample logits one [`Encoder::forward`] returns (4 GiB of f32): more is refused
+/// ([`Encoder::score`] reduces any number of samples online instead).
+pub const MAX_LOGITS: usize = 1 << 30;
 /// Elementwise work below this many floats runs on the calling thread.
 const PAR_MIN: usize = 1 << 14;
 
@@ -242,7 +245,7 @@ impl Encoder {
                     "gates: {name:?} is not an adapted module of this bundle"
                 )));
             };
-            if g.len() != n * r {
+            if n.checked_mul(r) != Some(g.len()) {
                 return Err(Error::Shape(format!(
                     "gates[{name:?}] has {} values, expected [{n}, {r}]",
                     g.len()
@@ -260,7 +263,7 @@ impl Encoder {
     /// Logits `[N, S, C]` (S = 1 unless sampling) of the sequences, on the current rayon pool.
     ///
     /// Errors: `samples` outside `1..=`[`mc::MAX_SAMPLES`], explicit gates that
-    /// [`Encoder::check_gates`] refuses, a result too large to allocate, or an input whose
+    /// [`Encoder::check_gates`] refuses, a result of more than [`MAX_LOGITS`] values, or an input whose
     /// logits are not finite (the bundle's numbers overflow float32; the error names the input).
     pub fn forward(&self, seqs: &[Sequence], noise: Noise<'_>) -> Result<Vec<f32>> {
         let s = self.check_noise(seqs, noise)?;
@@ -272,6 +275,9 @@ impl Encoder {
             .len()
             .checked_mul(per_input)
             .ok_or_else(|| too_large(seqs.len(), s, c))?;
+        if total > MAX_LOGITS {
+            return Err(too_large(seqs.len(), s, c));
+        }
         let mut out = Vec::new();
         out.try_reserve_exact(total)
             .map_err(|_| too_large(seqs.len(), s, c))?;
@@ -582,6 +588,8 @@ fn par_add_layer_norm(x: &mut [f32], r: &[f32], norm: &LayerNorm, eps: f32) {
 
 fn too_large(inputs: usize, samples: usize, classes: usize) -> Error {
     Error::Value(format!(
-        "logits of {inputs} inputs × {samples} samples × {classes} classes are too large to allocate"
+        "logits of {inputs} inputs × {samples} samples × {classes} classes are more than \
+         {MAX_LOGITS} values: ask for fewer, or for the reduced scores (score), whose memory does \
+         not grow with the samples"
     ))
 }

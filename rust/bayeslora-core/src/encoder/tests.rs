@@ -511,6 +511,20 @@ fn sample_counts_outside_the_range_are_value_errors() {
             );
         }
     }
+    // per-sample logits beyond MAX_LOGITS values are refused before anything is allocated
+    let many = vec![1i64; 2048];
+    let seqs2k = enc.prepare(&many, &many, 2048, 1).expect("2048 inputs");
+    let e = enc.forward(
+        &seqs2k,
+        Noise::Sampled {
+            samples: MAX_SAMPLES,
+            seed: 0,
+        },
+    );
+    assert!(
+        matches!(&e, Err(crate::Error::Value(m)) if m.contains("more than")),
+        "{e:?}"
+    );
     // the largest count allowed runs in bounded memory (chunks of max_rows rows)
     let mut enc = enc;
     enc.set_max_rows(4096);

@@ -60,6 +60,17 @@ fn special_files_are_refused_without_blocking() {
                 target.display()
             );
         }
+        // a Unix socket
+        let other = tempfile::tempdir().expect("temp dir");
+        Fixture::valid().write(other.path());
+        std::fs::remove_file(other.path().join(name)).expect("remove");
+        let _listener =
+            std::os::unix::net::UnixListener::bind(other.path().join(name)).expect("bind");
+        let e = open_within_10s(other.path()).expect_err("a socket");
+        assert!(
+            matches!(&e, Error::NotRegularFile { what, .. } if *what == "a socket"),
+            "{name}: {e:?}"
+        );
         // a directory
         let other = tempfile::tempdir().expect("temp dir");
         Fixture::valid().write(other.path());
