@@ -214,7 +214,8 @@ class Scorer:
     def sample_logits(
         self, input_ids: Any, attention_mask: Any | None = None, samples: int = 16, seed: int = 0
     ) -> np.ndarray:
-        """Per-sample logits ``float32[N, S, C]`` of S ≥ 1 posterior samples."""
+        """Per-sample logits ``float32[N, S, C]`` of S ≥ 1 posterior samples (at most 2^30 values in
+        all: :meth:`score` reduces any S online instead)."""
         samples = check_int("samples", samples, 1, MAX_SAMPLES)
         seed = check_int("seed", seed, 0, MAX_SEED)
         ids, mask = _as_ids(input_ids, attention_mask)
