@@ -355,7 +355,7 @@ impl Encoder {
             let len = seqs[start].ids.len();
             let (end, sample_chunk) = if len.saturating_mul(s) > budget {
                 // one input, its samples in chunks
-                (start + 1, (budget / len).clamp(1, s))
+                (start + 1, (budget / len.max(1)).clamp(1, s))
             } else {
                 let mut end = start;
                 let mut rows = 0usize;

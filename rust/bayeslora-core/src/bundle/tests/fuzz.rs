@@ -190,22 +190,22 @@ fn mutate(rng: &mut Rng, files: &mut [Vec<u8>; 3]) -> String {
     }
 }
 
-/// What one case ended in, if not acceptable.
-fn run_case(dir: &Path) -> Result<(), String> {
+/// Whether the case's bundle loaded and was scored, or what it ended in if not acceptable.
+fn run_case(dir: &Path) -> Result<bool, String> {
     let bundle = match Bundle::open(dir) {
         Ok(b) => b,
-        Err(e) if e.kind() == ErrorKind::Bundle => return Ok(()),
+        Err(e) if e.kind() == ErrorKind::Bundle => return Ok(false),
         Err(e) => return Err(format!("load: {:?} error {e}", e.kind())),
     };
     let enc = match Encoder::new(&bundle) {
         Ok(enc) => enc,
-        Err(e) if e.kind() == ErrorKind::Bundle => return Ok(()),
+        Err(e) if e.kind() == ErrorKind::Bundle => return Ok(false),
         Err(e) => return Err(format!("build: {:?} error {e}", e.kind())),
     };
     let seqs = match enc.prepare(&[1, 3, 2, 0], &[1, 1, 1, 0], 1, 4) {
         Ok(s) => s,
         // a mutated config may shrink the vocabulary or positions below the input
-        Err(e) if e.kind() == ErrorKind::Value => return Ok(()),
+        Err(e) if e.kind() == ErrorKind::Value => return Ok(false),
         Err(e) => return Err(format!("prepare: {:?} error {e}", e.kind())),
     };
     for noise in [
@@ -234,7 +234,7 @@ fn run_case(dir: &Path) -> Result<(), String> {
             Err(e) => return Err(format!("score: {:?} error {e}", e.kind())),
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -276,18 +276,15 @@ fn mutated_bundles_fail_typed_or_score_finite() {
         let (tx, rx) = mpsc::channel();
         let path = dir.path().to_path_buf();
         std::thread::spawn(move || {
-            let out = catch_unwind(AssertUnwindSafe(|| {
-                let ok = Bundle::open(&path).is_ok();
-                (run_case(&path), ok)
-            }));
+            let out = catch_unwind(AssertUnwindSafe(|| run_case(&path)));
             let _ = tx.send(out);
         });
         let verdict = match rx.recv_timeout(CASE_LIMIT) {
-            Ok(Ok((Ok(()), ok))) => {
-                loaded += u64::from(ok);
+            Ok(Ok(Ok(scored))) => {
+                loaded += u64::from(scored);
                 continue;
             }
-            Ok(Ok((Err(e), _))) => e,
+            Ok(Ok(Err(e))) => e,
             Ok(Err(_)) => "panicked".to_string(),
             Err(_) => {
                 // leave the dir for the hung thread; report
