@@ -372,6 +372,7 @@ META_CASES = [
     ("num_labels", 2**64 - 1),
     ("num_labels", 2**32 + 2),
     ("max_length", 2**64 - 1),
+    ("max_length", 65),  # the tiny BERT has 64 positions
     ("format_version", 2**32 + 1),
     ("dropout", 1.0 - 1e-12),
     ("dropout", -0.5),

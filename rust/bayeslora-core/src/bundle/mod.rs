@@ -102,6 +102,20 @@ impl Bundle {
         let arch = meta.arch(&meta_path)?;
         let cfg_path = dir.join(CONFIG_FILE);
         let config = ModelConfig::from_json(&read_json(&cfg_path)?, arch, &cfg_path)?;
+        // as export wrote it: inputs of max_length tokens have positions in the table
+        let positions = match arch {
+            Arch::Roberta => config
+                .max_positions
+                .saturating_sub(config.pad_token_id.saturating_add(1)),
+            _ => config.max_positions,
+        };
+        if meta.max_length > positions {
+            return Err(bundle_err(format!(
+                "{}: max_length {} exceeds the {positions} positions config.json has for an input",
+                meta_path.display(),
+                meta.max_length
+            )));
+        }
         let expect = tensors::expected(&meta, &config, &meta_path)?;
         let loaded = tensors::load(&dir.join(WEIGHTS_FILE), &meta, &expect)?;
         Ok(Self {

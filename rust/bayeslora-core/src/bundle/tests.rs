@@ -268,6 +268,10 @@ fn inconsistent_metadata_is_a_bundle_error() {
             Box::new(|f| f.meta["modules"][QUERY]["d_in"] = json!(5)),
         ),
         (
+            "max_length 7 exceeds the 6 positions",
+            Box::new(|f| f.meta["max_length"] = json!(7)),
+        ),
+        (
             "has scale",
             Box::new(|f| f.meta["modules"][QUERY]["scale"] = json!(1e308)),
         ),
