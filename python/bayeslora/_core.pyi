@@ -86,6 +86,12 @@ class Runtime:
     ) -> NDArray[np.float32]:
         """Per-sample logits ``[N, S, C]``."""
     def score(
-        self, input_ids: NDArray[np.int64], attention_mask: NDArray[np.int64], samples: int = 0, seed: int = 0
+        self,
+        input_ids: NDArray[np.int64],
+        attention_mask: NDArray[np.int64],
+        samples: int = 0,
+        seed: int = 0,
+        first_index: int = 0,
     ) -> dict[str, NDArray[Any]]:
-        """docs/method.md §6 fields per input."""
+        """docs/method.md §6 fields per input (``first_index``: row 0's index in the request, for
+        error messages)."""

@@ -124,6 +124,8 @@ class Scorer:
             from tokenizers import Tokenizer
 
             path = self.bundle_dir / "tokenizer.json"
+            if path.exists() and not path.is_file():  # a FIFO or a device: never opened
+                raise BundleError(f"{path}: not a regular file")
             if not path.is_file():
                 raise BundleError(f"{path} not found: this bundle scores token ids only")
             try:
@@ -187,7 +189,11 @@ class Scorer:
         """
         samples = check_int("samples", samples, 0, MAX_SAMPLES)
         seed = check_int("seed", seed, 0, MAX_SEED)
-        parts = [self._rt.score(ids, mask, samples, seed) for ids, mask in self._inputs(inputs)]
+        parts = []
+        first = 0
+        for ids, mask in self._inputs(inputs):
+            parts.append(self._rt.score(ids, mask, samples, seed, first))
+            first += len(ids)
         return {k: np.concatenate([p[k] for p in parts]) for k in FIELDS}
 
     def logits(
@@ -208,7 +214,8 @@ class Scorer:
     def sample_logits(
         self, input_ids: Any, attention_mask: Any | None = None, samples: int = 16, seed: int = 0
     ) -> np.ndarray:
-        """Per-sample logits ``float32[N, S, C]`` of S ≥ 1 posterior samples."""
+        """Per-sample logits ``float32[N, S, C]`` of S ≥ 1 posterior samples (at most 2^30 values in
+        all: :meth:`score` reduces any S online instead)."""
         samples = check_int("samples", samples, 1, MAX_SAMPLES)
         seed = check_int("seed", seed, 0, MAX_SEED)
         ids, mask = _as_ids(input_ids, attention_mask)

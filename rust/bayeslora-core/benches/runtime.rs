@@ -166,7 +166,7 @@ fn bench_encoder(c: &mut Criterion) {
         ),
     ] {
         group.bench_function(name, |bench| {
-            bench.iter(|| pool.install(|| black_box(enc.forward(&seqs, noise))))
+            bench.iter(|| pool.install(|| black_box(enc.forward(&seqs, noise).expect("forward"))))
         });
     }
     group.finish();

@@ -28,14 +28,23 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A file of a bundle cannot be memory-mapped.
-    #[error("bundle error: {}: cannot map: {source}", path.display())]
-    Map {
+    /// A file of a bundle is not a regular file (after following symlinks): a FIFO, a device,
+    /// a socket or a directory is refused before it is read.
+    #[error("bundle error: {}: is {what}, not a regular file", path.display())]
+    NotRegularFile {
         /// The file.
         path: PathBuf,
-        /// What the OS said.
-        #[source]
-        source: std::io::Error,
+        /// What it is instead (`"a FIFO"`, `"a character device"`, ...).
+        what: &'static str,
+    },
+    /// A file of a bundle is larger than the reader accepts, or its size changed while it was
+    /// read (a file truncated or appended to under the reader).
+    #[error("bundle error: {}: {detail}", path.display())]
+    FileSize {
+        /// The file.
+        path: PathBuf,
+        /// Sizes expected and found.
+        detail: String,
     },
     /// A JSON file of a bundle is not JSON.
     #[error("bundle error: {}: invalid JSON: {source}", path.display())]
@@ -86,7 +95,8 @@ impl Error {
             Error::Value(_) => ErrorKind::Value,
             Error::Bundle(_)
             | Error::Io { .. }
-            | Error::Map { .. }
+            | Error::NotRegularFile { .. }
+            | Error::FileSize { .. }
             | Error::JsonSyntax { .. }
             | Error::JsonSchema { .. }
             | Error::SafeTensors { .. } => ErrorKind::Bundle,

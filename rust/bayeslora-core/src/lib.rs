@@ -8,9 +8,9 @@
 //!   `rank`: the rank scores pruning reads);
 //! - [`mc`]: the seeded noise streams of Monte-Carlo inference and the one reduction of
 //!   per-sample logits to the uncertainty fields;
-//! - [`bundle`]: reading and validating an exported bundle (`meta`: `bayeslora.json`,
-//!   `hf_config`: `config.json` and the tensor names of each architecture, `tensors`: the
-//!   safetensors file);
+//! - [`bundle`]: reading and validating an exported bundle (`files`: regular files only, reads
+//!   capped by the bytes read, never memory-mapped; `meta`: `bayeslora.json`, `hf_config`:
+//!   `config.json` and the tensor names of each architecture, `tensors`: the safetensors file);
 //! - [`kernels`]: the dense f32 kernels of the runtime; the instruction set is detected once and
 //!   carried as a type (`isa`), one instruction set per file (`scalar`, `x86_avx2`,
 //!   `x86_avx512`), with the GEMM driver (`gemm`), packing (`pack`), the portable elementwise

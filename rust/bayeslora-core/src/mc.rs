@@ -18,6 +18,22 @@
 
 use crate::error::{Error, Result};
 
+/// The most posterior samples one request may ask for (the Python `Scorer` checks the same
+/// bound first; the core checks it again with [`check_samples`]). Memory does not grow with S:
+/// the encoder runs the samples of an input in chunks and reduces them online.
+pub const MAX_SAMPLES: usize = 1 << 20;
+
+/// `samples` if it is in `1..=MAX_SAMPLES`, else [`Error::Value`].
+pub fn check_samples(samples: usize) -> Result<usize> {
+    if (1..=MAX_SAMPLES).contains(&samples) {
+        Ok(samples)
+    } else {
+        Err(Error::Value(format!(
+            "samples must be in 1..{MAX_SAMPLES}, got {samples}"
+        )))
+    }
+}
+
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -204,35 +220,50 @@ pub struct UncertaintyColumns {
     pub variance: Vec<f32>,
 }
 
+impl UncertaintyColumns {
+    /// Room for `inputs` inputs of `classes` classes.
+    pub fn with_capacity(inputs: usize, classes: usize) -> Self {
+        Self {
+            probs: Vec::with_capacity(inputs.saturating_mul(classes)),
+            label: Vec::with_capacity(inputs),
+            confidence: Vec::with_capacity(inputs),
+            entropy: Vec::with_capacity(inputs),
+            expected_entropy: Vec::with_capacity(inputs),
+            mutual_info: Vec::with_capacity(inputs),
+            variance: Vec::with_capacity(inputs),
+        }
+    }
+
+    /// Append one input's summary.
+    pub fn push(&mut self, s: &Summary) {
+        self.probs.extend(s.probs.iter().map(|&p| p as f32));
+        self.label.push(s.label);
+        self.confidence.push(s.confidence as f32);
+        self.entropy.push(s.entropy as f32);
+        self.expected_entropy.push(s.expected_entropy as f32);
+        self.mutual_info.push(s.mutual_info as f32);
+        self.variance.push(s.variance as f32);
+    }
+}
+
 /// Reduce per-sample logits `[N, S, C]` (row-major) to the docs/method.md §6 fields of each input, online
 /// over its `samples` samples (S = 1 for mean mode).
 pub fn summarize(logits: &[f32], samples: usize, classes: usize) -> Result<UncertaintyColumns> {
-    let per_input = samples * classes;
-    if samples == 0 || classes == 0 || !logits.len().is_multiple_of(per_input) {
+    let per_input = samples.checked_mul(classes).unwrap_or(0);
+    if per_input == 0 || !logits.len().is_multiple_of(per_input) {
         return Err(Error::Shape(format!(
             "{} logits are not [N, {samples}, {classes}]",
             logits.len()
         )));
     }
     let n = logits.len() / per_input;
-    let mut out = UncertaintyColumns {
-        probs: Vec::with_capacity(n * classes),
-        label: Vec::with_capacity(n),
-        ..Default::default()
-    };
+    let mut out = UncertaintyColumns::with_capacity(n, classes);
     for input in logits.chunks_exact(per_input) {
         let mut acc = OnlineSummary::new(classes);
         for sample in input.chunks_exact(classes) {
             acc.push_logits(sample);
         }
-        let s = acc.finish();
-        out.probs.extend(s.probs.iter().map(|&p| p as f32));
-        out.label.push(s.label);
-        out.confidence.push(s.confidence as f32);
-        out.entropy.push(s.entropy as f32);
-        out.expected_entropy.push(s.expected_entropy as f32);
-        out.mutual_info.push(s.mutual_info as f32);
-        out.variance.push(s.variance as f32);
+        out.push(&acc.finish());
     }
     Ok(out)
 }

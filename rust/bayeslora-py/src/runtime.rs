@@ -13,7 +13,7 @@ use core::encoder::{Encoder, Noise, Sequence};
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBool, PyDict};
 
 use crate::arrays::c_slice;
 use crate::errors::{invalid, shape, BindingResult};
@@ -72,6 +72,7 @@ impl Runtime {
         &self,
         input_ids: &PyReadonlyArray2<'_, i64>,
         attention_mask: &PyReadonlyArray2<'_, i64>,
+        first_index: usize,
     ) -> BindingResult<Vec<Sequence>> {
         let (shape_i, shape_m) = (input_ids.shape(), attention_mask.shape());
         if shape_i != shape_m {
@@ -81,18 +82,49 @@ impl Runtime {
         }
         let ids = c_slice("input_ids", input_ids)?;
         let mask = c_slice("attention_mask", attention_mask)?;
-        Ok(self.encoder.prepare(ids, mask, shape_i[0], shape_i[1])?)
+        Ok(self
+            .encoder
+            .prepare_at(ids, mask, shape_i[0], shape_i[1], first_index)?)
     }
 
-    fn run(&self, py: Python<'_>, seqs: &[Sequence], noise: Noise<'_>) -> PyResult<Vec<f32>> {
+    fn run(&self, py: Python<'_>, seqs: &[Sequence], noise: Noise<'_>) -> BindingResult<Vec<f32>> {
         let pool = self.pool()?;
         let enc = &self.encoder;
-        Ok(py.detach(|| pool.install(|| enc.forward(seqs, noise))))
+        Ok(py.detach(|| pool.install(|| enc.forward(seqs, noise)))?)
     }
 }
 
-fn check_seed(seed: i64) -> BindingResult<u64> {
-    u64::try_from(seed).map_err(|_| invalid(format!("seed must be >= 0, got {seed}")))
+/// An integer argument (a Python or numpy integer of any size, not a bool) in `low..=high`, else
+/// `InvalidValueError`: the Python layer checks the same first, but the core's callers are not
+/// trusted (an int beyond 64 bits would otherwise be an `OverflowError`).
+fn int_in(name: &str, v: &Bound<'_, PyAny>, low: u64, high: u64) -> BindingResult<u64> {
+    let not_int = || {
+        invalid(format!(
+            "{name} must be an integer in {low}..{high}, got {v}"
+        ))
+    };
+    let out_of_range = || invalid(format!("{name} must be in {low}..{high}, got {v}"));
+    if v.is_instance_of::<PyBool>() || v.call_method0("__index__").is_err() {
+        return Err(not_int());
+    }
+    // an integer: beyond i128 it is out of range too
+    let n: i128 = v.extract().map_err(|_| out_of_range())?;
+    u64::try_from(n)
+        .ok()
+        .filter(|n| (low..=high).contains(n))
+        .ok_or_else(out_of_range)
+}
+
+/// Seeds are 0..2^63-1 (as in the Python layer); none given is 0.
+fn check_seed(seed: Option<&Bound<'_, PyAny>>) -> BindingResult<u64> {
+    seed.map_or(Ok(0), |v| int_in("seed", v, 0, i64::MAX.unsigned_abs()))
+}
+
+/// S in `low..=MAX_SAMPLES`; none given is 0 (mean mode).
+fn check_samples(samples: Option<&Bound<'_, PyAny>>, low: u64) -> BindingResult<usize> {
+    let high = u64::try_from(core::mc::MAX_SAMPLES).unwrap_or(u64::MAX);
+    let n = samples.map_or(Ok(0), |v| int_in("samples", v, low, high))?;
+    Ok(usize::try_from(n).unwrap_or(usize::MAX))
 }
 
 #[pymethods]
@@ -163,7 +195,7 @@ impl Runtime {
         attention_mask: PyReadonlyArray2<'py, i64>,
         gates: Option<Bound<'py, PyDict>>,
     ) -> BindingResult<Bound<'py, PyAny>> {
-        let seqs = self.sequences(&input_ids, &attention_mask)?;
+        let seqs = self.sequences(&input_ids, &attention_mask, 0)?;
         let n = seqs.len();
         let logits = match gates {
             None => self.run(py, &seqs, Noise::Mean)?,
@@ -183,7 +215,6 @@ impl Runtime {
                     let vals = c_slice(&format!("gates[{name:?}]"), &arr)?;
                     map.insert(name, vals.to_vec());
                 }
-                self.encoder.check_gates(&map, n)?;
                 self.run(py, &seqs, Noise::Explicit(&map))?
             }
         };
@@ -192,20 +223,18 @@ impl Runtime {
     }
 
     /// Per-sample logits float32[N, S, C] of S posterior samples (S ≥ 1).
-    #[pyo3(signature = (input_ids, attention_mask, samples, seed=0))]
+    #[pyo3(signature = (input_ids, attention_mask, samples, seed=None))]
     fn sample_logits<'py>(
         &self,
         py: Python<'py>,
         input_ids: PyReadonlyArray2<'py, i64>,
         attention_mask: PyReadonlyArray2<'py, i64>,
-        samples: usize,
-        seed: i64,
+        samples: Bound<'py, PyAny>,
+        seed: Option<Bound<'py, PyAny>>,
     ) -> BindingResult<Bound<'py, PyAny>> {
-        if samples == 0 {
-            return Err(invalid("samples must be >= 1"));
-        }
-        let seed = check_seed(seed)?;
-        let seqs = self.sequences(&input_ids, &attention_mask)?;
+        let samples = check_samples(Some(&samples), 1)?;
+        let seed = check_seed(seed.as_ref())?;
+        let seqs = self.sequences(&input_ids, &attention_mask, 0)?;
         let n = seqs.len();
         let logits = self.run(py, &seqs, Noise::Sampled { samples, seed })?;
         let c = self.encoder.num_labels();
@@ -214,29 +243,33 @@ impl Runtime {
             .into_any())
     }
 
-    /// docs/method.md §6 fields of S samples per input (S = 0: mean mode), reduced online:
-    /// dict of numpy arrays `probs [N, C]`, `label [N]` (int64), `confidence`, `entropy`,
-    /// `expected_entropy`, `mutual_info`, `variance` (float32 [N]).
-    #[pyo3(signature = (input_ids, attention_mask, samples=0, seed=0))]
+    /// docs/method.md §6 fields of S samples per input (S = 0: mean mode), reduced online (memory
+    /// does not grow with S): dict of numpy arrays `probs [N, C]`, `label [N]` (int64),
+    /// `confidence`, `entropy`, `expected_entropy`, `mutual_info`, `variance` (float32 [N]).
+    /// `first_index`: the index of row 0 in the caller's whole request, for error messages.
+    #[pyo3(signature = (input_ids, attention_mask, samples=None, seed=None, first_index=0))]
     fn score<'py>(
         &self,
         py: Python<'py>,
         input_ids: PyReadonlyArray2<'py, i64>,
         attention_mask: PyReadonlyArray2<'py, i64>,
-        samples: usize,
-        seed: i64,
+        samples: Option<Bound<'py, PyAny>>,
+        seed: Option<Bound<'py, PyAny>>,
+        first_index: usize,
     ) -> BindingResult<Bound<'py, PyDict>> {
-        let seed = check_seed(seed)?;
-        let seqs = self.sequences(&input_ids, &attention_mask)?;
-        let n = seqs.len();
+        let samples = check_samples(samples.as_ref(), 0)?;
+        let seed = check_seed(seed.as_ref())?;
         let noise = if samples == 0 {
             Noise::Mean
         } else {
             Noise::Sampled { samples, seed }
         };
-        let logits = self.run(py, &seqs, noise)?;
+        let seqs = self.sequences(&input_ids, &attention_mask, first_index)?;
+        let n = seqs.len();
+        let pool = self.pool()?;
+        let enc = &self.encoder;
+        let cols = py.detach(|| pool.install(|| enc.score(&seqs, noise)))?;
         let c = self.encoder.num_labels();
-        let cols = core::mc::summarize(&logits, samples.max(1), c)?;
         let label: Vec<i64> = cols.label.iter().map(|&l| l as i64).collect();
         let out = PyDict::new(py);
         out.set_item("probs", PyArray1::from_vec(py, cols.probs).reshape([n, c])?)?;

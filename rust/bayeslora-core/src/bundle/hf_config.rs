@@ -79,24 +79,73 @@ fn get_usize(cfg: &Value, key: &str, path: &Path, max: usize) -> Result<usize> {
             path.display()
         ))
     })?;
-    if n == 0 || n as u128 > max as u128 {
-        return Err(bundle_err(format!(
-            "{}: {key:?} = {n} is out of range 1..={max}",
-            path.display()
-        )));
-    }
-    Ok(n as usize)
+    usize::try_from(n)
+        .ok()
+        .filter(|&n| (1..=max).contains(&n))
+        .ok_or_else(|| {
+            bundle_err(format!(
+                "{}: {key:?} = {n} is out of range 1..={max}",
+                path.display()
+            ))
+        })
 }
 
-fn get_str<'a>(cfg: &'a Value, key: &str) -> Option<&'a str> {
-    cfg.get(key).and_then(Value::as_str)
+/// An optional string: absent or `null` is `None`, anything but a string an error.
+fn get_str<'a>(cfg: &'a Value, key: &str, path: &Path) -> Result<Option<&'a str>> {
+    match cfg.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(bundle_err(format!(
+            "{}: {key:?} must be a string, got {v}",
+            path.display()
+        ))),
+    }
+}
+
+/// RoBERTa's `pad_token_id` (default 1): a token id (`< vocab_size`) whose next position still
+/// has a row in the position table (`+ 1 < max_position_embeddings`: positions start after it).
+/// Other families do not use it; if given, it must still be a token id or `null`.
+fn pad_token_id(
+    cfg: &Value,
+    arch: Arch,
+    vocab_size: usize,
+    max_positions: usize,
+    path: &Path,
+) -> Result<usize> {
+    let p = path.display();
+    let roberta = arch == Arch::Roberta;
+    let id = match cfg.get("pad_token_id") {
+        None if roberta => 1,
+        None | Some(Value::Null) if !roberta => return Ok(0),
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| {
+                bundle_err(format!(
+                    "{p}: \"pad_token_id\" must be a non-negative integer, got {v}"
+                ))
+            })?,
+        None => 1,
+    };
+    if id >= vocab_size {
+        return Err(bundle_err(format!(
+            "{p}: \"pad_token_id\" = {id} is not a token id (vocab_size {vocab_size})"
+        )));
+    }
+    if roberta && id.saturating_add(1) >= max_positions {
+        return Err(bundle_err(format!(
+            "{p}: \"pad_token_id\" = {id} leaves no position (RoBERTa numbers tokens from \
+             pad_token_id + 1; max_position_embeddings {max_positions})"
+        )));
+    }
+    Ok(if roberta { id } else { 0 })
 }
 
 impl ModelConfig {
     /// Parse the HF config of an architecture (`arch` from `bayeslora.json`).
     pub fn from_json(cfg: &Value, arch: Arch, path: &Path) -> Result<Self> {
         let p = path.display();
-        let model_type = get_str(cfg, "model_type").unwrap_or("");
+        let model_type = get_str(cfg, "model_type", path)?.unwrap_or("");
         let family_ok = match arch {
             Arch::Bert => model_type == "bert",
             Arch::DistilBert => model_type == "distilbert",
@@ -110,7 +159,7 @@ impl ModelConfig {
         const BIG: usize = 1 << 20;
         let (hidden, layers, heads, intermediate, act, eps, type_vocab) = match arch {
             Arch::DistilBert => {
-                let act = get_str(cfg, "activation").unwrap_or("gelu");
+                let act = get_str(cfg, "activation", path)?.unwrap_or("gelu");
                 (
                     get_usize(cfg, "dim", path, 1 << 16)?,
                     get_usize(cfg, "n_layers", path, 1024)?,
@@ -122,16 +171,19 @@ impl ModelConfig {
                 )
             }
             Arch::Bert | Arch::Roberta => {
+                // as f32 too: the runtime adds it in f32, where 1e-50 would be 0
                 let eps = match cfg.get("layer_norm_eps") {
                     None => 1e-12,
                     Some(v) => v
                         .as_f64()
-                        .filter(|e| e.is_finite() && *e >= 0.0 && *e < 1.0)
+                        .filter(|e| e.is_finite() && *e > 0.0 && *e < 1.0 && (*e as f32) > 0.0)
                         .ok_or_else(|| {
-                            bundle_err(format!("{p}: layer_norm_eps must be a number in [0, 1)"))
+                            bundle_err(format!(
+                                "{p}: layer_norm_eps must be a number in (0, 1), got {v}"
+                            ))
                         })?,
                 };
-                if let Some(kind) = get_str(cfg, "position_embedding_type") {
+                if let Some(kind) = get_str(cfg, "position_embedding_type", path)? {
                     if kind != "absolute" {
                         return Err(bundle_err(format!(
                             "{p}: position_embedding_type {kind:?} is not supported"
@@ -143,7 +195,7 @@ impl ModelConfig {
                     get_usize(cfg, "num_hidden_layers", path, 1024)?,
                     get_usize(cfg, "num_attention_heads", path, 1024)?,
                     get_usize(cfg, "intermediate_size", path, 1 << 18)?,
-                    get_str(cfg, "hidden_act").unwrap_or("gelu"),
+                    get_str(cfg, "hidden_act", path)?.unwrap_or("gelu"),
                     eps,
                     get_usize(cfg, "type_vocab_size", path, BIG)?,
                 )
@@ -164,18 +216,17 @@ impl ModelConfig {
                 )))
             }
         };
-        let pad_token_id = match arch {
-            Arch::Roberta => cfg.get("pad_token_id").and_then(Value::as_u64).unwrap_or(1) as usize,
-            _ => 0,
-        };
+        let vocab_size = get_usize(cfg, "vocab_size", path, 1 << 24)?;
+        let max_positions = get_usize(cfg, "max_position_embeddings", path, BIG)?;
+        let pad_token_id = pad_token_id(cfg, arch, vocab_size, max_positions, path)?;
         Ok(Self {
             arch,
-            vocab_size: get_usize(cfg, "vocab_size", path, 1 << 24)?,
+            vocab_size,
             hidden,
             layers,
             heads,
             intermediate,
-            max_positions: get_usize(cfg, "max_position_embeddings", path, BIG)?,
+            max_positions,
             type_vocab_size: type_vocab,
             layer_norm_eps: eps as f32,
             activation,

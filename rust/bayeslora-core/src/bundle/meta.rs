@@ -10,6 +10,10 @@ use super::hf_config::Arch;
 use super::{bundle_err, read_json, FORMAT_VERSION};
 use crate::error::{Error, Result};
 
+/// The largest `|scale|` (`alpha / r0`) accepted: exports have O(1) scales; a larger one would
+/// only overflow the merged weights.
+pub const MAX_SCALE: f64 = 1e6;
+
 /// Per adapted module, from `bayeslora.json`.
 #[derive(Clone, Debug, Deserialize)]
 pub struct ModuleMeta {
@@ -137,7 +141,14 @@ impl BundleMeta {
                 self.num_labels
             )));
         }
-        if !(0.0..1.0).contains(&self.dropout) {
+        if !self.prune_threshold.is_finite() {
+            return Err(bundle_err(format!(
+                "{p}: prune_threshold {} is not finite",
+                self.prune_threshold
+            )));
+        }
+        // in f32 too: the runtime keeps z = 1/(1 − p), which 1 − 1e-10 would make infinite
+        if !(0.0..1.0).contains(&self.dropout) || self.dropout as f32 >= 1.0 {
             return Err(bundle_err(format!(
                 "{p}: dropout {} not in [0, 1)",
                 self.dropout
@@ -156,9 +167,10 @@ impl BundleMeta {
                     m.rank, m.initial_rank
                 )));
             }
-            if !m.scale.is_finite() {
+            if !m.scale.is_finite() || m.scale.abs() > MAX_SCALE {
                 return Err(bundle_err(format!(
-                    "{p}: module {name:?} has a non-finite scale"
+                    "{p}: module {name:?} has scale {}, outside [-{MAX_SCALE:e}, {MAX_SCALE:e}]",
+                    m.scale
                 )));
             }
         }

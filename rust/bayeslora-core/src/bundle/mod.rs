@@ -2,7 +2,8 @@
 //! `model.safetensors`, read and validated before anything large is allocated.
 //!
 //! Order of work: the two JSON files are parsed into typed structs and range-checked
-//! ([`meta`], [`hf_config`]); the tensor file is memory-mapped and its header checked by
+//! ([`meta`], [`hf_config`]); the tensor file is read into memory (never mapped: a file
+//! truncated under the reader is an error, not a `SIGBUS`) and its header checked by
 //! `safetensors` (offsets contiguous, sizes consistent with the file length); then every tensor
 //! the encoder needs is checked by name, dtype and shape against the config, every adapter
 //! against `bayeslora.json`; only then are the tensors copied out (converted to f32)
@@ -15,6 +16,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
+mod files;
 pub mod hf_config;
 pub mod meta;
 pub mod tensors;
@@ -33,8 +35,10 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// Bundle format understood by this reader.
 pub const FORMAT_VERSION: u32 = 1;
-/// JSON files larger than this are refused before reading (they are a few KiB in practice).
+/// JSON files larger than this are refused (they are a few KiB in practice).
 const MAX_JSON_BYTES: u64 = 64 << 20;
+/// Tensor files larger than this are refused (read into memory whole: 64 GiB).
+const MAX_WEIGHTS_BYTES: u64 = 64 << 30;
 
 fn bundle_err(msg: impl Into<String>) -> Error {
     Error::Bundle(msg.into())
@@ -77,21 +81,10 @@ pub struct Bundle {
     pub adapters: HashMap<String, AdapterTensors>,
 }
 
-/// A JSON file, refused unread when absurdly large.
+/// A JSON file: a regular file of at most [`MAX_JSON_BYTES`] bytes (see [`files`]).
 fn read_json(path: &Path) -> Result<Value> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let size = std::fs::metadata(path).map_err(io)?.len();
-    if size > MAX_JSON_BYTES {
-        return Err(bundle_err(format!(
-            "{}: {size} bytes is too large for a JSON file",
-            path.display()
-        )));
-    }
-    let text = std::fs::read_to_string(path).map_err(io)?;
-    serde_json::from_str(&text).map_err(|source| Error::JsonSyntax {
+    let bytes = files::read_capped(path, MAX_JSON_BYTES)?;
+    serde_json::from_slice(&bytes).map_err(|source| Error::JsonSyntax {
         path: path.to_path_buf(),
         source,
     })
@@ -109,6 +102,20 @@ impl Bundle {
         let arch = meta.arch(&meta_path)?;
         let cfg_path = dir.join(CONFIG_FILE);
         let config = ModelConfig::from_json(&read_json(&cfg_path)?, arch, &cfg_path)?;
+        // as export wrote it: inputs of max_length tokens have positions in the table
+        let positions = match arch {
+            Arch::Roberta => config
+                .max_positions
+                .saturating_sub(config.pad_token_id.saturating_add(1)),
+            _ => config.max_positions,
+        };
+        if meta.max_length > positions {
+            return Err(bundle_err(format!(
+                "{}: max_length {} exceeds the {positions} positions config.json has for an input",
+                meta_path.display(),
+                meta.max_length
+            )));
+        }
         let expect = tensors::expected(&meta, &config, &meta_path)?;
         let loaded = tensors::load(&dir.join(WEIGHTS_FILE), &meta, &expect)?;
         Ok(Self {

@@ -2,14 +2,13 @@
 //! and `bayeslora.json`), the header checked against them, then the tensors copied out as f32.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
 
 use super::hf_config::ModelConfig;
 use super::meta::{BundleMeta, NoiseKind};
-use super::{bundle_err, AdapterTensors, Tensor, META_FILE};
+use super::{bundle_err, files, AdapterTensors, Tensor, MAX_WEIGHTS_BYTES, META_FILE};
 use crate::error::{Error, Result};
 
 /// Tensor-name suffixes of an adapter; a tensor with one of them that `bayeslora.json` does not
@@ -51,6 +50,11 @@ impl TensorSpec {
             shape,
             kind: TensorKind::Float,
         }
+    }
+
+    /// Elements of the shape, `None` if the product overflows `usize`.
+    pub fn numel(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
     }
 
     /// An index tensor.
@@ -124,6 +128,17 @@ pub(super) fn expected(
             _ => {}
         }
     }
+    // every size product of the shapes fits (the allocations of the copies are sized by them)
+    for e in &expect {
+        if e.numel().is_none() {
+            return Err(bundle_err(format!(
+                "{}: tensor {:?} of shape {:?} is too large",
+                meta_path.display(),
+                e.name,
+                e.shape
+            )));
+        }
+    }
     Ok(expect)
 }
 
@@ -133,26 +148,16 @@ pub(super) struct Loaded {
     pub adapters: HashMap<String, AdapterTensors>,
 }
 
-/// Map the tensor file at `path`, check its header against `expect`, and copy out the tensors.
+/// Read the tensor file at `path`, check its header against `expect`, and copy out the tensors.
 pub(super) fn load(path: &Path, meta: &BundleMeta, expect: &[TensorSpec]) -> Result<Loaded> {
-    let file = File::open(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    // SAFETY: the map is read-only and dropped before this function returns; the bundle's
-    // files are not expected to change while being opened (a concurrent truncation would be
-    // the caller's bug, as for any memory-mapped reader).
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Map {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = files::read_exact(path, MAX_WEIGHTS_BYTES)?;
     let invalid = |source| Error::SafeTensors {
         path: path.to_path_buf(),
         source,
     };
-    let st = SafeTensors::deserialize(&mmap).map_err(invalid)?;
-    let (_, header) = SafeTensors::read_metadata(&mmap).map_err(invalid)?;
-    let file = MappedFile {
+    let st = SafeTensors::deserialize(&bytes).map_err(invalid)?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(invalid)?;
+    let file = StoredFile {
         path: path.display().to_string(),
         st,
     };
@@ -169,13 +174,13 @@ pub(super) fn load(path: &Path, meta: &BundleMeta, expect: &[TensorSpec]) -> Res
     file.copy_out(meta, expect)
 }
 
-/// A mapped safetensors file and its path for messages.
-struct MappedFile<'data> {
+/// A safetensors file read into memory, and its path for messages.
+struct StoredFile<'data> {
     path: String,
     st: SafeTensors<'data>,
 }
 
-impl MappedFile<'_> {
+impl StoredFile<'_> {
     fn view(&self, name: &str) -> Result<safetensors::tensor::TensorView<'_>> {
         self.st
             .tensor(name)
@@ -292,13 +297,16 @@ impl MappedFile<'_> {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(chunk);
                 let v = i64::from_le_bytes(b);
-                if v < 0 || v as u64 >= m.initial_rank as u64 || !seen.insert(v) {
-                    return Err(bundle_err(format!(
-                        "{}: {idx_name:?} has {v}: entries must be distinct and in 0..{}",
-                        self.path, m.initial_rank
-                    )));
-                }
-                rank_index.push(v as u64);
+                let k = usize::try_from(v)
+                    .ok()
+                    .filter(|&k| k < m.initial_rank && seen.insert(k))
+                    .ok_or_else(|| {
+                        bundle_err(format!(
+                            "{}: {idx_name:?} has {v}: entries must be distinct and in 0..{}",
+                            self.path, m.initial_rank
+                        ))
+                    })?;
+                rank_index.push(k as u64);
             }
             let rank_param = match noise {
                 NoiseKind::Gate => self.floats(&format!("{name}.log_alpha"))?,

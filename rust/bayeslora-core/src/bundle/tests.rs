@@ -1,5 +1,9 @@
 //! Bundles written to a temporary directory: a valid tiny one loads (f32 and bf16 storage), and
-//! each kind of damage is reported as the matching [`Error`] variant.
+//! each kind of damage is reported as the matching [`Error`] variant. Special and changing files
+//! in `tests/files.rs`, the mutation fuzzer in `tests/fuzz.rs`.
+
+mod files;
+mod fuzz;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -153,13 +157,15 @@ fn a_valid_bundle_loads_and_runs() {
     assert_eq!(b.tensor("classifier.weight").expect("head").data, want);
     let enc = Encoder::new(&b).expect("encoder");
     let seqs = enc.prepare(&[1, 3, 2], &[1, 1, 1], 1, 3).expect("input");
-    let logits = enc.forward(
-        &seqs,
-        Noise::Sampled {
-            samples: 2,
-            seed: 0,
-        },
-    );
+    let logits = enc
+        .forward(
+            &seqs,
+            Noise::Sampled {
+                samples: 2,
+                seed: 0,
+            },
+        )
+        .expect("forward");
     assert!(logits.len() == 4 && logits.iter().all(|v| v.is_finite()));
 }
 
@@ -261,6 +267,74 @@ fn inconsistent_metadata_is_a_bundle_error() {
             "says d_in=",
             Box::new(|f| f.meta["modules"][QUERY]["d_in"] = json!(5)),
         ),
+        (
+            "max_length 7 exceeds the 6 positions",
+            Box::new(|f| f.meta["max_length"] = json!(7)),
+        ),
+        (
+            "has scale",
+            Box::new(|f| f.meta["modules"][QUERY]["scale"] = json!(1e308)),
+        ),
+        (
+            "has scale",
+            Box::new(|f| f.meta["modules"][QUERY]["scale"] = json!(-2e6)),
+        ),
+        (
+            "dropout",
+            Box::new(|f| f.meta["dropout"] = json!(1.0 - 1e-12)),
+        ),
+        (
+            "layer_norm_eps",
+            Box::new(|f| f.config["layer_norm_eps"] = json!(0.0)),
+        ),
+        (
+            "layer_norm_eps",
+            Box::new(|f| f.config["layer_norm_eps"] = json!(1e-50)),
+        ),
+        (
+            "layer_norm_eps",
+            Box::new(|f| f.config["layer_norm_eps"] = json!("small")),
+        ),
+        (
+            "\"hidden_act\" must be a string",
+            Box::new(|f| f.config["hidden_act"] = json!(1)),
+        ),
+        (
+            "\"position_embedding_type\" must be a string",
+            Box::new(|f| f.config["position_embedding_type"] = json!(["absolute"])),
+        ),
+        (
+            "\"pad_token_id\" = 4294967295",
+            Box::new(|f| f.config["pad_token_id"] = json!(u32::MAX)),
+        ),
+        (
+            "\"pad_token_id\" = 18446744073709551615",
+            Box::new(|f| f.config["pad_token_id"] = json!(u64::MAX)),
+        ),
+        (
+            "\"pad_token_id\" must be",
+            Box::new(|f| f.config["pad_token_id"] = json!(-1)),
+        ),
+        (
+            "\"vocab_size\" = 18446744073709551615",
+            Box::new(|f| f.config["vocab_size"] = json!(u64::MAX)),
+        ),
+        (
+            "\"max_position_embeddings\" = 4294967296",
+            Box::new(|f| f.config["max_position_embeddings"] = json!(1u64 << 32)),
+        ),
+        (
+            "\"num_attention_heads\" = 0",
+            Box::new(|f| f.config["num_attention_heads"] = json!(0)),
+        ),
+        (
+            "\"type_vocab_size\" = 0",
+            Box::new(|f| f.config["type_vocab_size"] = json!(0)),
+        ),
+        (
+            "\"hidden_size\" must be a non-negative integer",
+            Box::new(|f| f.config["hidden_size"] = json!(4.5)),
+        ),
     ];
     for (what, damage) in cases {
         let e = broken(damage);
@@ -327,4 +401,61 @@ fn bad_tensors_are_bundle_errors() {
             "{what}: {e:?}"
         );
     }
+}
+
+#[test]
+fn roberta_pad_token_id_is_a_token_with_a_position_after_it() {
+    let cfg = |pad: Value| {
+        let mut c = json!({
+            "model_type": "roberta", "vocab_size": 50, "hidden_size": 4, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 6, "max_position_embeddings": 10,
+            "type_vocab_size": 1,
+        });
+        if !pad.is_null() {
+            c["pad_token_id"] = pad;
+        }
+        super::ModelConfig::from_json(&c, super::Arch::Roberta, Path::new(CONFIG_FILE))
+    };
+    assert_eq!(cfg(Value::Null).expect("default").pad_token_id, 1);
+    assert_eq!(cfg(json!(7)).expect("7").pad_token_id, 7);
+    for bad in [
+        json!(u32::MAX),
+        json!(u64::MAX),
+        json!(1u64 << 32),
+        json!(-1),
+        json!(1.5),
+        json!("1"),
+        json!(50),
+        json!(9),
+    ] {
+        let e = cfg(bad.clone()).expect_err("out of range");
+        assert!(
+            matches!(&e, Error::Bundle(m) if m.contains("pad_token_id")),
+            "{bad}: {e:?}"
+        );
+    }
+    // explicit null is refused for RoBERTa (it numbers positions from it)
+    let mut c = json!({
+        "model_type": "roberta", "vocab_size": 50, "hidden_size": 4, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "intermediate_size": 6, "max_position_embeddings": 10,
+        "type_vocab_size": 1, "pad_token_id": null,
+    });
+    assert!(
+        super::ModelConfig::from_json(&c, super::Arch::Roberta, Path::new(CONFIG_FILE)).is_err()
+    );
+    c["model_type"] = json!("bert");
+    assert!(super::ModelConfig::from_json(&c, super::Arch::Bert, Path::new(CONFIG_FILE)).is_ok());
+}
+
+#[test]
+fn a_merged_weight_that_overflows_is_a_bundle_error() {
+    let mut f = Fixture::valid();
+    f.meta["modules"][QUERY]["scale"] = json!(1e6);
+    f.set_f32(&format!("{QUERY}.lora_B"), vec![4, 2], &[3e37; 8]);
+    let b = f.open().expect("loads: every value is finite");
+    let e = Encoder::new(&b).expect_err("merged weight overflows");
+    assert!(
+        matches!(&e, Error::Bundle(m) if m.contains("overflows float32")),
+        "{e:?}"
+    );
 }

@@ -112,9 +112,12 @@ impl Encoder {
         let (r, n, i) = (ad.rank, seg.rows, seg.input);
         let seq = &pass.seqs[i];
         let stream = match pass.noise {
-            Noise::Sampled { seed, .. } => {
-                Some(Stream::new(seed, seq.hash, seg.copy as u64, ad.stream_key))
-            }
+            Noise::Sampled { seed, .. } => Some(Stream::new(
+                seed,
+                seq.hash,
+                (pass.first_sample + seg.copy) as u64,
+                ad.stream_key,
+            )),
             _ => None,
         };
         let mut hbuf = vec![0.0f32; n * r];

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use super::pool::BufferPool;
 use super::Encoder;
 use crate::bundle::{Bundle, NoiseKind};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::Packed;
 use crate::mc;
 
@@ -159,6 +159,13 @@ fn build_linear(bundle: &Bundle, names: &[String]) -> Result<Linear> {
                 rank_index: t.rank_index.clone(),
             });
         }
+        if w.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Bundle(format!(
+                "{}: module {name:?}: the weight with its adapter merged (W + scale·B·A) \
+                 overflows float32",
+                bundle.dir.display()
+            )));
+        }
         rows.extend_from_slice(&w);
         parts.push(LinearPart {
             module: name.clone(),
@@ -223,7 +230,13 @@ impl Encoder {
             heads: cfg.heads,
             vocab_size: cfg.vocab_size,
             max_positions: cfg.max_positions,
-            pad_token_id: cfg.pad_token_id as u32,
+            pad_token_id: u32::try_from(cfg.pad_token_id).map_err(|_| {
+                Error::Bundle(format!(
+                    "{}: pad_token_id {} is out of range",
+                    bundle.dir.display(),
+                    cfg.pad_token_id
+                ))
+            })?,
             eps: cfg.layer_norm_eps,
             activation: cfg.activation,
             num_labels: bundle.meta.num_labels,
@@ -249,6 +262,12 @@ impl Encoder {
                 .map(|(k, m)| (k.clone(), m.rank))
                 .collect::<HashMap<_, _>>(),
             buffers: BufferPool::default(),
+            max_rows: super::MAX_ROWS,
+            // 3H: fused QKV; heads·H: the last layer's per-head key queries and pooled rows
+            max_width: (3 * cfg.hidden)
+                .max(cfg.heads * cfg.hidden)
+                .max(cfg.intermediate)
+                .max(bundle.meta.num_labels),
         })
     }
 }

@@ -21,6 +21,12 @@
 //!   noise, gate coefficients or sampled factors, is the same for every token, so the term is
 //!   linear in x). When the key adapter is noisy, keys are computed for all tokens as in the
 //!   other layers.
+//! - A request runs in pieces of at most [`Encoder::max_rows`] stacked rows: whole inputs with all
+//!   their samples while they fit, else one input's samples in chunks (copy `s` of a chunk is
+//!   sample `first_sample + s`, which keys its noise). [`Encoder::score`] reduces each piece's
+//!   logits online, so memory is O(chunk) for any S, and an input's result does not depend on the
+//!   pieces (tested: chunked and unchunked results are bit-identical). Logits that are not finite
+//!   are refused, naming the input.
 //! - Activation buffers come from a pool kept between calls (initialised once to their
 //!   capacity, never zeroed again); with enough inputs × samples, attention runs one task per
 //!   sequence copy and writes every head in place.
@@ -50,8 +56,12 @@ use build::{LayerNorm, Linear};
 use layout::{as_layout, Layout, Rows};
 use pool::{Buffer, BufferPool};
 
-/// Stacked rows kept below this per chunk of inputs (bounds the memory of MC mode).
-const MAX_ROWS: usize = 8192;
+/// Stacked rows kept below this per chunk of inputs and samples (bounds the memory of MC mode);
+/// the default of [`Encoder::max_rows`].
+pub const MAX_ROWS: usize = 8192;
+/// The most per-sample logits one [`Encoder::forward`] returns (4 GiB of f32): more is refused
+/// ([`Encoder::score`] reduces any number of samples online instead).
+pub const MAX_LOGITS: usize = 1 << 30;
 /// Elementwise work below this many floats runs on the calling thread.
 const PAR_MIN: usize = 1 << 14;
 
@@ -72,21 +82,14 @@ pub enum Noise<'a> {
     Explicit(&'a HashMap<String, Vec<f32>>),
 }
 
-impl Noise<'_> {
-    fn samples(&self) -> usize {
-        match self {
-            Noise::Sampled { samples, .. } => (*samples).max(1),
-            _ => 1,
-        }
-    }
-}
-
 /// One input, trimmed to its attended tokens.
 #[derive(Clone, Debug)]
 pub struct Sequence {
     ids: Vec<u32>,
     positions: Vec<u32>,
     hash: u64,
+    /// Its index in the request (for messages).
+    index: usize,
 }
 
 /// A loaded, ready-to-run classifier.
@@ -120,6 +123,10 @@ pub struct Encoder {
     module_ranks: HashMap<String, usize>,
     /// Activation buffers kept between calls.
     buffers: BufferPool,
+    /// See [`Encoder::max_rows`].
+    max_rows: usize,
+    /// The widest activation row (floats): bounds every buffer of a pass by rows × this.
+    max_width: usize,
 }
 
 impl Encoder {
@@ -136,7 +143,21 @@ impl Encoder {
     /// Turn padded `ids`/`mask` rows (`[n, t]`, row-major) into trimmed sequences, validating
     /// token ids, lengths and positions.
     pub fn prepare(&self, ids: &[i64], mask: &[i64], n: usize, t: usize) -> Result<Vec<Sequence>> {
-        if ids.len() != n * t || mask.len() != n * t {
+        self.prepare_at(ids, mask, n, t, 0)
+    }
+
+    /// [`Encoder::prepare`] for rows that are inputs `first..first + n` of a larger request:
+    /// errors, here and when scoring them, name an input by its index in that request.
+    pub fn prepare_at(
+        &self,
+        ids: &[i64],
+        mask: &[i64],
+        n: usize,
+        t: usize,
+        first: usize,
+    ) -> Result<Vec<Sequence>> {
+        let values = n.checked_mul(t);
+        if values != Some(ids.len()) || values != Some(mask.len()) {
             return Err(Error::Shape(format!(
                 "input_ids has {} values and attention_mask {}, expected {n}×{t}",
                 ids.len(),
@@ -144,57 +165,74 @@ impl Encoder {
             )));
         }
         let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let row = &ids[i * t..(i + 1) * t];
-            let m = &mask[i * t..(i + 1) * t];
+        for (i, (row, m)) in ids
+            .chunks_exact(t.max(1))
+            .zip(mask.chunks_exact(t.max(1)))
+            .enumerate()
+        {
+            let index = first.saturating_add(i);
             let mut seq = Sequence {
                 ids: Vec::new(),
                 positions: Vec::new(),
                 hash: 0,
+                index,
             };
             let mut keep = Vec::with_capacity(t);
-            let mut roberta_count = 0u32;
+            let mut ids_u32 = Vec::with_capacity(t);
+            let mut roberta_count = 0usize;
             for (j, (&id, &mv)) in row.iter().zip(m).enumerate() {
-                if id < 0 || id as u64 >= self.vocab_size as u64 {
-                    return Err(Error::Value(format!(
-                        "input {i}: token id {id} at position {j} is outside the vocabulary (size {})",
-                        self.vocab_size
-                    )));
-                }
-                let id = id as u32;
+                let id = u32::try_from(id)
+                    .ok()
+                    .filter(|&v| (v as usize) < self.vocab_size)
+                    .ok_or_else(|| {
+                        Error::Value(format!(
+                            "input {index}: token id {id} at position {j} is outside the vocabulary (size {})",
+                            self.vocab_size
+                        ))
+                    })?;
+                ids_u32.push(id);
                 // RoBERTa numbers non-padding tokens from padding_idx + 1 (HF
                 // create_position_ids_from_input_ids), padding tokens get padding_idx.
                 let pos = match self.arch {
                     Arch::Roberta => {
                         if id != self.pad_token_id {
                             roberta_count += 1;
-                            roberta_count + self.pad_token_id
+                            roberta_count.saturating_add(self.pad_token_id as usize)
                         } else {
-                            self.pad_token_id
+                            self.pad_token_id as usize
                         }
                     }
-                    _ => j as u32,
+                    _ => j,
                 };
                 keep.push(mv != 0);
                 if mv != 0 {
-                    if pos as usize >= self.max_positions {
-                        return Err(Error::Value(format!(
-                            "input {i} is too long: position {pos} exceeds max_position_embeddings {}",
-                            self.max_positions
-                        )));
-                    }
+                    // max_positions ≤ 2^20 (checked at load), so a position below it fits u32
+                    let pos = u32::try_from(pos)
+                        .ok()
+                        .filter(|&p| (p as usize) < self.max_positions)
+                        .ok_or_else(|| {
+                            Error::Value(format!(
+                                "input {index} is too long: position {pos} exceeds max_position_embeddings {}",
+                                self.max_positions
+                            ))
+                        })?;
                     seq.ids.push(id);
                     seq.positions.push(pos);
                 }
             }
             if seq.ids.is_empty() {
                 return Err(Error::Value(format!(
-                    "input {i} has no attended tokens (attention_mask is all 0)"
+                    "input {index} has no attended tokens (attention_mask is all 0)"
                 )));
             }
-            let ids_u32: Vec<u32> = row.iter().map(|&v| v as u32).collect();
             seq.hash = mc::input_hash(&ids_u32, &keep);
             out.push(seq);
+        }
+        if out.len() != n {
+            // t = 0 with n > 0: rows without tokens
+            return Err(Error::Value(format!(
+                "input {first} has no attended tokens (attention_mask is all 0)"
+            )));
         }
         Ok(out)
     }
@@ -207,7 +245,7 @@ impl Encoder {
                     "gates: {name:?} is not an adapted module of this bundle"
                 )));
             };
-            if g.len() != n * r {
+            if n.checked_mul(r) != Some(g.len()) {
                 return Err(Error::Shape(format!(
                     "gates[{name:?}] has {} values, expected [{n}, {r}]",
                     g.len()
@@ -223,30 +261,169 @@ impl Encoder {
     }
 
     /// Logits `[N, S, C]` (S = 1 unless sampling) of the sequences, on the current rayon pool.
-    pub fn forward(&self, seqs: &[Sequence], noise: Noise<'_>) -> Vec<f32> {
-        let s = noise.samples();
+    ///
+    /// Errors: `samples` outside `1..=`[`mc::MAX_SAMPLES`], explicit gates that
+    /// [`Encoder::check_gates`] refuses, a result of more than [`MAX_LOGITS`] values, or an input whose
+    /// logits are not finite (the bundle's numbers overflow float32; the error names the input).
+    pub fn forward(&self, seqs: &[Sequence], noise: Noise<'_>) -> Result<Vec<f32>> {
+        let s = self.check_noise(seqs, noise)?;
         let c = self.num_labels;
-        let mut out = vec![0.0f32; seqs.len() * s * c];
-        let mut start = 0;
-        while start < seqs.len() {
-            let mut end = start;
-            let mut rows = 0;
-            while end < seqs.len() && (end == start || rows + seqs[end].ids.len() * s <= MAX_ROWS) {
-                rows += seqs[end].ids.len() * s;
-                end += 1;
-            }
-            let logits = self.forward_chunk(&seqs[start..end], start, noise);
-            out[start * s * c..end * s * c].copy_from_slice(&logits);
-            start = end;
+        let per_input = s
+            .checked_mul(c)
+            .ok_or_else(|| too_large(seqs.len(), s, c))?;
+        let total = seqs
+            .len()
+            .checked_mul(per_input)
+            .ok_or_else(|| too_large(seqs.len(), s, c))?;
+        if total > MAX_LOGITS {
+            return Err(too_large(seqs.len(), s, c));
         }
-        out
+        let mut out = Vec::new();
+        out.try_reserve_exact(total)
+            .map_err(|_| too_large(seqs.len(), s, c))?;
+        out.resize(total, 0.0f32);
+        self.run_pieces(seqs, noise, s, |input, first_sample, logits| {
+            let at = input * per_input + first_sample * c;
+            out[at..at + logits.len()].copy_from_slice(logits);
+        })?;
+        Ok(out)
     }
 
-    fn forward_chunk(&self, seqs: &[Sequence], first_input: usize, noise: Noise<'_>) -> Vec<f32> {
+    /// The docs/method.md §6 fields of each sequence (S = 1 in mean mode), reduced online over
+    /// its samples: memory does not grow with S (samples run in chunks of at most
+    /// [`Encoder::max_rows`] rows), and the result is that of [`mc::summarize`] of
+    /// [`Encoder::forward`]'s logits. Errors as [`Encoder::forward`].
+    pub fn score(&self, seqs: &[Sequence], noise: Noise<'_>) -> Result<mc::UncertaintyColumns> {
+        let s = self.check_noise(seqs, noise)?;
+        let c = self.num_labels;
+        let mut acc: Vec<mc::OnlineSummary> =
+            (0..seqs.len()).map(|_| mc::OnlineSummary::new(c)).collect();
+        self.run_pieces(seqs, noise, s, |input, _, logits| {
+            // pieces come in order of inputs, then of samples: each input sees its samples in
+            // order 0..S, however they were chunked
+            for sample in logits.chunks_exact(c) {
+                acc[input].push_logits(sample);
+            }
+        })?;
+        let mut out = mc::UncertaintyColumns::with_capacity(seqs.len(), c);
+        for a in &acc {
+            out.push(&a.finish());
+        }
+        Ok(out)
+    }
+
+    /// Rows of stacked activations a forward pass keeps below (inputs × tokens × samples per
+    /// chunk; a single sample of a single input may exceed it).
+    pub fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+
+    /// Set [`Encoder::max_rows`] (≥ 1): a memory/speed trade-off, and the way tests make the
+    /// chunking of samples happen on small inputs. Results do not depend on it.
+    pub fn set_max_rows(&mut self, rows: usize) {
+        self.max_rows = rows.max(1);
+    }
+
+    /// S of `noise` (1 unless sampling), validated, with explicit gates checked.
+    fn check_noise(&self, seqs: &[Sequence], noise: Noise<'_>) -> Result<usize> {
+        match noise {
+            Noise::Mean => Ok(1),
+            Noise::Sampled { samples, .. } => mc::check_samples(samples),
+            Noise::Explicit(gates) => {
+                self.check_gates(gates, seqs.len())?;
+                Ok(1)
+            }
+        }
+    }
+
+    /// Run the sequences in pieces of at most [`Encoder::max_rows`] rows: whole inputs with all
+    /// their `s` samples while they fit, else one input's samples in chunks. Hands each input's
+    /// logits `[samples of the piece, C]` to `sink(input, first sample, logits)`, in order of
+    /// inputs, then of samples; an input's logits never depend on the pieces (each sample's noise
+    /// is keyed by its index in 0..S, and rows are computed independently of their neighbours).
+    fn run_pieces(
+        &self,
+        seqs: &[Sequence],
+        noise: Noise<'_>,
+        s: usize,
+        mut sink: impl FnMut(usize, usize, &[f32]),
+    ) -> Result<()> {
+        let c = self.num_labels;
+        let budget = self.max_rows;
+        let mut start = 0;
+        while start < seqs.len() {
+            let len = seqs[start].ids.len();
+            let (end, sample_chunk) = if len.saturating_mul(s) > budget {
+                // one input, its samples in chunks
+                (start + 1, (budget / len.max(1)).clamp(1, s))
+            } else {
+                let mut end = start;
+                let mut rows = 0usize;
+                while end < seqs.len() {
+                    let more = seqs[end].ids.len().saturating_mul(s);
+                    if rows.saturating_add(more) > budget {
+                        break;
+                    }
+                    rows += more;
+                    end += 1;
+                }
+                (end, s)
+            };
+            let piece = &seqs[start..end];
+            self.check_piece_size(piece, sample_chunk)?;
+            let mut first_sample = 0;
+            while first_sample < s {
+                let copies = sample_chunk.min(s - first_sample);
+                let logits = self.forward_chunk(piece, start, first_sample, copies, noise);
+                for (k, per_input) in logits.chunks_exact(copies * c).enumerate() {
+                    if per_input.iter().any(|v| !v.is_finite()) {
+                        return Err(Error::Value(format!(
+                            "input {}: the model's logits are not finite (NaN or infinite): the \
+                             bundle's weights, scales or gates overflow float32",
+                            piece[k].index
+                        )));
+                    }
+                    sink(start + k, first_sample, per_input);
+                }
+                first_sample += copies;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Every activation of a piece (`copies` copies of its rows, at most the widest layer wide)
+    /// has a size that fits `usize`, so the products sizing its buffers cannot overflow.
+    fn check_piece_size(&self, piece: &[Sequence], copies: usize) -> Result<()> {
+        let rows = piece
+            .iter()
+            .try_fold(0usize, |acc, q| acc.checked_add(q.ids.len()))
+            .and_then(|r| r.checked_mul(copies));
+        let floats = rows.and_then(|r| r.checked_mul(self.max_width));
+        match floats {
+            Some(_) => Ok(()),
+            None => Err(Error::Value(format!(
+                "a chunk of {} inputs × {copies} samples is too large to allocate",
+                piece.len()
+            ))),
+        }
+    }
+
+    /// Logits `[inputs, copies, C]` of samples `first_sample..first_sample + copies` of `seqs`
+    /// (inputs `first_input..` of the call).
+    fn forward_chunk(
+        &self,
+        seqs: &[Sequence],
+        first_input: usize,
+        first_sample: usize,
+        copies: usize,
+        noise: Noise<'_>,
+    ) -> Vec<f32> {
         let h = self.hidden;
         let pass = Pass {
             noise,
-            samples: noise.samples(),
+            samples: copies,
+            first_sample,
             first_input,
             seqs,
             threads: rayon::current_num_threads(),
@@ -355,8 +532,11 @@ impl Encoder {
 /// What one forward pass over a chunk of inputs shares with every step of it.
 struct Pass<'a> {
     noise: Noise<'a>,
-    /// Copies per input once the samples diverge (1 unless sampling).
+    /// Copies per input once the samples diverge (1 unless sampling): the samples
+    /// `first_sample..first_sample + samples` of each input.
     samples: usize,
+    /// Index in 0..S of copy 0 (keys the noise streams).
+    first_sample: usize,
     /// Index of the chunk's first input among the call's inputs (rows of explicit gates).
     first_input: usize,
     seqs: &'a [Sequence],
@@ -404,4 +584,12 @@ fn par_add_layer_norm(x: &mut [f32], r: &[f32], norm: &LayerNorm, eps: f32) {
             .zip(r.par_chunks(block))
             .for_each(|(xb, rb)| kernels::add_layer_norm(xb, rb, &norm.gamma, &norm.beta, eps));
     }
+}
+
+fn too_large(inputs: usize, samples: usize, classes: usize) -> Error {
+    Error::Value(format!(
+        "logits of {inputs} inputs × {samples} samples × {classes} classes are more than \
+         {MAX_LOGITS} values: ask for fewer, or for the reduced scores (score), whose memory does \
+         not grow with the samples"
+    ))
 }

@@ -9,7 +9,7 @@ use crate::bundle::{
     Activation, AdapterTensors, Arch, Bundle, BundleMeta, LinearSpec, ModelConfig, ModuleMeta,
     Tensor,
 };
-use crate::mc::{fnv1a, input_hash, Stream};
+use crate::mc::{self, fnv1a, input_hash, Stream, MAX_SAMPLES};
 
 const HIDDEN: usize = 4;
 const HEADS: usize = 2;
@@ -319,7 +319,7 @@ fn mean_mode_matches_the_reference_model() {
         let enc = Encoder::new(&b).expect("encoder");
         let (ids, mask, t) = padded(&INPUTS);
         let seqs = enc.prepare(&ids, &mask, INPUTS.len(), t).expect("inputs");
-        let logits = enc.forward(&seqs, Noise::Mean);
+        let logits = enc.forward(&seqs, Noise::Mean).expect("mean");
         for (i, x) in INPUTS.iter().enumerate() {
             let want = reference(&b, x, HashMap::new());
             assert_close(
@@ -334,7 +334,7 @@ fn mean_mode_matches_the_reference_model() {
             .prepare(&one_ids, &one_mask, 1, one_t)
             .expect("one input");
         assert_eq!(
-            enc.forward(&one, Noise::Mean),
+            enc.forward(&one, Noise::Mean).expect("mean"),
             logits[LABELS..2 * LABELS].to_vec()
         );
     }
@@ -364,7 +364,7 @@ fn explicit_and_sampled_gates_match_the_reference_model() {
         })
         .collect();
     enc.check_gates(&gates, INPUTS.len()).expect("valid gates");
-    let logits = enc.forward(&seqs, Noise::Explicit(&gates));
+    let logits = enc.forward(&seqs, Noise::Explicit(&gates)).expect("gates");
     for (i, x) in INPUTS.iter().enumerate() {
         let z = gates
             .iter()
@@ -386,7 +386,9 @@ fn explicit_and_sampled_gates_match_the_reference_model() {
     }
     // sampled gates: z_k = 1 + exp(½ log α_k) ε, ε from the stream of (seed, input, sample, module)
     let (samples, seed) = (3, 17);
-    let logits = enc.forward(&seqs, Noise::Sampled { samples, seed });
+    let logits = enc
+        .forward(&seqs, Noise::Sampled { samples, seed })
+        .expect("sampled");
     for (i, x) in INPUTS.iter().enumerate() {
         let ids_u32: Vec<u32> = x.iter().map(|&v| v as u32).collect();
         let hash = input_hash(&ids_u32, &vec![true; x.len()]);
@@ -447,4 +449,152 @@ fn bad_inputs_are_rejected() {
         enc.check_gates(&unknown, 1),
         Err(crate::Error::Value(_))
     ));
+}
+
+#[test]
+fn samples_in_chunks_give_what_one_block_gives() {
+    // noise on the key (every token of the last layer runs per sample) and the FFN
+    let b = bundle(&["key", "intermediate.dense"]);
+    let mut enc = Encoder::new(&b).expect("encoder");
+    let (ids, mask, t) = padded(&INPUTS);
+    let seqs = enc.prepare(&ids, &mask, INPUTS.len(), t).expect("inputs");
+    let samples = 37;
+    let noise = Noise::Sampled { samples, seed: 5 };
+    assert!(INPUTS.iter().map(|x| x.len() * samples).sum::<usize>() <= enc.max_rows());
+    let logits = enc.forward(&seqs, noise).expect("one block");
+    let whole = enc.score(&seqs, noise).expect("one block");
+    // the online reduction over chunks is the reduction of all the logits at once
+    assert_eq!(
+        whole,
+        mc::summarize(&logits, samples, LABELS).expect("reference")
+    );
+    for rows in [1, 2, 5, 13, 64, 100] {
+        enc.set_max_rows(rows);
+        let chunked = enc.forward(&seqs, noise).expect("chunked");
+        assert_eq!(chunked, logits, "logits, max_rows {rows}");
+        assert_eq!(
+            enc.score(&seqs, noise).expect("chunked"),
+            whole,
+            "summary, max_rows {rows}"
+        );
+        // an input alone, in chunks, is scored as in the batch
+        let one = enc
+            .prepare(&ids[t..2 * t], &mask[t..2 * t], 1, t)
+            .expect("one");
+        let alone = enc.score(&one, noise).expect("alone");
+        assert_eq!(alone.probs, whole.probs[LABELS..2 * LABELS]);
+        assert_eq!(alone.mutual_info, whole.mutual_info[1..2]);
+    }
+    // mean mode and explicit gates are one sample: unchanged by the budget
+    enc.set_max_rows(1);
+    let mean = enc.score(&seqs, Noise::Mean).expect("mean");
+    let mean_logits = enc.forward(&seqs, Noise::Mean).expect("mean");
+    assert_eq!(
+        mean,
+        mc::summarize(&mean_logits, 1, LABELS).expect("reference")
+    );
+}
+
+#[test]
+fn sample_counts_outside_the_range_are_value_errors() {
+    let enc = Encoder::new(&bundle(&["query"])).expect("encoder");
+    let seqs = enc.prepare(&[1, 2], &[1, 1], 1, 2).expect("input");
+    for samples in [0, MAX_SAMPLES + 1, 10_000_000, 1 << 62, usize::MAX] {
+        let noise = Noise::Sampled { samples, seed: 0 };
+        for e in [
+            enc.forward(&seqs, noise).map(|_| ()),
+            enc.score(&seqs, noise).map(|_| ()),
+        ] {
+            assert!(
+                matches!(&e, Err(crate::Error::Value(m)) if m.contains("samples must be in")),
+                "{samples}: {e:?}"
+            );
+        }
+    }
+    // per-sample logits beyond MAX_LOGITS values are refused before anything is allocated
+    let many = vec![1i64; 2048];
+    let seqs2k = enc.prepare(&many, &many, 2048, 1).expect("2048 inputs");
+    let e = enc.forward(
+        &seqs2k,
+        Noise::Sampled {
+            samples: MAX_SAMPLES,
+            seed: 0,
+        },
+    );
+    assert!(
+        matches!(&e, Err(crate::Error::Value(m)) if m.contains("more than")),
+        "{e:?}"
+    );
+    // the largest count allowed runs in bounded memory (chunks of max_rows rows)
+    let mut enc = enc;
+    enc.set_max_rows(4096);
+    let big = enc
+        .score(
+            &seqs,
+            Noise::Sampled {
+                samples: 1 << 14,
+                seed: 0,
+            },
+        )
+        .expect("many samples");
+    assert!(big.probs.iter().all(|p| p.is_finite()));
+}
+
+#[test]
+fn non_finite_logits_name_the_input() {
+    let mut b = bundle(&["query"]);
+    // token 5 embeds to 3e38: the LayerNorm's sum over the row overflows, it gives NaN
+    let words = b
+        .tensors
+        .get_mut("bert.embeddings.word_embeddings.weight")
+        .expect("embeddings");
+    words.data[5 * HIDDEN..6 * HIDDEN].fill(3e38);
+    let enc = Encoder::new(&b).expect("encoder");
+    let (ids, mask, t) = padded(&INPUTS);
+    let seqs = enc
+        .prepare_at(&ids, &mask, INPUTS.len(), t, 40)
+        .expect("inputs");
+    let sampled = Noise::Sampled {
+        samples: 4,
+        seed: 0,
+    };
+    for noise in [Noise::Mean, sampled] {
+        for e in [
+            enc.forward(&seqs, noise).map(|_| ()),
+            enc.score(&seqs, noise).map(|_| ()),
+        ] {
+            assert!(
+                matches!(&e, Err(crate::Error::Value(m)) if m.starts_with("input 41:") && m.contains("not finite")),
+                "{e:?}"
+            );
+        }
+    }
+    // its batch-mates alone are fine
+    let first = enc.prepare(&ids[..t], &mask[..t], 1, t).expect("input 0");
+    assert!(enc.score(&first, sampled).is_ok());
+}
+
+#[test]
+fn explicit_gates_that_overflow_name_the_input() {
+    // finite gates of 1e38 on input 2 only: the values overflow inside the model (a LayerNorm's
+    // variance), which must not come out as a finite, meaningless row
+    // (on a query they would only saturate the softmax, on the classifier give logits of 1e37:
+    // finite, as in torch)
+    let b = bundle(&["value", "intermediate.dense"]);
+    let enc = Encoder::new(&b).expect("encoder");
+    let (ids, mask, t) = padded(&INPUTS);
+    let seqs = enc.prepare(&ids, &mask, INPUTS.len(), t).expect("inputs");
+    for module in [
+        "bert.encoder.layer.0.attention.self.value",
+        "bert.encoder.layer.1.intermediate.dense",
+    ] {
+        let mut z = vec![1.0f32; INPUTS.len() * RANK];
+        z[2 * RANK..].fill(1e38);
+        let gates = HashMap::from([(module.to_string(), z)]);
+        let e = enc.forward(&seqs, Noise::Explicit(&gates));
+        assert!(
+            matches!(&e, Err(crate::Error::Value(m)) if m.starts_with("input 2:")),
+            "{module}: {e:?}"
+        );
+    }
 }

@@ -73,11 +73,22 @@ multiversion! {
             for v in chunks.remainder() {
                 var += (v - mean) * (v - mean);
             }
-            let inv = 1.0 / (var * inv_h + eps).sqrt();
+            let inv = inv_std(var * inv_h, eps);
             for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
                 *v = (*v - mean) * inv * g + b;
             }
         }
+    }
+}
+
+/// `1/√(var + eps)`, or NaN when the variance overflowed f32: the row then turns NaN (and so
+/// do the logits, which the encoder refuses) instead of silently becoming `beta`.
+#[inline(always)]
+pub(super) fn inv_std(var: f32, eps: f32) -> f32 {
+    if var.is_finite() {
+        1.0 / (var + eps).sqrt()
+    } else {
+        f32::NAN
     }
 }
 

@@ -413,7 +413,7 @@ unsafe fn add_layer_norm_impl(x: &mut [f32], r: &[f32], gamma: &[f32], beta: &[f
             }
         }
         let var = _mm512_reduce_add_ps(sq) * inv_h;
-        let inv = _mm512_set1_ps(1.0 / (var + eps).sqrt());
+        let inv = _mm512_set1_ps(super::elementwise::inv_std(var, eps));
         for (j, m) in chunks16(h) {
             // SAFETY: as above; gamma and beta hold h floats.
             unsafe {
