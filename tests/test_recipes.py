@@ -202,11 +202,15 @@ def test_validation_rank_cut_removes_the_noisiest_ranks_within_tolerance(tiny_mo
     texts = ["good film", "awful plot", "the actor was great", "boring story", "nice", "bad"]
     labels = np.array([1, 0, 1, 0, 1, 0])
     # an unbounded tolerance cuts everything; a zero tolerance cuts only what costs nothing
-    everything = validation_rank_cut(model, tok, texts, labels, tolerance=1e9, max_length=16)
+    everything = validation_rank_cut(
+        model, tok, texts, labels, tolerance=1e9, max_length=16, min_benefit=float("-inf")
+    )
     assert everything["total_rank"] == 0 and sum(bl.ranks(model).values()) == 0
     for layer in layers:
         layer.rank_mask.fill_(1.0)
-    cut = validation_rank_cut(model, tok, texts, labels, tolerance=0.0, max_length=16, cuts=5)
+    cut = validation_rank_cut(
+        model, tok, texts, labels, tolerance=0.0, max_length=16, cuts=5, min_benefit=float("-inf")
+    )
     curve = dict(cut["curve"])
     assert cut["nll"] <= cut["nll_uncut"] + 1e-9
     assert all(nll > cut["nll_uncut"] for r, nll in curve.items() if r < cut["total_rank"])
@@ -332,3 +336,16 @@ def test_library_default_kl_scale_is_the_posteriors_not_one():
     assert BayesLoRAConfig(kl_scale=0.5).kl_scale == 0.5
     with pytest.raises(ConfigError, match="kl_scale"):
         BayesLoRAConfig(kl_scale=float("nan"))
+
+
+def test_validation_rank_cut_cuts_nothing_before_the_adapter_is_worth_anything(tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bl.inject(model, BayesLoRAConfig(rank=4))  # B = 0: the adapter changes nothing yet
+    texts, labels = ["good film", "awful plot", "nice", "bad"], np.array([1, 0, 1, 0])
+    cut = validation_rank_cut(model, tok, texts, labels, tolerance=1e9, max_length=16)
+    assert cut["benefit"] == pytest.approx(0.0, abs=1e-9)
+    assert cut["total_rank"] == sum(bl.ranks(model).values()) == 4 * 4  # 2 layers × query/value

@@ -313,6 +313,7 @@ def fit_noise_scale(
 
 SELECT_EXAMPLES = 500  # validation examples the rank cut is chosen on (mean mode: one pass per cut)
 SELECT_CUTS = 9  # candidate cuts, evenly spaced in total rank
+SELECT_MIN_BENEFIT = 0.01  # nats of validation NLL the adapter must be worth before a cut is made
 
 
 def validation_rank_cut(
@@ -323,13 +324,17 @@ def validation_rank_cut(
     tolerance: float,
     max_length: int = 64,
     cuts: int = SELECT_CUTS,
+    min_benefit: float = SELECT_MIN_BENEFIT,
 ) -> dict[str, Any]:
     """Mask the noisiest ranks (by relevance score, over all modules together) as far as the
     validation NLL (mean mode) stays within ``tolerance`` nats of the uncut adapter's.
 
     Candidates are ``cuts`` totals evenly spaced from all active ranks down to 0; the smallest total
-    rank within tolerance wins and its masks are applied. Returns the chosen ``total_rank``, its
-    ``nll``, ``nll_uncut`` and every candidate's ``(total rank, nll)`` in ``curve``.
+    rank within tolerance wins and its masks are applied. When the adapter has not yet shown a
+    benefit — cutting every rank costs less than ``min_benefit`` nats of validation NLL, as after a
+    few steps on a hard task — the curve says nothing about which ranks matter, and nothing is cut.
+    Returns the chosen ``total_rank``, its ``nll``, ``nll_uncut``, ``benefit`` and every candidate's
+    ``(total rank, nll)`` in ``curve``.
     """
     import torch
 
@@ -362,10 +367,14 @@ def validation_rank_cut(
     with torch.no_grad():
         curve = [(total - m, nll_with(m)) for m in candidates]
         uncut = curve[0][1]
-        best = max(m for m, (_, nll) in zip(candidates, curve, strict=True) if nll <= uncut + tolerance)
+        benefit = curve[-1][1] - uncut if total else 0.0
+        if benefit < min_benefit:
+            best = 0
+        else:
+            best = max(m for m, (_, nll) in zip(candidates, curve, strict=True) if nll <= uncut + tolerance)
         chosen = nll_with(best)
     model.train(was_training)
-    return {"total_rank": total - best, "nll": chosen, "nll_uncut": uncut, "curve": curve}
+    return {"total_rank": total - best, "nll": chosen, "nll_uncut": uncut, "benefit": benefit, "curve": curve}
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, dict]:
