@@ -13,11 +13,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from repo_files import text_files
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 SCANNED = ("README.md", "pyproject.toml", "Cargo.toml", "python", "tests", "benches", "docs", "rust")
 TEXT_SUFFIXES = {".py", ".pyi", ".rs", ".md", ".toml"}
-SKIPPED_PARTS = {"__pycache__", "target", ".venv", ".git"}
 
 # Put together at run time, so that this file does not contain what it looks for.
 OUTSIDE = ("../" + "shared", "SPEC" + ".md", "DESIGN" + ".md", "SPEC" + " §")
@@ -34,18 +35,7 @@ _RELATIVE_LINK = re.compile(r"\]\(([A-Za-z0-9_-]+\.md)(?:#[^)]*)?\)")
 
 
 def scanned_files() -> list[Path]:
-    files = []
-    for name in SCANNED:
-        path = ROOT / name
-        if path.is_file():
-            files.append(path)
-        elif path.is_dir():
-            files += [
-                p
-                for p in sorted(path.rglob("*"))
-                if p.is_file() and p.suffix in TEXT_SUFFIXES and not SKIPPED_PARTS & set(p.parts)
-            ]
-    return files
+    return text_files(SCANNED, TEXT_SUFFIXES)
 
 
 def outside_references(text: str) -> list[tuple[int, str]]:

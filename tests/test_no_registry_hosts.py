@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from repo_files import text_files
+
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = (
     "python",
@@ -80,20 +82,7 @@ def offending_hosts(text: str) -> list[tuple[int, str]]:
 
 
 def _scanned_files() -> list[Path]:
-    files = []
-    for name in SCANNED:
-        path = ROOT / name
-        if path.is_file():
-            files.append(path)
-        elif path.is_dir():
-            files += [
-                p
-                for p in sorted(path.rglob("*"))
-                if p.is_file()
-                and p.suffix in TEXT_SUFFIXES
-                and not any(part in {"__pycache__", "target", ".venv"} for part in p.parts)
-            ]
-    return files
+    return text_files(SCANNED, TEXT_SUFFIXES)
 
 
 def test_scanner_finds_hosts_and_spares_reserved_names():
