@@ -15,7 +15,14 @@ The rank parameters get their own optimizer group: AdamW with ``eps = 1``, which
 below 1 is SGD with momentum at learning rate ``rank_lr``. Plain Adam normalises each parameter's
 step to about its learning rate whatever the gradient's size, so every ``log α`` would rise in
 lockstep under the KL's steady push and the ranks the likelihood needs could not hold back more than
-the others: the gradient's magnitude *is* the relevance signal.
+the others: the gradient's magnitude *is* the relevance signal (``rank_optimizer="adamw"`` gives
+plain AdamW, as the authors' harness used).
+
+Schedule fields given as fractions of the run are resolved once the run's length is known
+(``trainer.schedule``). From ``refit_start`` on ("select, then refit") the ranks are settled once —
+by a last τ pass or by the ``select`` callable (the pipeline's validation cut) — and then frozen:
+no more pruning, no KL, the rank parameters restored after every optimiser step, the surviving
+factors training on.
 """
 
 from __future__ import annotations
