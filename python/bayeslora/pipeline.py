@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from . import metrics
 from .config import KL_SCALE_DEFAULTS
 from .errors import BundleError, ConfigError
 
@@ -252,8 +253,6 @@ def predict(
 
 def evaluate_probs(sample_probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """In-domain metrics of the MC mean probabilities."""
-    from . import metrics
-
     probs = sample_probs.mean(1)
     return {k: float(v) for k, v in metrics.summary(probs, labels).items()}
 
@@ -303,9 +302,7 @@ def fit_noise_scale(
         scale_noise(model, c / applied)
         applied = c
         probs = predict(model, tokenizer, texts, samples, seed, max_length).mean(1)
-        curve.append(
-            (c, float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)))))
-        )
+        curve.append((c, metrics.nll(probs, labels)))
     best = min(curve, key=lambda cn: cn[1])
     scale_noise(model, best[0] / applied)
     return {"scale": best[0], "nll": best[1], "curve": curve}
@@ -360,7 +357,7 @@ def validation_rank_cut(
         for _, i, k in entries[:removed]:
             layers[i].rank_mask[k] = 0.0
         probs = predict(model, tokenizer, texts, 0, 0, max_length).mean(1)
-        return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
+        return metrics.nll(probs, labels)
 
     total = len(entries)
     candidates = sorted({round(total * j / max(1, cuts - 1)) for j in range(cuts)})
