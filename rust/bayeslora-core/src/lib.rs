@@ -31,5 +31,7 @@ pub mod error;
 pub mod kernels;
 pub mod mc;
 pub mod posterior;
+#[cfg(test)]
+mod test_data;
 
 pub use error::{Error, ErrorKind, Result};

@@ -10,6 +10,7 @@ use crate::bundle::{
     Tensor,
 };
 use crate::mc::{self, fnv1a, input_hash, Stream, MAX_SAMPLES};
+use crate::test_data::pseudo;
 
 const HIDDEN: usize = 4;
 const HEADS: usize = 2;
@@ -19,18 +20,6 @@ const VOCAB: usize = 9;
 const LABELS: usize = 3;
 const RANK: usize = 2;
 const SCALE: f64 = 0.75;
-
-fn pseudo(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
-}
 
 fn config() -> ModelConfig {
     ModelConfig {

@@ -54,6 +54,7 @@ mod tests {
         add_layer_norm_on, erf_f32, exp_f32, gelu_on, gelu_tanh_on, layer_norm_on, softmax_rows_on,
     };
     use super::*;
+    use crate::test_data::pseudo;
 
     fn naive(m: usize, k: usize, n: usize, a: &[f32], w: &[f32]) -> Vec<f64> {
         let mut c = vec![0.0f64; m * n];
@@ -67,18 +68,6 @@ mod tests {
             }
         }
         c
-    }
-
-    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
     }
 
     #[test]
