@@ -212,8 +212,9 @@ def test_validation_rank_cut_removes_the_noisiest_ranks_within_tolerance(tiny_mo
         model, tok, texts, labels, tolerance=0.0, max_length=16, cuts=5, min_benefit=float("-inf")
     )
     curve = dict(cut["curve"])
-    assert cut["nll"] <= cut["nll_uncut"] + 1e-9
-    assert all(nll > cut["nll_uncut"] for r, nll in curve.items() if r < cut["total_rank"])
+    assert cut["nll_best"] == min(curve.values()) and cut["nll_uncut"] == curve[max(curve)]
+    assert cut["nll"] <= cut["nll_best"] + 1e-9
+    assert all(nll > cut["nll_best"] for r, nll in curve.items() if r < cut["total_rank"])
     assert sum(bl.ranks(model).values()) == cut["total_rank"]
     # the ranks kept are the least noisy: every kept score is below every removed score
     kept = [
