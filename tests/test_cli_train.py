@@ -67,7 +67,8 @@ def test_cli_train_end_to_end(tiny_model_dir, sentiment_csv, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     payload = json.loads(res.stdout.strip().splitlines()[-1])
     assert payload["label_names"] == ["neg", "pos"]
-    assert payload["initial_total_rank"] == 4 * 4  # query+value × 2 layers, rank 4
+    # the default targets: query, key, value, attention output, intermediate, output × 2 layers, rank 4
+    assert payload["initial_total_rank"] == 4 * 6 * 2
     assert 0 <= payload["total_rank"] <= payload["initial_total_rank"]
     for key in ("test_mean", "validation_mean", "test_mc"):
         assert 0.0 <= payload["metrics"][key]["accuracy"] <= 1.0

@@ -342,7 +342,10 @@ def test_inject_freezes_base_and_trains_adapters_and_head():
     bl.inject(model, bl.BayesLoRAConfig(rank=2, modules_to_save=["classifier"]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable
-    assert all(("lora_" in n or "log_alpha" in n or n.startswith("classifier.")) for n in trainable)
+    assert all(
+        ("lora_" in n or "log_alpha" in n or "log_sigma2" in n or n.startswith("classifier."))
+        for n in trainable
+    )
     assert "classifier.weight" in trainable
     assert not any(n.endswith("base_layer.weight") for n in trainable)
 
@@ -383,7 +386,7 @@ def test_config_rejects_bad_values(bad):
 
 
 def test_config_beta_schedule_and_json_round_trip(tmp_path):
-    cfg = bl.BayesLoRAConfig(kl_freeze=10, kl_warmup=20)
+    cfg = bl.BayesLoRAConfig(kl_freeze=10, kl_warmup=20, refit_start=None)  # β is 0 in a refit phase
     assert [cfg.kl_beta(t) for t in (0, 9, 10, 19, 29, 100)] == [0.0, 0.0, 1 / 20, 0.5, 1.0, 1.0]
     cfg.save(tmp_path / "c.json")
     assert bl.BayesLoRAConfig.load(tmp_path / "c.json") == cfg
@@ -548,7 +551,10 @@ def test_trainer_rank_lr_zero_freezes_rank_parameters(tmp_path, rank_lr):
 
     model = build("bert", hidden=8, heads=2, layers=1, inter=8, labels=2, seed=4)
     bl.inject(
-        model, bl.BayesLoRAConfig(rank=3, target_modules=QV_TARGETS["bert"], sample_start=0, kl_freeze=0)
+        model,
+        bl.BayesLoRAConfig.recipe(
+            "vi", rank=3, target_modules=QV_TARGETS["bert"], sample_start=0, kl_freeze=0
+        ),
     )
     before = {n: layer.log_alpha.detach().clone() for n, layer in adapted_layers(model)}
     inputs = batch(8, 6, seed=1)

@@ -48,6 +48,7 @@ def _our_model(family, method, posterior, rank, alpha, targets, hidden, seed):
     cfg = bl.BayesLoRAConfig(
         rank=rank,
         alpha=alpha,
+        prune_threshold=3.0,
         target_modules=targets,
         method=method,
         posterior=posterior,
@@ -235,7 +236,9 @@ def test_peft_lora_imports_and_scores_in_the_runtime_like_peft(tmp_path, family,
 def test_imported_lora_trains_as_bayeslora(tmp_path):
     pm = _peft_model("bert")
     pm.save_pretrained(tmp_path / "peft")
-    model = bl.import_peft(rm.build("bert"), tmp_path / "peft", bl.BayesLoRAConfig(init_log_alpha=-2.0))
+    model = bl.import_peft(
+        rm.build("bert"), tmp_path / "peft", bl.BayesLoRAConfig.recipe("vi", init_log_alpha=-2.0)
+    )
     model.train()
     x = rm.batch()
     with bl.sampling(model, True):

@@ -11,7 +11,7 @@ import bayeslora as bl
 from bayeslora.cli import _settings, build_parser
 from bayeslora.config import BayesLoRAConfig
 from bayeslora.errors import ConfigError
-from bayeslora.pipeline import TrainSettings, train, validation_rank_cut
+from bayeslora.pipeline import TrainSettings, choose_cut, train, validation_rank_cut
 
 
 # ---- schedules: steps or fractions ------------------------------------------------------------------
@@ -49,7 +49,9 @@ def test_elbo_loss_resolves_fractions_and_can_drop_the_one_over_n(tiny_model_dir
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
-    bl.inject(model, BayesLoRAConfig(rank=2, kl_freeze=0.5, kl_scale=0.3, kl_per_example=False))
+    bl.inject(
+        model, BayesLoRAConfig(rank=2, kl_freeze=0.5, kl_scale=0.3, kl_per_example=False, refit_start=None)
+    )
     nll = torch.tensor(0.7)
     kl = float(bl.kl_divergence(model).detach())
     loss, parts = bl.elbo_loss(nll, model, num_train=100, step=4, total_steps=10)  # β = 0 before 5
@@ -194,7 +196,7 @@ def test_validation_rank_cut_removes_the_noisiest_ranks_within_tolerance(tiny_mo
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    bl.inject(model, BayesLoRAConfig(rank=4, init_b_std=0.5))
+    bl.inject(model, BayesLoRAConfig.recipe("vi", rank=4, init_b_std=0.5))
     layers = [layer for _, layer in bl.injection.adapted_layers(model)]
     with torch.no_grad():
         for i, layer in enumerate(layers):
@@ -203,13 +205,29 @@ def test_validation_rank_cut_removes_the_noisiest_ranks_within_tolerance(tiny_mo
     labels = np.array([1, 0, 1, 0, 1, 0])
     # an unbounded tolerance cuts everything; a zero tolerance cuts only what costs nothing
     everything = validation_rank_cut(
-        model, tok, texts, labels, tolerance=1e9, max_length=16, min_benefit=float("-inf")
+        model,
+        tok,
+        texts,
+        labels,
+        tolerance=1e9,
+        max_length=16,
+        min_benefit=float("-inf"),
+        fraction=float("inf"),
+        significance=float("-inf"),
     )
     assert everything["total_rank"] == 0 and sum(bl.ranks(model).values()) == 0
     for layer in layers:
         layer.rank_mask.fill_(1.0)
     cut = validation_rank_cut(
-        model, tok, texts, labels, tolerance=0.0, max_length=16, cuts=5, min_benefit=float("-inf")
+        model,
+        tok,
+        texts,
+        labels,
+        tolerance=0.0,
+        max_length=16,
+        cuts=5,
+        min_benefit=float("-inf"),
+        significance=float("-inf"),
     )
     curve = dict(cut["curve"])
     assert cut["nll_best"] == min(curve.values()) and cut["nll_uncut"] == curve[max(curve)]
@@ -234,7 +252,7 @@ def test_validation_rank_cut_removes_the_noisiest_ranks_within_tolerance(tiny_mo
 
 def test_rank_select_validation_needs_a_refit_point():
     with pytest.raises(ConfigError, match="refit_start"):
-        TrainSettings(rank_select="validation")
+        TrainSettings(rank_select="validation", refit_start=None)
 
 
 def test_evaluate_scores_every_row_of_a_csv_unless_told_the_test_split(
@@ -269,7 +287,9 @@ def test_gate_local_reparameterisation_matches_per_sequence_gates_in_distributio
     torch.manual_seed(0)
     layers = {}
     for lrt in (False, True):
-        layer = BayesLoRALayer(nn.Linear(6, 5), BayesLoRAConfig(rank=3, init_b_std=0.7, gate_lrt=lrt))
+        layer = BayesLoRALayer(
+            nn.Linear(6, 5), BayesLoRAConfig.recipe("vi", rank=3, init_b_std=0.7, gate_lrt=lrt)
+        )
         layers[lrt] = layer
     layers[True].load_state_dict(layers[False].state_dict())
     with torch.no_grad():
@@ -301,7 +321,7 @@ def test_noise_scale_tempers_the_posterior_and_fit_picks_the_best_validation_nll
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    bl.inject(model, BayesLoRAConfig(rank=4, init_b_std=2.0, init_log_alpha=1.0))
+    bl.inject(model, BayesLoRAConfig.recipe("vi", rank=4, init_b_std=2.0, init_log_alpha=1.0))
     layers = [layer for _, layer in bl.injection.adapted_layers(model)]
     before = [layer.log_alpha.detach().clone() for layer in layers]
     scale_noise(model, 0.25)
@@ -329,11 +349,21 @@ def test_noise_scale_tempers_the_posterior_and_fit_picks_the_best_validation_nll
         TrainSettings(noise_scale="auto")
 
 
-def test_library_default_kl_scale_is_the_posteriors_not_one():
-    from bayeslora.config import KL_SCALE_DEFAULTS
+def test_library_default_kl_scale_is_the_recipes_not_one():
+    from bayeslora.config import KL_SCALE_ABSOLUTE, KL_SCALE_DEFAULTS
 
-    assert BayesLoRAConfig().kl_scale == KL_SCALE_DEFAULTS["gate"] == TrainSettings().kl_scale
-    assert BayesLoRAConfig(posterior="additive").kl_scale == KL_SCALE_DEFAULTS["additive"]
+    # the default: the KL without 1/N at the authors' 1e-6, library and command line alike
+    assert BayesLoRAConfig().kl_scale == KL_SCALE_ABSOLUTE == TrainSettings().kl_scale == 1e-6
+    assert not BayesLoRAConfig().kl_per_example and not TrainSettings().kl_per_example
+    # per-example KL (recipe vi): the posterior's own tempering
+    assert (
+        BayesLoRAConfig.recipe("vi").kl_scale
+        == KL_SCALE_DEFAULTS["gate"]
+        == TrainSettings.for_recipe("vi").kl_scale
+    )
+    assert (
+        BayesLoRAConfig(posterior="additive", kl_per_example=True).kl_scale == KL_SCALE_DEFAULTS["additive"]
+    )
     assert BayesLoRAConfig(kl_scale=0.5).kl_scale == 0.5
     with pytest.raises(ConfigError, match="kl_scale"):
         BayesLoRAConfig(kl_scale=float("nan"))
@@ -345,8 +375,43 @@ def test_validation_rank_cut_cuts_nothing_before_the_adapter_is_worth_anything(t
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    bl.inject(model, BayesLoRAConfig(rank=4))  # B = 0: the adapter changes nothing yet
+    bl.inject(model, BayesLoRAConfig.recipe("vi", rank=4))  # B = 0: the adapter changes nothing yet
     texts, labels = ["good film", "awful plot", "nice", "bad"], np.array([1, 0, 1, 0])
     cut = validation_rank_cut(model, tok, texts, labels, tolerance=1e9, max_length=16)
     assert cut["benefit"] == pytest.approx(0.0, abs=1e-9)
     assert cut["total_rank"] == sum(bl.ranks(model).values()) == 4 * 4  # 2 layers × query/value
+
+
+def _curve(means, n=400, noise=0.05, seed=0):
+    """Per-example NLLs with the given means (a shared per-example offset, as real cuts have)."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0.0, 0.3, n)
+    return [m + base - base.mean() + rng.normal(0.0, noise, n) for m in means]
+
+
+def test_choose_cut_measures_the_tolerance_from_the_best_cut_not_the_uncut_adapter():
+    # paper-val seed 0's curve (288 → 0 ranks in 9 cuts): cutting first helps (0.422 → 0.403)
+    means = [0.422, 0.420, 0.424, 0.404, 0.403, 0.406, 0.431, 0.513, 0.672]
+    per = [m - np.mean(v) + v for m, v in zip(means, _curve(means), strict=True)]
+    pick, info = choose_cut(per, tolerance=0.02)
+    assert info["nll_best"] == pytest.approx(0.403) and info["threshold"] == pytest.approx(0.423)
+    assert pick == 5  # 108 ranks; measured from the uncut adapter (0.442) the rule kept 72 (pick 6)
+    assert max(j for j, m in enumerate(means) if m <= means[0] + 0.02) == 6
+
+
+def test_choose_cut_keeps_a_weak_adapter_and_never_cuts_an_unproven_one():
+    # a weak adapter (it adds 0.007 nats): the absolute tolerance alone would cut every rank
+    means = [1.0715, 1.0718, 1.0712, 1.0710, 1.0712, 1.0714, 1.0720, 1.0747, 1.0778]
+    per = [m - np.mean(v) + v for m, v in zip(means, _curve(means, noise=0.002), strict=True)]
+    pick, info = choose_cut(per, tolerance=0.02)
+    assert info["benefit"] > 2 * info["benefit_se"]
+    assert info["threshold"] == pytest.approx(1.0710 + 0.1 * (1.0778 - 1.0710))
+    assert pick == 5  # 1.0714 is within a tenth of the benefit; 1.0720 is not
+    assert choose_cut(per, tolerance=0.02, fraction=float("inf"))[0] == 8
+    # noise as large as the benefit: nothing is cut
+    noisy = [m - np.mean(v) + v for m, v in zip(means, _curve(means, n=60, noise=0.2), strict=True)]
+    pick, info = choose_cut(noisy, tolerance=0.02)
+    assert info["benefit"] < 2 * info["benefit_se"] and pick == 0
+    # an adapter that changes nothing (B = 0): every candidate equal, nothing is cut
+    same = [np.full(50, 0.69)] * 9
+    assert choose_cut(same, tolerance=1e9, fraction=float("inf"))[0] == 0

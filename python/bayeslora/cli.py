@@ -50,7 +50,7 @@ def _noise_scale(text: str) -> float | str:
 
 def _add_train_options(p: argparse.ArgumentParser, defaults: Any) -> None:
     """Every option defaults to SUPPRESS: only what the user gives overrides the recipe (the
-    defaults in the help are the ``vi`` recipe's)."""
+    defaults in the help are the default recipe's, ``select``)."""
 
     def opt(flag: str, help: str = "", **kw: Any) -> None:
         name = flag.lstrip("-").replace("-", "_")
@@ -60,9 +60,11 @@ def _add_train_options(p: argparse.ArgumentParser, defaults: Any) -> None:
 
     opt(
         "--recipe",
-        "where the defaults come from: vi (ours, variational) or paper (the authors' GLUE harness: "
-        "additive posterior, noise-free training forward, 1e-6·KL, prune ℓ > 4)",
-        choices=["vi", "paper"],
+        "where the defaults come from: select (the authors' training, then the validation rank "
+        "cut and a refit half-way), paper (the authors' GLUE harness: additive posterior, "
+        "noise-free training forward, 1e-6·KL, prune ℓ > 4) or vi (ours, variational: gate "
+        "posterior, per-example KL, τ = 3)",
+        choices=["select", "paper", "vi"],
     )
     opt("--model", "HF model directory, or 'default' (all-MiniLM-L6-v2)")
     opt(
@@ -84,7 +86,8 @@ def _add_train_options(p: argparse.ArgumentParser, defaults: Any) -> None:
         "--kl-scale",
         type=float,
         default=argparse.SUPPRESS,
-        help="multiplier of the KL term (default: 0.02 for the gate posterior, 0.01 for additive)",
+        help="multiplier of the KL term (default: 1e-6 without 1/N; recipe vi: 0.02 of the "
+        "per-example KL for the gate posterior, 0.01 for additive)",
     )
     opt("--kl-group", choices=["params", "unit"])
     steps = " (an integer: steps; a decimal in [0, 1]: a fraction of the run)"
@@ -119,11 +122,11 @@ def _add_train_options(p: argparse.ArgumentParser, defaults: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from .pipeline import TrainSettings
+    from .pipeline import DEFAULT_RECIPE, TrainSettings
 
     fields = TrainSettings.__dataclass_fields__
     given = {k: getattr(args, k) for k in fields if hasattr(args, k) and k != "recipe"}
-    return TrainSettings.for_recipe(getattr(args, "recipe", "vi"), **given)
+    return TrainSettings.for_recipe(getattr(args, "recipe", DEFAULT_RECIPE), **given)
 
 
 def _run_train(args: argparse.Namespace) -> int:

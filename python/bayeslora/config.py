@@ -18,14 +18,39 @@ POSTERIORS = ("gate", "additive")
 # kl_scale per posterior when a config leaves it unset (benches/RESULTS_methods.md chose them on
 # the validation split of VADER movies; see TrainSettings in bayeslora.pipeline)
 KL_SCALE_DEFAULTS = {"gate": 0.02, "additive": 0.01}
+# kl_scale when the KL is added without 1/N (kl_per_example=False, the default): the authors' 1e-6
+KL_SCALE_ABSOLUTE = 1e-6
 # Fields that are a step count (int) or a fraction of the run (float in [0, 1]).
 SCHEDULE_FIELDS = ("kl_freeze", "kl_warmup", "sample_start", "prune_start", "prune_every", "refit_start")
 METHODS = ("bayeslora", "lora", "mcdropout")
+# Module-level settings of the training recipes (see bayeslora.pipeline.RECIPES): "select" is the
+# default of every field; "vi" is the variational recipe that was the default before issue #19.
+CONFIG_RECIPES: dict[str, dict[str, Any]] = {
+    "select": {},
+    "vi": {
+        "posterior": "gate",
+        "kl_per_example": True,
+        "sample_start": 0,
+        "prune_threshold": 3.0,
+        "prune_start": 100,
+        "prune_every": 50,
+        "refit_start": None,
+    },
+}
 
 
 @dataclass
 class BayesLoRAConfig:
     """What to adapt and how.
+
+    The defaults are those of the default training recipe (``bayeslora train``'s ``select``, issue
+    #19, benches/RESULTS_methods.md): the additive posterior, a noise-free training forward
+    (``sample_start=None``), ``1e-6·ΣKL`` without 1/N, and "select, then refit" half-way
+    (``refit_start=0.5``: the ranks are settled once — by a τ = 4 pass, or by a validation cut
+    when the trainer is given ``select=`` — then frozen while the surviving factors train on).
+    They never prune every rank of a freshly initialised adapter, whatever N and the run's length.
+    The variational recipe of earlier versions: ``posterior="gate", kl_per_example=True,
+    sample_start=0, prune_threshold=3.0, prune_start=100, prune_every=50, refit_start=None``.
 
     Args:
         rank: initial rank ``r0`` of every adapter. The scale ``alpha / r0`` never changes when
@@ -41,7 +66,8 @@ class BayesLoRAConfig:
             (Bernoulli dropout on the rank activation, kept on when sampling).
         init_log_alpha: initial ``log α_k`` of the gate family.
         init_log_sigma2: initial ``λ_k = log σ_k²`` of the additive family.
-        kl_scale: multiplies the KL term of the objective; None: the posterior's default
+        kl_scale: multiplies the KL term of the objective; None: ``KL_SCALE_ABSOLUTE`` (1e-6) when
+            ``kl_per_example`` is False, else the posterior's per-example default
             (``KL_SCALE_DEFAULTS``: 0.02 for gate, 0.01 for additive, chosen on validation data —
             at 1.0 the per-example KL of rank-8 adapters on a few thousand examples switches every
             rank off).
@@ -77,26 +103,26 @@ class BayesLoRAConfig:
     rank: int = 8
     alpha: float = 16.0
     target_modules: list[str] | str = field(default_factory=lambda: ["query", "value"])
-    posterior: Posterior = "gate"
+    posterior: Posterior = "additive"
     method: Method = "bayeslora"
     init_log_alpha: float = -3.0
     init_log_sigma2: float = -8.0
     kl_scale: float | None = None
     kl_group: KLGroup = "params"
-    kl_per_example: bool = True
+    kl_per_example: bool = False
     kl_freeze: int | float = 0
     kl_warmup: int | float = 0
-    sample_start: int | float | None = 0
-    prune_threshold: float = 3.0
-    prune_start: int | float = 100
-    prune_every: int | float = 50
+    sample_start: int | float | None = None
+    prune_threshold: float = 4.0
+    prune_start: int | float = 0.5
+    prune_every: int | float = 0.1
     min_rank: int = 0
     dropout: float = 0.1
     init_b_std: float = 0.0
     gate_lrt: bool = False
     modules_to_save: list[str] = field(default_factory=list)
     exclude_modules: list[str] = field(default_factory=list)
-    refit_start: int | float | None = None
+    refit_start: int | float | None = 0.5
     refit_sampling: bool = False
 
     def __post_init__(self) -> None:
@@ -117,7 +143,7 @@ class BayesLoRAConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.kl_scale is None:
-            self.kl_scale = KL_SCALE_DEFAULTS[self.posterior]
+            self.kl_scale = KL_SCALE_DEFAULTS[self.posterior] if self.kl_per_example else KL_SCALE_ABSOLUTE
         if not self.kl_scale >= 0:
             raise ConfigError(f"kl_scale must be >= 0, got {self.kl_scale!r}")
         if not isinstance(self.min_rank, int) or self.min_rank < 0:
@@ -143,6 +169,14 @@ class BayesLoRAConfig:
             raise ConfigError(f"init_b_std must be >= 0, got {self.init_b_std!r}")
         if not self.target_modules:
             raise ConfigError("target_modules is empty: name at least one module, a regex or 'all-linear'")
+
+    @classmethod
+    def recipe(cls, name: str, **overrides: Any) -> BayesLoRAConfig:
+        """The config of recipe ``name`` (``"select"``, the defaults, or ``"vi"``, the gate
+        posterior with a per-example KL and τ = 3 passes) with ``overrides`` on top."""
+        if name not in CONFIG_RECIPES:
+            raise ConfigError(f"recipe must be one of {sorted(CONFIG_RECIPES)}, got {name!r}")
+        return cls(**{**CONFIG_RECIPES[name], **overrides})
 
     @property
     def has_fractions(self) -> bool:

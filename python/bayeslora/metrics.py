@@ -152,8 +152,18 @@ def nll(probs: ArrayLike, labels: ArrayLike) -> float:
         probs: ``[N, C]`` class probabilities.
         labels: ``[N]`` integer labels in ``[0, C)``.
     """
+    return float(np.mean(nll_per_example(probs, labels)))
+
+
+def nll_per_example(probs: ArrayLike, labels: ArrayLike) -> np.ndarray:
+    """``[N]`` negative log-likelihoods ``-log p_i[y_i]``, clipped as :func:`nll`.
+
+    Args:
+        probs: ``[N, C]`` class probabilities.
+        labels: ``[N]`` integer labels in ``[0, C)``.
+    """
     p, y = _probs_labels(probs, labels)
-    return float(-np.mean(np.log(np.maximum(p[np.arange(p.shape[0]), y], _EPS))))
+    return -np.log(np.maximum(p[np.arange(p.shape[0]), y], _EPS))
 
 
 def brier(probs: ArrayLike, labels: ArrayLike) -> float:

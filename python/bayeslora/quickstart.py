@@ -152,6 +152,7 @@ def run_quickstart(
         "budget": budget,
         "results": results,
         "ranks": {"initial": runs["bayeslora"]["initial_ranks"], "learned": runs["bayeslora"]["ranks"]},
+        "settings": {k: runs["bayeslora"]["settings"][k] for k in ("recipe", "posterior", "rank", "targets")},
         "showcase": showcase_rows,
         "bundle": str(bundle),
         "seconds": time.perf_counter() - t_start,
@@ -217,13 +218,17 @@ def _report(s: dict[str, Any]) -> str:
         for row in s["showcase"]
     )
     bud = s["budget"]
+    st = s["settings"]
+    targets = "/".join(st["targets"])
     lo_rank = f"{lo['total_rank']} / {lo['initial_total_rank']}"
     return f"""# bayeslora quickstart report
 
 Model all-MiniLM-L6-v2, data VADER movie-review snippets (binarised at |rating| ≥ 0.5), seed {s["seed"]};
 {bud["max_train"]} training examples, {bud["epochs"]} epochs, max length {bud["max_length"]};
-rank 8 on query/value of all 6 layers. BayesLoRA is evaluated with {bud["samples"]} posterior samples
-(probabilities averaged), LoRA in its single deterministic pass. Total time {s["seconds"]:.0f} s.
+rank {st["rank"]} on {targets} of all 6 layers, recipe `{st["recipe"]}` ({st["posterior"]} posterior;
+LoRA trained with the same recipe's optimiser, targets and budget). BayesLoRA is evaluated with
+{bud["samples"]} posterior samples (probabilities averaged), LoRA in its single deterministic pass.
+Total time {s["seconds"]:.0f} s.
 
 ## Test split (held out)
 
