@@ -318,6 +318,7 @@ def test_cli_workers_prints_what_one_process_prints(bundle, texts, want, tmp_pat
     assert local.returncode == 0, local.stderr
     res = run_cli([*common, "--workers", "2", "--threads", "1", "--batch-size", "4"])
     assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "INFO" not in res.stderr, res.stderr  # no cluster logs
     assert res.stdout == local.stdout  # same rows, same order, same digits
     rows = [json.loads(line) for line in res.stdout.splitlines()]
     assert [r["text"] for r in rows] == texts
