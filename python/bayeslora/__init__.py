@@ -36,7 +36,7 @@ _LAZY = {
     "export_peft": "peft_io",
     "import_peft": "peft_io",
 }
-_SUBMODULES = ("metrics", "calibration", "plots", "analysis", "runtime", "training", "data")
+_SUBMODULES = ("metrics", "calibration", "plots", "analysis", "runtime", "distributed", "training", "data")
 
 if TYPE_CHECKING:
     from .bundle import export

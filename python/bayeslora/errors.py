@@ -41,12 +41,18 @@ class OutputError(BayesLoRAError, OSError):
     (a user's directory, a file, the current directory, the input), or it cannot be written."""
 
 
+class MissingDependencyError(BayesLoRAError, ImportError):
+    """An optional dependency a feature needs is not installed; the message names the extra
+    that installs it (e.g. ``bayeslora[dask]``)."""
+
+
 __all__ = [
     "BayesLoRAError",
     "BundleError",
     "ConfigError",
     "DataError",
     "InvalidValueError",
+    "MissingDependencyError",
     "OutputError",
     "ShapeError",
     "TargetNotFoundError",

@@ -8,6 +8,11 @@ the weights. MC mode draws S posterior samples per input from counter-based stre
 the little-endian uint32 bytes of the ids whose mask is 1; see ``rust/bayeslora-core/src/mc.rs``),
 so an input's scores depend only on the bundle, the input, the seed and S: not on its
 batch-mates, its position in the batch, or the number of threads.
+
+A :class:`Scorer` pickles by reference: the pickle holds the bundle path and the thread setting,
+and unpickling reopens the bundle through :func:`shared_scorer`, which keeps one Scorer per
+process for each (bundle, settings). This is how a Scorer reaches Dask workers or
+``multiprocessing`` children (``bayeslora.distributed``); the path must be readable there.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,18 +105,29 @@ class Scorer:
     Every method checks its arguments before calling into the core: counts and seeds must be
     integers in their range, texts must be ``str`` (numpy ``str_`` and arrays of strings are
     texts too) without lone surrogates; anything else raises ``InvalidValueError``.
+
+    A Scorer pickles by reference (bundle path and ``num_threads``; see :meth:`__reduce__`): the
+    process that unpickles it reopens the bundle, once per process, and must be able to read it.
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, num_threads: int | None = None) -> None:
         if num_threads is not None:
             num_threads = check_int("num_threads", num_threads, 1, MAX_THREADS)
         self.bundle_dir = Path(bundle_dir)
+        self._requested_threads = num_threads  # what a pickle carries (None: all cores *there*)
         self._rt = _core.Runtime(str(self.bundle_dir), num_threads)
         self._tokenizer: Any = None
         self.labels: list[str] = list(self._rt.labels)
         self.num_labels: int = int(self._rt.num_labels)
         self.max_length: int = int(self._rt.max_length)
         self.num_threads: int = int(self._rt.num_threads)
+
+    def __reduce__(self) -> tuple[Any, tuple[str, int | None]]:
+        """Pickle by reference: the absolute bundle path and ``num_threads`` as requested (None
+        stays None, i.e. all cores of the process that unpickles). Unpickling calls
+        :func:`shared_scorer`, so the bundle must be readable at that path where the pickle is
+        loaded, and a process reopens it once for all the pickles it receives."""
+        return shared_scorer, (os.path.abspath(self.bundle_dir), self._requested_threads)
 
     @property
     def module_ranks(self) -> dict[str, int]:
@@ -229,18 +246,66 @@ class Scorer:
         """One JSON-ready dict per text: ``text, label, probs, confidence, entropy,
         expected_entropy, mutual_info, variance`` (label as its name when the bundle has names)."""
         texts = check_texts(texts)
-        out = self.score(texts, samples=samples, seed=seed)
+        return self.records_of(texts, self.score(texts, samples=samples, seed=seed))
+
+    def records_of(self, texts: Sequence[str], scores: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+        """The records of :meth:`records` from scores already computed (``scores[k][i]`` belongs
+        to ``texts[i]``), e.g. those ``bayeslora.distributed.score`` gathered."""
         rows = []
         for i, text in enumerate(texts):
             rows.append(
                 {
                     "text": text,
-                    "label": self.label_name(int(out["label"][i])),
-                    "probs": [float(p) for p in out["probs"][i]],
-                    **{k: float(out[k][i]) for k in FIELDS[2:]},
+                    "label": self.label_name(int(scores["label"][i])),
+                    "probs": [float(p) for p in scores["probs"][i]],
+                    **{k: float(scores[k][i]) for k in FIELDS[2:]},
                 }
             )
         return rows
+
+
+_SHARED: dict[tuple[str, int | None], tuple[tuple[Any, ...], Scorer]] = {}
+_SHARED_LOCK = threading.Lock()
+_BUNDLE_FILES = ("bayeslora.json", "config.json", "model.safetensors", "tokenizer.json")
+
+
+def _fingerprint(bundle_dir: str) -> tuple[Any, ...]:
+    """What changes when the bundle at ``bundle_dir`` is replaced (``bl.export`` swaps the
+    directory, so its inode changes) or a file of it is rewritten."""
+    parts: list[Any] = []
+    for path in (bundle_dir, *(os.path.join(bundle_dir, f) for f in _BUNDLE_FILES)):
+        try:
+            st = os.stat(path)
+        except OSError:
+            parts.append(None)
+        else:
+            parts.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(parts)
+
+
+def shared_scorer(bundle_dir: str | os.PathLike, num_threads: int | None = None) -> Scorer:
+    """This process's :class:`Scorer` of ``bundle_dir`` with ``num_threads``, opened on first use.
+
+    Later calls with the same absolute path and ``num_threads`` return the same object (one
+    runtime and thread pool per process, however many tasks or pickles arrive), until the bundle
+    on disk changes (its directory or a file replaced): then it is reopened. Unpickling a Scorer
+    calls this. Thread-safe; a forked child keeps its parent's Scorers (the runtime rebuilds its
+    thread pool there).
+
+    Raises:
+        bayeslora.errors.BundleError, bayeslora.errors.InvalidValueError: as :class:`Scorer`.
+    """
+    if num_threads is not None:
+        num_threads = check_int("num_threads", num_threads, 1, MAX_THREADS)
+    key = (os.path.abspath(bundle_dir), num_threads)
+    with _SHARED_LOCK:  # held while opening: concurrent first uses open the bundle once
+        stamp = _fingerprint(key[0])
+        hit = _SHARED.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        scorer = Scorer(key[0], num_threads=num_threads)
+        _SHARED[key] = (stamp, scorer)
+        return scorer
 
 
 def fma_peak_gflops(seconds: float = 0.3, threads: int = 1) -> float:
@@ -264,4 +329,4 @@ def read_meta(bundle_dir: str | os.PathLike) -> dict[str, Any]:
         raise BundleError(f"cannot read {path}: {e}") from e
 
 
-__all__ = ["FIELDS", "Scorer", "fma_peak_gflops", "read_meta"]
+__all__ = ["FIELDS", "Scorer", "fma_peak_gflops", "read_meta", "shared_scorer"]
