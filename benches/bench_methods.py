@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+FIDELITY_BEGIN = "<!-- bench_fidelity: begin -->"
+FIDELITY_END = "<!-- bench_fidelity: end -->"
 SHIFT = ("vader-tweets", "vader-amazon", "vader-nyt")
 OOD = "bbc"
 OOD_COUNT = 500
@@ -456,7 +458,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(md)
+    md_path = out.with_suffix(".md")
+    if md_path.exists():  # keep the section bench_fidelity.py writes (issue #19), between its markers
+        old = md_path.read_text()
+        if FIDELITY_BEGIN in old and FIDELITY_END in old:
+            md = md.rstrip("\n") + "\n\n" + old[old.index(FIDELITY_BEGIN) : old.index(FIDELITY_END)]
+            md += FIDELITY_END + "\n"
+    md_path.write_text(md)
     payload = {"args": vars(args), "seconds": total, "per_seed": per_seed, "table": table, "claims": stated}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
     print(md)

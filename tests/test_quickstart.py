@@ -33,7 +33,13 @@ def test_quickstart_smoke_and_evaluate_both_engines(tmp_path):
         r = summary["results"][method]
         assert 0 <= r["accuracy"] <= 1 and r["nll"] > 0 and 0 <= r["ece"] <= 1
         assert 0 <= r["ood_auroc"]["entropy"] <= 1
-    assert summary["results"]["lora"]["total_rank"] == 96
+    # rank 8 on query, key, value, attention output, intermediate, output of 6 layers
+    assert (
+        summary["results"]["lora"]["total_rank"]
+        == summary["results"]["bayeslora"]["initial_total_rank"]
+        == 288
+    )
+    assert summary["settings"]["recipe"] == "select" and summary["settings"]["posterior"] == "additive"
     assert len(summary["showcase"]) == 6
     report = (out / "report.md").read_text()
     assert "Learned rank per module" in report and "Rust runtime" in report
