@@ -220,16 +220,25 @@ def test_train_from_a_model_whose_head_has_other_labels(tiny_model_dir, sentimen
     assert payload["label_names"] == ["neg", "pos"]
 
 
-def test_kl_scale_default_follows_the_posterior():
+def test_kl_scale_default_follows_the_recipe_and_the_posterior():
     from bayeslora.cli import _settings, build_parser
     from bayeslora.pipeline import KL_SCALE_DEFAULTS, TrainSettings
 
-    assert TrainSettings().kl_scale == KL_SCALE_DEFAULTS["gate"] == 0.02
-    assert TrainSettings(posterior="additive").kl_scale == KL_SCALE_DEFAULTS["additive"] == 0.01
-    assert TrainSettings(posterior="additive", kl_scale=0.3).kl_scale == 0.3
-    assert TrainSettings(posterior="additive").bayes_config("classifier").kl_scale == 0.01
+    # the default recipe (select): 1e-6 of the KL without 1/N, whatever the posterior
+    assert TrainSettings().kl_scale == TrainSettings(posterior="gate").kl_scale == 1e-6
+    assert TrainSettings().bayes_config("classifier").kl_scale == 1e-6
+    # recipe vi: the posterior's own tempering of the per-example KL when none is given
+    vi = TrainSettings.for_recipe
+    assert vi("vi").kl_scale == KL_SCALE_DEFAULTS["gate"] == 0.02
+    assert vi("vi", posterior="additive").kl_scale == KL_SCALE_DEFAULTS["additive"] == 0.01
+    assert vi("vi", posterior="additive", kl_scale=0.3).kl_scale == 0.3
+    assert vi("vi", posterior="additive").bayes_config("classifier").kl_scale == 0.01
     parse = build_parser().parse_args
-    assert _settings(parse(["train", "--out", "x", "--posterior", "additive"])).kl_scale == 0.01
-    assert _settings(parse(["train", "--out", "x"])).kl_scale == 0.02
+    assert (
+        _settings(parse(["train", "--out", "x", "--recipe", "vi", "--posterior", "additive"])).kl_scale
+        == 0.01
+    )
+    assert _settings(parse(["train", "--out", "x", "--recipe", "vi"])).kl_scale == 0.02
+    assert _settings(parse(["train", "--out", "x"])).kl_scale == 1e-6
     explicit = parse(["train", "--out", "x", "--posterior", "additive", "--kl-scale", "0.05"])
     assert _settings(explicit).kl_scale == 0.05

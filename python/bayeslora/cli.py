@@ -76,7 +76,11 @@ def _add_train_options(p: argparse.ArgumentParser, defaults: Any) -> None:
     opt("--rank", "initial rank r0 of every adapter", type=int)
     opt("--alpha", "LoRA alpha (scale = alpha / r0)", type=float)
     opt("--targets", "module names or suffixes, a regex, or all-linear", nargs="+")
-    opt("--epochs", type=float)
+    opt(
+        "--epochs",
+        "training epochs; default: at least 2 and at least 150 optimizer steps (at most 20 epochs)",
+        type=float,
+    )
     opt("--lr", "learning rate of factors and head", type=float)
     opt("--rank-lr", "learning rate of log_alpha/log_sigma2", type=float)
     opt("--batch-size", type=int)

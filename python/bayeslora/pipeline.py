@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,11 @@ from .config import KL_SCALE_DEFAULTS
 from .errors import BundleError, ConfigError
 
 RUN_FILE = "run.json"
+# the default length of a run (TrainSettings.epochs = None): at least MIN_EPOCHS and MIN_STEPS
+# optimizer steps, so that a few hundred rows still train long enough for the half-way rank cut to
+# see what the adapter is worth (30 steps of a 480-row CSV were not: its benefit was below one
+# standard error), at most MAX_EPOCHS
+MIN_EPOCHS, MIN_STEPS, MAX_EPOCHS = 2, 150, 20
 HEAD_NAMES = ("classifier", "score")
 # The authors' GLUE harness (recipe "paper"): additive posterior, a deterministic training forward
 # (the noise never switched on, so λ moves only under the KL), CE + 1e-6·ΣKL with no 1/N and β = 1,
@@ -130,7 +136,7 @@ class TrainSettings:
     targets: list[str] = field(
         default_factory=lambda: ["query", "key", "value", "intermediate.dense", "output.dense"]
     )
-    epochs: float = 2.0
+    epochs: float | None = None
     lr: float = 1e-3
     rank_lr: float = 1e-4
     batch_size: int = 32
@@ -165,6 +171,10 @@ class TrainSettings:
     max_eval: int | None = None
 
     def __post_init__(self) -> None:
+        if self.epochs is not None and not (isinstance(self.epochs, int | float) and 0 < self.epochs < 1e6):
+            raise ConfigError(
+                f"epochs must be a number > 0 (or None: the default length), got {self.epochs!r}"
+            )
         if not (
             self.noise_scale == "fit" or (isinstance(self.noise_scale, float | int) and self.noise_scale > 0)
         ):
@@ -177,6 +187,15 @@ class TrainSettings:
             raise ConfigError("rank_select='validation' settles the ranks at refit_start: set refit_start")
         if self.kl_scale is None:
             self.kl_scale = KL_SCALE_DEFAULTS.get(self.posterior, KL_SCALE_DEFAULTS["gate"])
+
+    def epochs_for(self, n_train: int) -> float:
+        """The epochs a run over ``n_train`` examples trains for: ``epochs`` when given, else at
+        least ``MIN_EPOCHS`` and at least ``MIN_STEPS`` optimizer steps, at most ``MAX_EPOCHS``
+        (2 epochs of VADER movies' 8,054 sentences; 10 of a 480-row CSV)."""
+        if self.epochs is not None:
+            return float(self.epochs)
+        per_epoch = max(1, math.ceil(n_train / self.batch_size))
+        return float(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(MIN_STEPS / per_epoch))))
 
     @classmethod
     def for_recipe(cls, recipe: str = DEFAULT_RECIPE, **overrides: Any) -> TrainSettings:
@@ -543,11 +562,12 @@ def training_arguments(
     import torch
     from transformers import TrainingArguments
 
-    steps = settings.epochs * n_train / settings.batch_size
+    epochs = settings.epochs_for(n_train)
+    steps = epochs * n_train / settings.batch_size
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=settings.batch_size,
-        num_train_epochs=settings.epochs,
+        num_train_epochs=epochs,
         learning_rate=settings.lr,
         lr_scheduler_type="linear",
         warmup_steps=max(1, int(0.06 * steps)),
@@ -621,7 +641,8 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
     )
     log(
         f"[bayeslora] {settings.method}/{settings.posterior} rank {settings.rank} on {settings.data}: "
-        f"{n_train} training examples, {len(initial)} adapted modules, model {model_dir}"
+        f"{n_train} training examples, {settings.epochs_for(n_train):g} epochs, {len(initial)} adapted "
+        f"modules, model {model_dir}"
     )
     args = training_arguments(settings, out / "checkpoints", n_train, progress=progress)
     select = None
@@ -693,6 +714,7 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
         "data_source": data.source,
         "label_names": labels,
         "num_train": n_train,
+        "epochs": settings.epochs_for(n_train),
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,  # all threads of this process: robust to other load
         "initial_ranks": initial,
