@@ -36,22 +36,22 @@ WORKER = textwrap.dedent(
     from bayeslora import _core
     from bayeslora.runtime import Scorer, isa
 
-    out, texts, bundles = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
+    out, texts = sys.argv[1], json.loads(sys.argv[2])
+    samples, seed, bundles = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:]
     arrays, scorer_sets = {}, []
     for b, path in enumerate(bundles):
         scorer = Scorer(path, num_threads=2)
         scorer_sets.append(scorer.isa)
-        for mode, samples in (("mean", 0), ("mc", %(samples)d)):
-            res = scorer.score(texts, samples=samples, seed=%(seed)d)
+        for mode, s in (("mean", 0), ("mc", samples)):
+            res = scorer.score(texts, samples=s, seed=seed)
             for k, v in res.items():
                 arrays[f"{b}/{mode}/{k}"] = v
         ids, mask = scorer.encode(texts)
         arrays[f"{b}/logits"] = scorer.logits(ids, mask)
-        arrays[f"{b}/sample_logits"] = scorer.sample_logits(ids, mask, samples=3, seed=%(seed)d)
+        arrays[f"{b}/sample_logits"] = scorer.sample_logits(ids, mask, samples=3, seed=seed)
     np.savez(out, **arrays)
     print(json.dumps({"isa": isa(), "scorers": scorer_sets, "gemm_calls": _core.gemm_calls()}))
     """
-    % {"samples": SAMPLES, "seed": SEED}
 )
 
 
@@ -96,7 +96,8 @@ def runs(bundles, texts, tmp_path_factory) -> dict[str, tuple[dict, dict[str, np
     for isa in (*SETS, None):
         name = isa or "auto"
         npz = root / f"{name}.npz"
-        args = [sys.executable, "-c", WORKER, str(npz), json.dumps(texts), *map(str, bundles)]
+        args = [sys.executable, "-c", WORKER, str(npz), json.dumps(texts), str(SAMPLES), str(SEED)]
+        args += [str(b) for b in bundles]
         res = _run(args, isa)
         if isa is not None and res.returncode != 0 and "but this CPU lacks" in res.stderr:
             # a set this CPU does not have: a clean IsaError naming it, never another set
