@@ -33,6 +33,13 @@ def rank_scores_additive(
 def fma_peak_gflops(seconds: float = 0.3, threads: int = 1) -> float:
     """Measured f32 FMA peak in GFLOP/s of ``threads`` cores at once (0.0 without AVX2/FMA)."""
 
+def isa() -> str:
+    """The kernels' instruction set in this process: ``"avx512"``, ``"avx2"`` or ``"portable"``
+    (``BAYESLORA_ISA``, else the widest of this CPU); ``IsaError`` if the variable is unusable."""
+
+def gemm_calls() -> dict[str, int]:
+    """``{"portable": n, "avx2": n, "avx512": n}``: matrix products run on each set so far."""
+
 # ---- rank analysis (docs/method.md §8) ---------------------------------------------------------------
 def low_rank_svd(
     a: NDArray[np.float64], b: NDArray[np.float64], ez: NDArray[np.float64], scale: float
@@ -74,6 +81,8 @@ class Runtime:
     def max_length(self) -> int: ...
     @property
     def module_ranks(self) -> dict[str, int]: ...
+    @property
+    def isa(self) -> str: ...
     def logits(
         self,
         input_ids: NDArray[np.int64],

@@ -651,14 +651,42 @@ def _import_peft(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _version_text() -> str:
+    """``bayeslora VERSION (kernels: ISA)``: the instruction set the runtime runs on here."""
     from . import __version__
+    from .runtime import isa
 
+    try:
+        kernels = isa()
+    except BayesLoRAError as e:
+        kernels = f"error: {_one_line(e)}"
+    return f"bayeslora {__version__} (kernels: {kernels})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, worked out only when asked (it loads the runtime to name its kernels)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "show the version and the runtime's instruction set, and exit")
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(_version_text())
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bayeslora",
         description="Bayesian LoRA: learned adapter rank, calibrated uncertainty, torch-free scoring.",
     )
-    parser.add_argument("--version", action="version", version=f"bayeslora {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_quickstart(sub)
     _add_train(sub)

@@ -32,6 +32,11 @@ class BundleError(BayesLoRAError, OSError):
     """A bundle or checkpoint on disk is missing, malformed, or inconsistent."""
 
 
+class IsaError(ConfigError):
+    """``BAYESLORA_ISA`` names an instruction set that is unknown, or that this CPU lacks (the
+    runtime never falls back to another set silently)."""
+
+
 class DataError(BayesLoRAError, ValueError):
     """A dataset is missing, malformed, or unusable (e.g. a single class)."""
 
@@ -52,6 +57,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "InvalidValueError",
+    "IsaError",
     "MissingDependencyError",
     "OutputError",
     "ShapeError",

@@ -7,6 +7,8 @@
 
 use std::path::PathBuf;
 
+use crate::kernels::IsaError;
+
 /// Every failure the core can report.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -73,10 +75,13 @@ pub enum Error {
         #[source]
         source: safetensors::SafeTensorError,
     },
+    /// `BAYESLORA_ISA` names an unknown instruction set, or one this CPU lacks.
+    #[error(transparent)]
+    Isa(#[from] IsaError),
 }
 
 /// The family of an [`Error`]: what a caller would catch it as. The Python bindings raise
-/// `ShapeError`, `InvalidValueError` and `BundleError` respectively.
+/// `ShapeError`, `InvalidValueError`, `BundleError` and `IsaError` respectively.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
     /// [`Error::Shape`].
@@ -85,6 +90,8 @@ pub enum ErrorKind {
     Value,
     /// Anything wrong with a bundle on disk, read or parsed.
     Bundle,
+    /// [`Error::Isa`]: the kernels' instruction set cannot be the one asked for.
+    Isa,
 }
 
 impl Error {
@@ -100,6 +107,7 @@ impl Error {
             | Error::JsonSyntax { .. }
             | Error::JsonSchema { .. }
             | Error::SafeTensors { .. } => ErrorKind::Bundle,
+            Error::Isa(_) => ErrorKind::Isa,
         }
     }
 }

@@ -13,12 +13,13 @@ use pyo3::PyErr;
 pyo3::import_exception!(bayeslora.errors, ShapeError);
 pyo3::import_exception!(bayeslora.errors, InvalidValueError);
 pyo3::import_exception!(bayeslora.errors, BundleError);
+pyo3::import_exception!(bayeslora.errors, IsaError);
 
 /// An error on its way to Python: from the core (classified by its kind) or already Python's
 /// own (a failed conversion, an exception raised by a callee).
 #[derive(Debug)]
 pub(crate) enum BindingError {
-    /// Raised as `ShapeError`, `InvalidValueError` or `BundleError`.
+    /// Raised as `ShapeError`, `InvalidValueError`, `BundleError` or `IsaError`.
     Core(core::Error),
     /// Raised as it is.
     Python(PyErr),
@@ -49,6 +50,7 @@ impl From<BindingError> for PyErr {
                     ErrorKind::Shape => ShapeError::new_err(msg),
                     ErrorKind::Value => InvalidValueError::new_err(msg),
                     ErrorKind::Bundle => BundleError::new_err(msg),
+                    ErrorKind::Isa => IsaError::new_err(msg),
                 }
             }
         }

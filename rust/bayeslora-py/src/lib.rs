@@ -6,7 +6,8 @@
 //! - [`arrays`]: numpy arrays borrowed as slices (C order only);
 //! - [`posterior`]: KL terms and rank scores;
 //! - [`analysis`]: the rank analysis (docs/method.md §8);
-//! - [`runtime`]: the bundle runtime (`Runtime`) and the FMA-peak probe.
+//! - [`runtime`]: the bundle runtime (`Runtime`), the FMA-peak probe and the kernels' instruction
+//!   set (`isa`, `gemm_calls`).
 //!
 //! Not declared `gil_used = false`: the wheel is built for the abi3 stable ABI (`abi3-py310`),
 //! which free-threaded CPython builds do not load, so the declaration would have no effect.

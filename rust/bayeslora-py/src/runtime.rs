@@ -30,6 +30,8 @@ pub struct Runtime {
     labels: Vec<String>,
     max_length: usize,
     threads: usize,
+    /// [`core::kernels::Isa::name`] of the process's set.
+    isa: &'static str,
     pool: Mutex<Option<Pool>>,
 }
 
@@ -140,6 +142,7 @@ impl Runtime {
                 .map(|n| n.get())
                 .unwrap_or(1),
         };
+        let isa = core::kernels::Isa::selected().map_err(core::Error::from)?;
         let (encoder, labels, max_length) = py.detach(|| -> core::Result<_> {
             let bundle = core::bundle::Bundle::open(&bundle_dir)?;
             let labels = bundle.meta.labels.clone();
@@ -151,8 +154,15 @@ impl Runtime {
             labels,
             max_length,
             threads,
+            isa: isa.name(),
             pool: Mutex::new(None),
         })
+    }
+
+    /// The instruction set the kernels run on (`"avx512"`, `"avx2"` or `"portable"`).
+    #[getter]
+    fn isa(&self) -> &'static str {
+        self.isa
     }
 
     /// Threads of the pool.
@@ -294,9 +304,26 @@ fn fma_peak_gflops(py: Python<'_>, seconds: f64, threads: usize) -> BindingResul
     Ok(py.detach(|| core::kernels::fma_peak_gflops(seconds, threads))?)
 }
 
-/// Register the runtime class and the FMA-peak probe.
+/// The instruction set the kernels of this process run on (`"avx512"`, `"avx2"` or
+/// `"portable"`): `BAYESLORA_ISA` if set, else the widest of this CPU. `IsaError` when the
+/// variable names an unknown set or one this CPU lacks.
+#[pyfunction]
+fn isa() -> BindingResult<&'static str> {
+    let isa = core::kernels::Isa::selected().map_err(core::Error::from)?;
+    Ok(isa.name())
+}
+
+/// `{set name: matrix products run on it}` in this process so far: which kernels ran.
+#[pyfunction]
+fn gemm_calls() -> HashMap<&'static str, u64> {
+    core::kernels::gemm_calls().into_iter().collect()
+}
+
+/// Register the runtime class, the FMA-peak probe and the instruction-set queries.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Runtime>()?;
     m.add_function(wrap_pyfunction!(fma_peak_gflops, m)?)?;
+    m.add_function(wrap_pyfunction!(isa, m)?)?;
+    m.add_function(wrap_pyfunction!(gemm_calls, m)?)?;
     Ok(())
 }

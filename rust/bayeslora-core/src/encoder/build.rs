@@ -7,7 +7,7 @@ use super::pool::BufferPool;
 use super::Encoder;
 use crate::bundle::{Bundle, NoiseKind};
 use crate::error::{Error, Result};
-use crate::kernels::Packed;
+use crate::kernels::{Isa, Packed};
 use crate::mc;
 
 /// An adapter kept apart from the merged weight, for the noisy terms.
@@ -186,6 +186,8 @@ fn build_linear(bundle: &Bundle, names: &[String]) -> Result<Linear> {
 impl Encoder {
     /// Build from a validated bundle (packs the weights, merges the adapters).
     pub fn new(bundle: &Bundle) -> Result<Self> {
+        // the kernels' set (BAYESLORA_ISA) is refused here, before any kernel runs
+        Isa::selected()?;
         let cfg = &bundle.config;
         let p = cfg.prefix();
         let mut layers = Vec::with_capacity(cfg.layers);

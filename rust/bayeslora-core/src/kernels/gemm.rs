@@ -7,6 +7,8 @@
 //! so the result of a row never depends on the other rows, on how rows are split across
 //! threads, or on the instruction set.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use rayon::prelude::*;
 
 use super::isa::Isa;
@@ -26,6 +28,22 @@ const MB: usize = 96;
 /// K block of the full-tile path. Measured on Zen 4 with the MiniLM shapes (K ≤ 1536), blocking
 /// at 256 or 512 did not pay; it is kept for the long K of larger models.
 const KC: usize = 2048;
+
+/// Calls of [`gemm_on`] per instruction set (portable, AVX2, AVX-512) since the process started:
+/// which kernels ran, for tests that force a set through `BAYESLORA_ISA`. One relaxed add per
+/// product, not per tile.
+static GEMM_CALLS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+
+/// `(set name, products run on it)` for every set, portable first: the count of [`gemm_on`]
+/// calls (through [`gemm`] and [`par_gemm`] too) on each set in this process so far.
+pub fn gemm_calls() -> [(&'static str, u64); 3] {
+    let count = |i: usize| GEMM_CALLS[i].load(Ordering::Relaxed);
+    [
+        ("portable", count(0)),
+        ("avx2", count(1)),
+        ("avx512", count(2)),
+    ]
+}
 
 /// The accumulators of one micro-tile, spilled: up to [`MR_WIDE`] rows of one panel.
 pub(super) type Tile = [[f32; NR]; MR_WIDE];
@@ -108,6 +126,14 @@ pub fn gemm_on(
     if m == 0 || b.n == 0 {
         return;
     }
+    let slot = match isa {
+        Isa::Scalar => 0,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2(_) => 1,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512(_) => 2,
+    };
+    GEMM_CALLS[slot].fetch_add(1, Ordering::Relaxed);
     let k = b.k;
     assert!(lda >= k && ldc >= b.n, "gemm: leading dimensions too small");
     assert!(a.len() >= (m - 1) * lda + k, "gemm: left operand too short");

@@ -4,8 +4,15 @@
 //! [`Avx512::detect`] can make, and only on a CPU that has the features. A kernel that needs a
 //! feature takes its token, so a safe function can call its `#[target_feature]` code without
 //! trusting a flag from its caller (as the `gemm` crate's `simd` tokens and `matrixmultiply`'s
-//! one-type-per-ISA kernels). [`Isa::get`] runs the detection once ([`OnceLock`]) and hands out
-//! the widest set; tests and benches may pass a narrower one from [`Isa::available`].
+//! one-type-per-ISA kernels). [`Isa::get`] runs the choice once ([`OnceLock`]) and hands out
+//! the set; tests and benches may pass a narrower one from [`Isa::available`].
+//!
+//! The choice is the widest set of this CPU, unless the environment variable
+//! [`ISA_ENV`] (`BAYESLORA_ISA`) names one: `avx512`, `avx2` or `portable` (`auto` or unset: the
+//! widest), so one machine can run every path of one build. A set the CPU lacks, or an unknown
+//! name, is never replaced by another: [`Isa::selected`] returns an [`IsaError`], which the
+//! entry points that run kernels ([`crate::encoder::Encoder::new`],
+//! [`crate::kernels::fma_peak_gflops`]) report before any kernel runs.
 
 use std::sync::OnceLock;
 
@@ -60,6 +67,119 @@ pub enum Isa {
     Avx512(Avx512),
 }
 
+/// The environment variable that overrides the instruction set: `avx512`, `avx2`, `portable`,
+/// or `auto` (the default: the widest this CPU has).
+pub const ISA_ENV: &str = "BAYESLORA_ISA";
+
+/// What [`ISA_ENV`] asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IsaRequest {
+    /// The widest set this CPU has (unset, empty or `auto`).
+    Auto,
+    /// AVX-512F (with AVX2 and FMA).
+    Avx512,
+    /// AVX2 and FMA.
+    Avx2,
+    /// The portable Rust kernels, on any CPU.
+    Portable,
+}
+
+/// [`ISA_ENV`] names an instruction set that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IsaError {
+    /// Not one of the accepted names.
+    #[error("{ISA_ENV}={value:?} is not one of auto, avx512, avx2, portable")]
+    Unknown {
+        /// The value as given (lossily decoded when it is not UTF-8).
+        value: String,
+    },
+    /// A set this CPU does not have: never replaced by a narrower one.
+    #[error("{ISA_ENV}={requested} but this CPU lacks {missing}")]
+    Unsupported {
+        /// The set asked for (`"avx512"`, `"avx2"`).
+        requested: &'static str,
+        /// The CPU features it needs that are missing, comma-separated (`"avx512f"`).
+        missing: String,
+    },
+}
+
+impl IsaRequest {
+    /// The request in a value of [`ISA_ENV`]: `None` (unset) and `""` are [`IsaRequest::Auto`];
+    /// names are matched without regard to case or surrounding blanks.
+    pub fn parse(value: Option<&str>) -> Result<Self, IsaError> {
+        let Some(raw) = value else {
+            return Ok(Self::Auto);
+        };
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(Self::Auto),
+            "avx512" => Ok(Self::Avx512),
+            "avx2" => Ok(Self::Avx2),
+            "portable" => Ok(Self::Portable),
+            _ => Err(IsaError::Unknown {
+                value: raw.to_owned(),
+            }),
+        }
+    }
+
+    /// The request of this process's environment.
+    pub fn from_env() -> Result<Self, IsaError> {
+        match std::env::var_os(ISA_ENV) {
+            None => Self::parse(None),
+            Some(v) => match v.to_str() {
+                Some(s) => Self::parse(Some(s)),
+                None => Err(IsaError::Unknown {
+                    value: v.to_string_lossy().into_owned(),
+                }),
+            },
+        }
+    }
+}
+
+/// The CPU facts an [`Isa`] is chosen from: the tokens this CPU can make, and a test of each
+/// feature by name (to say which ones are missing).
+#[derive(Clone, Copy)]
+pub struct Cpu<'a> {
+    /// The AVX2 token, if this CPU has AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    pub avx2: Option<Avx2>,
+    /// The AVX-512 token, if this CPU has AVX-512F, AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    pub avx512: Option<Avx512>,
+    /// Whether this CPU has a feature (`"avx2"`, `"fma"`, `"avx512f"`).
+    pub has: &'a dyn Fn(&str) -> bool,
+}
+
+impl Cpu<'static> {
+    /// This CPU, detected now.
+    pub fn detect() -> Self {
+        Cpu {
+            #[cfg(target_arch = "x86_64")]
+            avx2: Avx2::detect(),
+            #[cfg(target_arch = "x86_64")]
+            avx512: Avx512::detect(),
+            has: &has_feature,
+        }
+    }
+}
+
+/// Whether this CPU has the named x86 feature (`false` for any other name or architecture).
+fn has_feature(name: &str) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match name {
+            "avx2" => std::is_x86_feature_detected!("avx2"),
+            "fma" => std::is_x86_feature_detected!("fma"),
+            "avx512f" => std::is_x86_feature_detected!("avx512f"),
+            _ => false,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = name;
+        false
+    }
+}
+
 impl Isa {
     /// The widest instruction set of this CPU, detected now.
     pub fn detect() -> Self {
@@ -75,11 +195,73 @@ impl Isa {
         Isa::Scalar
     }
 
-    /// The widest instruction set of this CPU, detected on the first call of the process.
+    /// The set `request` names on `cpu`: the widest for [`IsaRequest::Auto`], else exactly the
+    /// one asked for, or [`IsaError::Unsupported`] naming the features `cpu` lacks.
+    pub fn choose(request: IsaRequest, cpu: &Cpu<'_>) -> Result<Self, IsaError> {
+        let unsupported = |requested: &'static str, needs: &[&str]| {
+            let missing: Vec<&str> = needs.iter().copied().filter(|f| !(cpu.has)(f)).collect();
+            let missing = if missing.is_empty() {
+                // the features are there but no token was made (an OS that keeps the AVX-512
+                // registers off): say what is asked for
+                needs.join(", ")
+            } else {
+                missing.join(", ")
+            };
+            IsaError::Unsupported { requested, missing }
+        };
+        match request {
+            IsaRequest::Portable => Ok(Isa::Scalar),
+            IsaRequest::Auto => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if let Some(t) = cpu.avx512 {
+                        return Ok(Isa::Avx512(t));
+                    }
+                    if let Some(t) = cpu.avx2 {
+                        return Ok(Isa::Avx2(t));
+                    }
+                }
+                Ok(Isa::Scalar)
+            }
+            IsaRequest::Avx2 => {
+                #[cfg(target_arch = "x86_64")]
+                if let Some(t) = cpu.avx2 {
+                    return Ok(Isa::Avx2(t));
+                }
+                Err(unsupported("avx2", &["avx2", "fma"]))
+            }
+            IsaRequest::Avx512 => {
+                #[cfg(target_arch = "x86_64")]
+                if let Some(t) = cpu.avx512 {
+                    return Ok(Isa::Avx512(t));
+                }
+                Err(unsupported("avx512", &["avx512f", "avx2", "fma"]))
+            }
+        }
+    }
+
+    /// The choice of this process: [`ISA_ENV`] read and this CPU detected on the first call,
+    /// the answer kept for the life of the process.
+    fn process_choice() -> &'static Result<Isa, IsaError> {
+        static CHOICE: OnceLock<Result<Isa, IsaError>> = OnceLock::new();
+        CHOICE.get_or_init(|| Self::choose(IsaRequest::from_env()?, &Cpu::detect()))
+    }
+
+    /// The set of this process, or why [`ISA_ENV`] cannot be followed.
+    pub fn selected() -> Result<Self, IsaError> {
+        Self::process_choice().clone()
+    }
+
+    /// The set the kernels of this process run on ([`Isa::selected`]). When [`ISA_ENV`] is
+    /// unusable the entry points that run kernels have already refused to start, so this is
+    /// reached only by a caller of a bare kernel, which then runs the portable set: correct on
+    /// any CPU, and never a wider set than the variable asked for.
     #[inline]
     pub fn get() -> Self {
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(Self::detect)
+        match Self::process_choice() {
+            Ok(isa) => *isa,
+            Err(_) => Isa::Scalar,
+        }
     }
 
     /// Every instruction set this CPU can run, narrowest first ([`Isa::Scalar`] always).
@@ -115,14 +297,125 @@ impl Isa {
         }
     }
 
-    /// A short name (`"scalar"`, `"avx2"`, `"avx512"`), for benches and messages.
+    /// A short name, as [`ISA_ENV`] takes it (`"portable"`, `"avx2"`, `"avx512"`).
     pub fn name(self) -> &'static str {
         match self {
-            Isa::Scalar => "scalar",
+            Isa::Scalar => "portable",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2(_) => "avx2",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512(_) => "avx512",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_accepted_names_and_refuses_others() {
+        assert_eq!(IsaRequest::parse(None), Ok(IsaRequest::Auto));
+        for (value, want) in [
+            ("", IsaRequest::Auto),
+            ("auto", IsaRequest::Auto),
+            ("avx512", IsaRequest::Avx512),
+            (" AVX2\n", IsaRequest::Avx2),
+            ("portable", IsaRequest::Portable),
+            ("Portable", IsaRequest::Portable),
+        ] {
+            assert_eq!(IsaRequest::parse(Some(value)), Ok(want), "{value:?}");
+        }
+        for value in ["sse2", "avx-512", "scalar", "native", "avx2,fma", "0"] {
+            let err = IsaRequest::parse(Some(value)).expect_err(value);
+            assert_eq!(
+                err.to_string(),
+                format!("BAYESLORA_ISA={value:?} is not one of auto, avx512, avx2, portable")
+            );
+        }
+        // every set's name is a value the variable takes
+        for isa in Isa::available() {
+            assert!(
+                IsaRequest::parse(Some(isa.name())).is_ok(),
+                "{}",
+                isa.name()
+            );
+        }
+    }
+
+    #[test]
+    fn a_cpu_without_the_set_is_an_error_never_a_narrower_set() {
+        let none = Cpu {
+            #[cfg(target_arch = "x86_64")]
+            avx2: None,
+            #[cfg(target_arch = "x86_64")]
+            avx512: None,
+            has: &|_| false,
+        };
+        assert_eq!(Isa::choose(IsaRequest::Auto, &none), Ok(Isa::Scalar));
+        assert_eq!(Isa::choose(IsaRequest::Portable, &none), Ok(Isa::Scalar));
+        let err = Isa::choose(IsaRequest::Avx2, &none).expect_err("no avx2");
+        assert_eq!(
+            err.to_string(),
+            "BAYESLORA_ISA=avx2 but this CPU lacks avx2, fma"
+        );
+        let err = Isa::choose(IsaRequest::Avx512, &none).expect_err("no avx512");
+        assert_eq!(
+            err.to_string(),
+            "BAYESLORA_ISA=avx512 but this CPU lacks avx512f, avx2, fma"
+        );
+        // AVX2 without AVX-512 (the real AVX2 token where this CPU can make one)
+        let avx2_only = Cpu {
+            #[cfg(target_arch = "x86_64")]
+            avx2: Avx2::detect(),
+            #[cfg(target_arch = "x86_64")]
+            avx512: None,
+            has: &|f| f != "avx512f",
+        };
+        let err = Isa::choose(IsaRequest::Avx512, &avx2_only).expect_err("no avx512");
+        assert_eq!(
+            err,
+            IsaError::Unsupported {
+                requested: "avx512",
+                missing: "avx512f".into()
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "BAYESLORA_ISA=avx512 but this CPU lacks avx512f"
+        );
+        #[cfg(target_arch = "x86_64")]
+        if let Some(t) = Avx2::detect() {
+            assert_eq!(Isa::choose(IsaRequest::Auto, &avx2_only), Ok(Isa::Avx2(t)));
+            assert_eq!(Isa::choose(IsaRequest::Avx2, &avx2_only), Ok(Isa::Avx2(t)));
+        }
+        // features reported but no token (registers kept off by the OS): what is asked for
+        let off = Cpu {
+            #[cfg(target_arch = "x86_64")]
+            avx2: None,
+            #[cfg(target_arch = "x86_64")]
+            avx512: None,
+            has: &|_| true,
+        };
+        let err = Isa::choose(IsaRequest::Avx2, &off).expect_err("no token");
+        assert_eq!(
+            err.to_string(),
+            "BAYESLORA_ISA=avx2 but this CPU lacks avx2, fma"
+        );
+    }
+
+    #[test]
+    fn this_cpu_runs_every_set_it_has_when_asked() {
+        let cpu = Cpu::detect();
+        assert_eq!(Isa::choose(IsaRequest::Auto, &cpu), Ok(Isa::detect()));
+        for isa in Isa::available() {
+            let request = IsaRequest::parse(Some(isa.name())).expect("a name");
+            assert_eq!(Isa::choose(request, &cpu), Ok(isa));
+        }
+        // this process's choice follows the variable of the test run (unset: the widest)
+        match IsaRequest::from_env() {
+            Ok(request) => assert_eq!(Isa::selected(), Isa::choose(request, &cpu)),
+            Err(e) => assert_eq!(Isa::selected(), Err(e)),
         }
     }
 }

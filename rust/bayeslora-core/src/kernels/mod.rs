@@ -10,8 +10,9 @@
 //!   row never depends on the other rows or on how rows are split across threads. The runtime's
 //!   "an input's score does not depend on its batch-mates or the thread count" rests on this.
 //! - AVX-512 (a 12 × 32 tile over two panels) or AVX2+FMA is used when the CPU has it, detected
-//!   once per process ([`Isa::get`]); otherwise a scalar path with the same arithmetic
-//!   (`mul_add`) runs. On the MiniLM shapes the AVX-512 kernel runs at 96–100 % of the FMA peak
+//!   once per process ([`Isa::get`]); otherwise a portable path with the same arithmetic
+//!   (`mul_add`) runs. `BAYESLORA_ISA=avx512|avx2|portable` forces one ([`ISA_ENV`]; a set the
+//!   CPU lacks is an error, never a fallback), so one machine runs every path. On the MiniLM shapes the AVX-512 kernel runs at 96–100 % of the FMA peak
 //!   [`fma_peak_gflops`] measures.
 //! - Softmax, exact GELU and add + LayerNorm have AVX-512 versions of the portable formulas (a
 //!   row's ragged end under a lane mask, so every element of a row is computed alike); K panels
@@ -43,8 +44,8 @@ mod x86_avx512;
 pub use elementwise::{
     add_assign, add_layer_norm, gelu, gelu_tanh, layer_norm, relu, softmax_rows, tanh,
 };
-pub use gemm::{gemm, gemm_on, par_gemm, Epilogue, MR, NR};
-pub use isa::Isa;
+pub use gemm::{gemm, gemm_calls, gemm_on, par_gemm, Epilogue, MR, NR};
+pub use isa::{Isa, IsaError, ISA_ENV};
 pub use pack::Packed;
 pub use peak::fma_peak_gflops;
 

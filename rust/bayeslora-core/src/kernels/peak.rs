@@ -9,7 +9,8 @@ use crate::error::{Error, Result};
 /// running independent fused multiply-add chains (12 accumulators, more than FMA latency ×
 /// FMA units) of the widest vectors the kernels use (AVX-512, else AVX2) for about `seconds`.
 /// The sum over the threads is returned; 0 when neither AVX2+FMA nor AVX-512 is available; an
-/// error for `seconds` ≤ 0 (at most 60 are run), no threads, or threads the OS will not start.
+/// error for `seconds` ≤ 0 (at most 60 are run), no threads, threads the OS will not start, or
+/// an unusable `BAYESLORA_ISA` (the set it forces is the one measured).
 /// It is what a matrix kernel could at best execute at the clock the cores run now, which
 /// the nominal clock in `/proc/cpuinfo` does not tell (cores boost).
 pub fn fma_peak_gflops(seconds: f64, threads: usize) -> Result<f64> {
@@ -18,6 +19,7 @@ pub fn fma_peak_gflops(seconds: f64, threads: usize) -> Result<f64> {
             "seconds must be > 0 and threads >= 1, got {seconds} and {threads}"
         )));
     }
+    Isa::selected()?;
     let seconds = seconds.min(60.0);
     std::thread::scope(|scope| {
         let mut runs = Vec::with_capacity(threads);
