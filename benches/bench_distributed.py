@@ -69,7 +69,11 @@ def build_bundle(out: Path, tiny: bool = False) -> Path:
     else:
         model = minilm_classifier().eval()
     config = bl.BayesLoRAConfig(
-        rank=RANK, target_modules=["query", "value"], init_b_std=0.02, init_log_alpha=-2.0
+        rank=RANK,
+        target_modules=["query", "value"],
+        posterior="gate",
+        init_b_std=0.02,
+        init_log_alpha=-2.0,
     )
     bl.inject(model, config)
     return bl.export(model, word_tokenizer(VOCAB), out, max_length=WORDS + 2)

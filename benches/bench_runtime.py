@@ -40,7 +40,11 @@ def build_model() -> torch.nn.Module:
     bl.inject(
         model,
         bl.BayesLoRAConfig(
-            rank=RANK, target_modules=["query", "value"], init_b_std=0.02, init_log_alpha=-2.0
+            rank=RANK,
+            target_modules=["query", "value"],
+            posterior="gate",
+            init_b_std=0.02,
+            init_log_alpha=-2.0,
         ),
     )
     return model

@@ -17,7 +17,8 @@ from bayeslora.pipeline import TrainSettings, train
 
 def main() -> None:
     model_dir, csv, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    settings = TrainSettings(
+    settings = TrainSettings.for_recipe(
+        "vi",  # the gate posterior with noise and a per-example KL, as the comments below assume
         model=model_dir,
         data=f"csv:{csv}",
         rank=4,
