@@ -22,6 +22,7 @@ import bayeslora as bl
 from bayeslora import analysis
 from bayeslora.cli import main as cli_main
 from bayeslora.errors import BundleError
+from bayeslora.nn.model import adapted_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,7 @@ def tiny_model(posterior: str = "gate", method: str = "bayeslora", rank: int = 6
     )
     bl.inject(model, cfg)
     with torch.no_grad():
-        for _, layer in bl.injection.adapted_layers(model):
+        for _, layer in adapted_layers(model):
             layer.lora_A.normal_()
             layer.lora_B.normal_()
             if layer.uses_gate:
@@ -73,7 +74,7 @@ def test_adapter_checkpoint_matches_torch_layers(tmp_path, posterior):
     model = tiny_model(posterior)
     bl.save_adapter(model, tmp_path / "ckpt")
     report = analysis.analyze(tmp_path / "ckpt", num_threads=1)
-    layers = dict(bl.injection.adapted_layers(model))
+    layers = dict(adapted_layers(model))
     assert sorted(m.name for m in report.modules) == sorted(layers)
     assert report.kind == "adapter" and report.posterior == posterior
     for m in report.modules:
@@ -220,7 +221,7 @@ def test_analysis_never_imports_torch(tmp_path):
     write_bundle(tmp_path / "bundle", "f32")
     code = (
         "import sys; import bayeslora.analysis as a; r = a.analyze(sys.argv[1]); "
-        "from bayeslora._analysis_plots import write_plots; write_plots(r, sys.argv[2]); "
+        "from bayeslora.analysis.plots import write_plots; write_plots(r, sys.argv[2]); "
         "assert 'torch' not in sys.modules, 'torch was imported'; print(r.totals['active_rank'])"
     )
     out = subprocess.run(

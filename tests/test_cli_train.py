@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import bayeslora as bl
-from bayeslora.pipeline import load_checkpoint
+from bayeslora.train.pipeline import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,7 +222,7 @@ def test_train_from_a_model_whose_head_has_other_labels(tiny_model_dir, sentimen
 
 def test_kl_scale_default_follows_the_recipe_and_the_posterior():
     from bayeslora.cli import _settings, build_parser
-    from bayeslora.pipeline import KL_SCALE_DEFAULTS, TrainSettings
+    from bayeslora.train.pipeline import KL_SCALE_DEFAULTS, TrainSettings
 
     # the default recipe (select): 1e-6 of the KL without 1/N, whatever the posterior
     assert TrainSettings().kl_scale == TrainSettings(posterior="gate").kl_scale == 1e-6

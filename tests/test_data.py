@@ -31,7 +31,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bayeslora import _fetch, data
+from bayeslora import data
+from bayeslora.data import _fetch
 from bayeslora.errors import DataError
 
 INDEX = "https://index.invalid/simple"

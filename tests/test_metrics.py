@@ -33,7 +33,7 @@ from torchmetrics.functional.classification import (
 
 from bayeslora import metrics as M
 from bayeslora.errors import InvalidValueError, ShapeError
-from bayeslora.prediction import summarize
+from bayeslora.nn.prediction import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)

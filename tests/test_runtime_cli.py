@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 import bayeslora as bl
 from bayeslora import cli
 from bayeslora.errors import BundleError, InvalidValueError, ShapeError
-from bayeslora.injection import adapted_layers
+from bayeslora.nn.model import adapted_layers
 from bayeslora.runtime import Scorer
 from runtime_models import adapt, batch, build, softmax, torch_logits, word_tokenizer
 

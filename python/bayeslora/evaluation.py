@@ -48,7 +48,7 @@ def load_predictor(
         }
         return predict_bundle, info
     if (path / "run.json").is_file():
-        from .pipeline import load_checkpoint, predict
+        from .train.pipeline import load_checkpoint, predict
 
         model, tokenizer, run = load_checkpoint(path)
         max_length = int(run["settings"]["max_length"])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BayesLoRAConfig
+from ..config import BayesLoRAConfig
 
 # Molchanov et al. (2017) constants, docs/method.md §3.
 K1, K2, K3 = 0.63576, 1.87320, 1.48695

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .injection import adapted_layers, get_config
+from .model import adapted_layers, get_config
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

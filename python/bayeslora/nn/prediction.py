@@ -9,7 +9,7 @@ from types import TracebackType
 import torch
 from torch import nn
 
-from .injection import adapted_layers
+from .model import adapted_layers
 from .objective import _unwrap
 
 FIELDS = ("probs", "label", "confidence", "entropy", "expected_entropy", "mutual_info", "variance")

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics
-from .config import KL_SCALE_DEFAULTS
-from .errors import BundleError, ConfigError
+from .. import metrics
+from ..config import KL_SCALE_DEFAULTS
+from ..errors import BundleError, ConfigError
 
 RUN_FILE = "run.json"
 # the default length of a run (TrainSettings.epochs = None): at least MIN_EPOCHS and MIN_STEPS
@@ -205,7 +205,7 @@ class TrainSettings:
         return cls(**{**RECIPES[recipe], **overrides, "recipe": recipe})
 
     def bayes_config(self, head: str) -> Any:
-        from .config import BayesLoRAConfig
+        from ..config import BayesLoRAConfig
 
         targets: list[str] | str = self.targets
         if len(self.targets) == 1 and (
@@ -250,7 +250,7 @@ def _head_name(model: Any) -> str:
 def resolve_model(model: str) -> Path:
     """``"default"`` → the packaged all-MiniLM-L6-v2; else a local HF model directory."""
     if model == "default":
-        from .data import default_model_path
+        from ..data import default_model_path
 
         return default_model_path()
     path = Path(model).expanduser()
@@ -290,7 +290,7 @@ def predict(
     """Per-sample class probabilities ``[N, max(S, 1), C]`` (mean mode when ``samples`` = 0)."""
     import torch
 
-    from .prediction import mc_predict
+    from ..nn.prediction import mc_predict
 
     out = []
     for start in range(0, len(texts), batch_size):
@@ -330,8 +330,8 @@ def scale_noise(model: Any, factor: float) -> None:
     order (and, for ``factor`` ≤ 1, every pruning decision) stays."""
     import torch
 
-    from .injection import adapted_layers
-    from .objective import _unwrap
+    from ..nn.model import adapted_layers
+    from ..nn.objective import _unwrap
 
     if not factor > 0:
         raise ConfigError(f"a noise scale must be > 0, got {factor!r}")
@@ -412,8 +412,8 @@ def validation_rank_cut(
     """
     import torch
 
-    from .injection import adapted_layers
-    from .objective import _unwrap
+    from ..nn.model import adapted_layers
+    from ..nn.objective import _unwrap
 
     layers = [layer for _, layer in adapted_layers(_unwrap(model))]
     masks = [layer.rank_mask.clone() for layer in layers]
@@ -485,7 +485,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, dict]:
     """(model, tokenizer, run metadata) of a ``bayeslora train`` output directory."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .io import load_adapter
+    from ..nn.checkpoint import load_adapter
 
     run_path = Path(path) / RUN_FILE
     try:
@@ -535,7 +535,7 @@ def _remove_if_empty(created: list[Path]) -> None:
 def check_splits(data: Any, n_eval: int | None) -> None:
     """Raise :class:`DataError` (one line) unless ``data`` has a training, a validation and a test
     example (after ``max_eval``): a run trains on the first and reports on the other two."""
-    from .errors import DataError
+    from ..errors import DataError
 
     if n_eval is not None and n_eval < 1:
         raise DataError(f"max_eval must be >= 1, got {n_eval}")
@@ -611,11 +611,11 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
     )
     from transformers.utils import logging as hf_logging
 
-    from .data import load_dataset
-    from .injection import inject
-    from .io import save_adapter
-    from .pruning import adapter_parameter_count, prune, ranks, shrink
-    from .training import BayesLoRATrainer, _is_main_process
+    from ..data import load_dataset
+    from ..nn.checkpoint import save_adapter
+    from ..nn.model import inject
+    from ..nn.pruning import adapter_parameter_count, prune, ranks, shrink
+    from .trainer import BayesLoRATrainer, _is_main_process
 
     hf_logging.set_verbosity_error()
     data = load_dataset(settings.data, seed=settings.seed)

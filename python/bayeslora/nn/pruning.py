@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .injection import adapted_layers
+from .model import adapted_layers
 from .objective import _unwrap
 
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
-from .errors import BundleError
+from .. import _core
+from ..errors import BundleError
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "bayeslora_adapter.json"
@@ -535,8 +535,8 @@ def analyze_model(
     model: Any, *, num_threads: int | None = None, keep_vectors: bool = False
 ) -> AnalysisReport:
     """Analyse the adapters of an in-memory torch model (imports torch only here)."""
-    from .injection import adapted_layers  # torch-side, imported lazily on purpose
-    from .objective import _unwrap
+    from ..nn.model import adapted_layers  # torch-side, imported lazily on purpose
+    from ..nn.objective import _unwrap
 
     base = _unwrap(model)
     mods = []

@@ -37,11 +37,11 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .injection import adapted_layers, get_config
-from .io import save_adapter
-from .objective import _unwrap, kl_divergence
-from .prediction import sampling
-from .pruning import prune, ranks
+from ..nn.checkpoint import save_adapter
+from ..nn.model import adapted_layers, get_config
+from ..nn.objective import _unwrap, kl_divergence
+from ..nn.prediction import sampling
+from ..nn.pruning import prune, ranks
 
 TRAINING_STATE = "bayeslora_training.json"
 

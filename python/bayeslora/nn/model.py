@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .config import BayesLoRAConfig
-from .errors import TargetNotFoundError
-from .layers import BayesLoRALayer, is_adaptable
+from ..config import BayesLoRAConfig
+from ..errors import TargetNotFoundError
+from .layer import BayesLoRALayer, is_adaptable
 
 # Output heads that "all-linear" leaves alone, as PEFT does.
 _HEAD_NAMES = ("classifier", "score", "lm_head", "qa_outputs", "pre_classifier", "cls")

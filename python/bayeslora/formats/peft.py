@@ -38,13 +38,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._atomic import check_output_dir, output_sources, write_dir_atomically
+from .._atomic import check_output_dir, output_sources, write_dir_atomically
+from ..config import BayesLoRAConfig
+from ..errors import BundleError, ConfigError
+from ..nn.layer import _is_conv1d, base_dims, is_adaptable
+from ..nn.model import adapted_layers, get_config, inject, is_target
+from ..nn.objective import _unwrap
 from .bundle import exported_module, warn_extra_pruned
-from .config import BayesLoRAConfig
-from .errors import BundleError, ConfigError
-from .injection import adapted_layers, get_config, inject, is_target
-from .layers import _is_conv1d, base_dims, is_adaptable
-from .objective import _unwrap
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -591,9 +591,9 @@ def import_peft_checkpoint(
     model's directory are refused (:class:`~bayeslora.errors.OutputError`, before any loading)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from .io import save_adapter
-    from .pipeline import RUN_FILE, TrainSettings, resolve_model
-    from .pruning import adapter_parameter_count, ranks
+    from ..nn.checkpoint import save_adapter
+    from ..nn.pruning import adapter_parameter_count, ranks
+    from ..train.pipeline import RUN_FILE, TrainSettings, resolve_model
 
     peft_cfg = read_peft_config(peft_dir)
     name = model if model is not None else peft_cfg.get("base_model_name_or_path")

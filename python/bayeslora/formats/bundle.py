@@ -33,11 +33,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ._atomic import check_output_dir, output_sources, write_dir_atomically
-from .errors import BundleError, ConfigError
-from .injection import adapted_layers, get_config
-from .layers import BayesLoRALayer
-from .objective import _unwrap
+from .._atomic import check_output_dir, output_sources, write_dir_atomically
+from ..errors import BundleError, ConfigError
+from ..nn.layer import BayesLoRALayer
+from ..nn.model import adapted_layers, get_config
+from ..nn.objective import _unwrap
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -268,7 +268,7 @@ def export(
         if tokenizer_text is not None:
             (tmp / TOKENIZER).write_text(tokenizer_text)
         if validate:
-            from . import _core
+            from .. import _core
 
             _core.Runtime(str(tmp), 1)
 

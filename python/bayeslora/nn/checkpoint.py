@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._atomic import output_sources, write_dir_atomically
-from .config import BayesLoRAConfig
-from .errors import BundleError
-from .injection import _matches_list, adapted_layers, get_config, inject, is_target
-from .layers import base_dims
+from .._atomic import output_sources, write_dir_atomically
+from ..config import BayesLoRAConfig
+from ..errors import BundleError
+from .layer import base_dims
+from .model import _matches_list, adapted_layers, get_config, inject, is_target
 from .objective import _unwrap
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
