@@ -111,8 +111,8 @@ TESTS = {
 
 
 def run_one(name: str, n_train: int, seed: int, args: argparse.Namespace, log: Any) -> dict[str, Any]:
-    from bayeslora.formats.bundle import export
-    from bayeslora.train.pipeline import TrainSettings, train
+    from bayeslora.bundle import export
+    from bayeslora.pipeline import TrainSettings, train
     from bench_methods import _metrics, _score_bundle, _temperature_row, eval_sets
 
     recipe, overrides = CONFIGS[name]

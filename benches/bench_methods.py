@@ -109,8 +109,8 @@ def _alignment(model: Any) -> float | None:
 
 def run_ours(method: str, seed: int, args: argparse.Namespace, sets: dict, work: Path, log: Any) -> dict:
     """Train one of our methods, export its bundle, score every set with the Rust runtime."""
-    from bayeslora.formats.bundle import export
-    from bayeslora.train.pipeline import TrainSettings, train
+    from bayeslora.bundle import export
+    from bayeslora.pipeline import TrainSettings, train
 
     family, _, posterior = method.partition("/")
     overrides = (
@@ -185,7 +185,7 @@ def run_adalora(seed: int, budget: int, args: argparse.Namespace, sets: dict, da
         set_seed,
     )
 
-    from bayeslora.train.pipeline import TrainSettings, _Encoded, predict, resolve_model, training_arguments
+    from bayeslora.pipeline import TrainSettings, _Encoded, predict, resolve_model, training_arguments
 
     defaults = TrainSettings()
     model_dir = resolve_model("default")
