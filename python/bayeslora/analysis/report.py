@@ -28,11 +28,8 @@ import numpy as np
 
 from .. import _core
 from ..errors import BundleError
-
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "bayeslora_adapter.json"
-BUNDLE_WEIGHTS = "model.safetensors"
-BUNDLE_CONFIG = "bayeslora.json"
+from ..files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BUNDLE_WEIGHTS, CHECKPOINT_ADAPTER
+from ..files import BUNDLE_META as BUNDLE_CONFIG
 
 __all__ = ["AnalysisReport", "ModuleReport", "analyze", "analyze_factors", "analyze_model"]
 
@@ -481,8 +478,8 @@ def analyze(
     (``model.safetensors`` + ``bayeslora.json``). ``num_threads``: size of the Rust thread pool
     (None: all cores). ``keep_vectors``: also keep U [d_out, p] and V [d_in, p]."""
     root = Path(path)
-    if not (root / ADAPTER_CONFIG).exists() and (root / "adapter" / ADAPTER_CONFIG).exists():
-        root = root / "adapter"  # a training run directory (`bayeslora train --out DIR`)
+    if not (root / ADAPTER_CONFIG).exists() and (root / CHECKPOINT_ADAPTER / ADAPTER_CONFIG).exists():
+        root = root / CHECKPOINT_ADAPTER  # a training run directory (`bayeslora train --out DIR`)
     if (root / ADAPTER_CONFIG).exists():
         meta = _read_json(root / ADAPTER_CONFIG)
         if meta.get("format_version") != 1:

@@ -35,15 +35,14 @@ from torch import nn
 
 from .._atomic import check_output_dir, output_sources, write_dir_atomically
 from ..errors import BundleError, ConfigError
+from ..files import BUNDLE_FORMAT_VERSION as FORMAT_VERSION
+from ..files import BUNDLE_HF_CONFIG as HF_CONFIG
+from ..files import BUNDLE_META as META
+from ..files import BUNDLE_TOKENIZER as TOKENIZER
+from ..files import BUNDLE_WEIGHTS as WEIGHTS
 from ..nn.layer import BayesLoRALayer
 from ..nn.model import adapted_layers, get_config
 from ..nn.objective import _unwrap
-
-FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
-HF_CONFIG = "config.json"
-META = "bayeslora.json"
-TOKENIZER = "tokenizer.json"
 
 # HF model_type -> runtime architecture
 ARCHITECTURES = {
@@ -262,7 +261,8 @@ def export(
     out = Path(out_dir)
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "bayeslora-bundle", "format_version": "1"})
+        weights_meta = {"format": "bayeslora-bundle", "format_version": str(FORMAT_VERSION)}
+        save_file(tensors, str(tmp / WEIGHTS), metadata=weights_meta)
         (tmp / HF_CONFIG).write_text(hf_config.to_json_string(use_diff=False))
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if tokenizer_text is not None:

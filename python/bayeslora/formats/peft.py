@@ -41,17 +41,24 @@ from torch import nn
 from .._atomic import check_output_dir, output_sources, write_dir_atomically
 from ..config import BayesLoRAConfig
 from ..errors import BundleError, ConfigError
+from ..files import (
+    CHECKPOINT_ADAPTER,
+    CHECKPOINT_TOKENIZER,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    POSTERIOR_FORMAT_VERSION,
+    POSTERIOR_META,
+    POSTERIOR_WEIGHTS,
+    RUN_FILE,
+    SEQ_CLS_HEAD_WEIGHTS,
+    SEQ_CLS_HEADS,
+)
 from ..nn.layer import _is_conv1d, base_dims, is_adaptable
 from ..nn.model import adapted_layers, get_config, inject, is_target
 from ..nn.objective import _unwrap
 from .bundle import exported_module, warn_extra_pruned
 
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_WEIGHTS_BIN = "adapter_model.bin"
-POSTERIOR_WEIGHTS = "bayeslora_posterior.safetensors"
-POSTERIOR_META = "bayeslora_posterior.json"
-POSTERIOR_FORMAT_VERSION = 1
 PREFIX = "base_model.model."
 
 # LoRA variants PEFT configures with a flag or a sub-config; a truthy value changes the forward
@@ -106,9 +113,6 @@ def _task_type(model: nn.Module) -> str | None:
     if name.endswith("ForTokenClassification"):
         return "TOKEN_CLS"
     return None
-
-
-_SEQ_CLS_HEADS = ("classifier", "score")  # PEFT's SEQ_CLS model adds these to modules_to_save
 
 
 def _peft_claims(name: str, modules_to_save: list[str]) -> bool:
@@ -190,11 +194,11 @@ def export_peft(
             "by the saved copy"
         )
     task_type = _task_type(base)
-    if task_type == "SEQ_CLS" and any(_peft_claims(n, list(_SEQ_CLS_HEADS)) for n in rank_pattern):
+    if task_type == "SEQ_CLS" and any(_peft_claims(n, list(SEQ_CLS_HEADS)) for n in rank_pattern):
         task_type = (
             None  # PEFT's SEQ_CLS model would also claim the adapted head: load it as a plain PeftModel
         )
-    claimed = ours + (list(_SEQ_CLS_HEADS) if task_type == "SEQ_CLS" else [])
+    claimed = ours + (list(SEQ_CLS_HEADS) if task_type == "SEQ_CLS" else [])
     saved_modules = _wrapped_modules(base, claimed)
     for name in saved_modules:
         for key, value in base.get_submodule(name).state_dict().items():
@@ -518,7 +522,7 @@ def import_peft(
     # what PEFT trained in full: every module it wraps (by its own endswith rule), named exactly
     peft_saved = [str(m) for m in (cfg.get("modules_to_save") or [])]
     if cfg.get("task_type") == "SEQ_CLS":
-        peft_saved += list(_SEQ_CLS_HEADS)
+        peft_saved += list(SEQ_CLS_HEADS)
     saved = [n for n in _wrapped_modules(base, peft_saved) if n not in plan]
     new_config = dataclasses.replace(
         user,
@@ -565,9 +569,7 @@ def import_peft(
 
 def _head_rows(state: dict[str, torch.Tensor]) -> int | None:
     for key, value in state.items():
-        if ".lora_" not in key and key.endswith(
-            ("classifier.weight", "score.weight", "classifier.out_proj.weight")
-        ):
+        if ".lora_" not in key and key.endswith(SEQ_CLS_HEAD_WEIGHTS):
             return int(value.shape[0])
     return None
 
@@ -593,7 +595,7 @@ def import_peft_checkpoint(
 
     from ..nn.checkpoint import save_adapter
     from ..nn.pruning import adapter_parameter_count, ranks
-    from ..train.pipeline import RUN_FILE, TrainSettings, resolve_model
+    from ..train.pipeline import TrainSettings, resolve_model
 
     peft_cfg = read_peft_config(peft_dir)
     name = model if model is not None else peft_cfg.get("base_model_name_or_path")
@@ -642,9 +644,9 @@ def import_peft_checkpoint(
         tokenizer = None  # a base model without a tokenizer: the checkpoint scores token ids only
 
     def write(tmp: Path) -> None:
-        save_adapter(hf, tmp / "adapter")
+        save_adapter(hf, tmp / CHECKPOINT_ADAPTER)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / "tokenizer")
+            tokenizer.save_pretrained(tmp / CHECKPOINT_TOKENIZER)
         (tmp / RUN_FILE).write_text(json.dumps(run, indent=2, default=str))
 
     write_dir_atomically(out, write, kind="checkpoint", force=force, sources=sources)

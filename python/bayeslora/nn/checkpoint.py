@@ -14,13 +14,12 @@ from torch import nn
 from .._atomic import output_sources, write_dir_atomically
 from ..config import BayesLoRAConfig
 from ..errors import BundleError
+from ..files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..files import ADAPTER_FORMAT_VERSION as FORMAT_VERSION
 from .layer import base_dims
 from .model import _matches_list, adapted_layers, get_config, inject, is_target
 from .objective import _unwrap
 
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "bayeslora_adapter.json"
-FORMAT_VERSION = 1
 _LAYER_TENSORS = ("lora_A", "lora_B", "log_alpha", "log_sigma2", "rank_mask", "rank_index")
 
 

@@ -10,10 +10,8 @@ from torch import nn
 
 from ..config import BayesLoRAConfig
 from ..errors import TargetNotFoundError
+from ..files import OUTPUT_HEADS
 from .layer import BayesLoRALayer, is_adaptable
-
-# Output heads that "all-linear" leaves alone, as PEFT does.
-_HEAD_NAMES = ("classifier", "score", "lm_head", "qa_outputs", "pre_classifier", "cls")
 
 
 def _matches_list(name: str, patterns: list[str]) -> bool:
@@ -21,7 +19,7 @@ def _matches_list(name: str, patterns: list[str]) -> bool:
 
 
 def _is_head(name: str) -> bool:
-    return any(part in _HEAD_NAMES for part in name.split("."))
+    return any(part in OUTPUT_HEADS for part in name.split("."))
 
 
 def is_target(name: str, module: nn.Module, config: BayesLoRAConfig) -> bool:

@@ -9,10 +9,11 @@ from types import TracebackType
 import torch
 from torch import nn
 
+from ..files import UNCERTAINTY_FIELDS
 from .model import adapted_layers
 from .objective import _unwrap
 
-FIELDS = ("probs", "label", "confidence", "entropy", "expected_entropy", "mutual_info", "variance")
+FIELDS = UNCERTAINTY_FIELDS
 
 
 class sampling:  # lower case on purpose: used like a function, bl.sampling(model, True)

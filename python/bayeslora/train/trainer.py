@@ -37,13 +37,12 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..files import CHECKPOINT_ADAPTER, TRAINING_STATE
 from ..nn.checkpoint import save_adapter
 from ..nn.model import adapted_layers, get_config
 from ..nn.objective import _unwrap, kl_divergence
 from ..nn.prediction import sampling
 from ..nn.pruning import prune, ranks
-
-TRAINING_STATE = "bayeslora_training.json"
 
 
 def _is_main_process() -> bool:
@@ -260,7 +259,7 @@ class BayesLoRATrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if not _is_main_process():
             return
-        save_adapter(self.model, Path(output_dir) / "adapter")
+        save_adapter(self.model, Path(output_dir) / CHECKPOINT_ADAPTER)
         meta = {"global_step": self.state.global_step, "prune_history": self.prune_callback.history}
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         tmp = Path(output_dir) / f".{TRAINING_STATE}.tmp"
