@@ -21,14 +21,14 @@ import numpy as np
 from .. import metrics
 from ..config import KL_SCALE_DEFAULTS
 from ..errors import BundleError, ConfigError
+from ..files import CHECKPOINT_ADAPTER, CHECKPOINT_TOKENIZER, CHECKPOINT_TRAINER, RUN_FILE
+from ..files import SEQ_CLS_HEADS as HEAD_NAMES
 
-RUN_FILE = "run.json"
 # the default length of a run (TrainSettings.epochs = None): at least MIN_EPOCHS and MIN_STEPS
 # optimizer steps, so that a few hundred rows still train long enough for the half-way rank cut to
 # see what the adapter is worth (30 steps of a 480-row CSV were not: its benefit was below one
 # standard error), at most MAX_EPOCHS
 MIN_EPOCHS, MIN_STEPS, MAX_EPOCHS = 2, 150, 20
-HEAD_NAMES = ("classifier", "score")
 # The authors' GLUE harness (recipe "paper"): additive posterior, a deterministic training forward
 # (the noise never switched on, so λ moves only under the KL), CE + 1e-6·ΣKL with no 1/N and β = 1,
 # AdamW (factors 1e-3, log σ² 1e-4 with plain Adam, head 1e-2 with weight decay 1e-2), grad-norm clip
@@ -504,7 +504,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, dict]:
         ignore_mismatched_sizes=True,  # a base whose head has other labels: a fresh head
     )
     tokenizer = AutoTokenizer.from_pretrained(base)
-    load_adapter(model, Path(path) / "adapter")
+    load_adapter(model, Path(path) / CHECKPOINT_ADAPTER)
     return model.eval(), tokenizer, run
 
 
@@ -644,7 +644,7 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
         f"{n_train} training examples, {settings.epochs_for(n_train):g} epochs, {len(initial)} adapted "
         f"modules, model {model_dir}"
     )
-    args = training_arguments(settings, out / "checkpoints", n_train, progress=progress)
+    args = training_arguments(settings, out / CHECKPOINT_TRAINER, n_train, progress=progress)
     select = None
     if settings.rank_select == "validation":
         n_sel = min(len(data.validation), SELECT_EXAMPLES)
@@ -737,8 +737,8 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
         summary["metrics"]["validation_mc"] = evaluate_probs(val_mc, val_labels)
         summary["metrics"]["test_mc"] = evaluate_probs(test_mc, test_labels)
     if _is_main_process():  # every process holds the same adapter; one writes it
-        save_adapter(model, out / "adapter")
-        tokenizer.save_pretrained(out / "tokenizer")
+        save_adapter(model, out / CHECKPOINT_ADAPTER)
+        tokenizer.save_pretrained(out / CHECKPOINT_TOKENIZER)
         tmp = out / f".{RUN_FILE}.tmp"
         tmp.write_text(json.dumps(summary, indent=2, default=str))
         os.replace(tmp, out / RUN_FILE)
