@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BayesLoRAError, ConfigError
+from .files import ADAPTER_WEIGHTS, BUNDLE_META, PEFT_CONFIG, RUN_FILE, SEQ_CLS_HEAD_WEIGHTS
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
@@ -492,11 +493,9 @@ def _add_trained_source(p: argparse.ArgumentParser) -> None:
 def _num_labels(ckpt: Path) -> int | None:
     from safetensors import safe_open
 
-    from .nn.checkpoint import ADAPTER_WEIGHTS
-
     with safe_open(str(ckpt / ADAPTER_WEIGHTS), framework="numpy") as f:
         for key in f.keys():
-            if key.endswith(("classifier.weight", "classifier.out_proj.weight")):
+            if key.endswith(SEQ_CLS_HEAD_WEIGHTS):
                 return int(f.get_slice(key).get_shape()[0])
     return None
 
@@ -504,7 +503,7 @@ def _num_labels(ckpt: Path) -> int | None:
 def _load_trained(ckpt: Path, model_dir: str | None) -> tuple[Any, Any, dict | None]:
     """(model, tokenizer or None, run.json or None) of a ``bayeslora train`` checkpoint, or of an
     adapter directory (``bl.save_adapter``) loaded onto the base HF model ``model_dir``."""
-    if (ckpt / "run.json").is_file():
+    if (ckpt / RUN_FILE).is_file():
         from .train.pipeline import load_checkpoint
 
         return load_checkpoint(ckpt)
@@ -512,7 +511,7 @@ def _load_trained(ckpt: Path, model_dir: str | None) -> tuple[Any, Any, dict | N
         raise ConfigError(f"{ckpt} is an adapter directory: name its base model with --model DIR")
     from transformers import AutoModelForSequenceClassification
 
-    from .nn.checkpoint import ADAPTER_WEIGHTS, load_adapter
+    from .nn.checkpoint import load_adapter
 
     n = _num_labels(ckpt) if (ckpt / ADAPTER_WEIGHTS).exists() else None
     kwargs = {"num_labels": n} if n is not None else {}
@@ -547,7 +546,7 @@ def _export(args: argparse.Namespace) -> int:
         )
     except BayesLoRAError as e:
         return _fail(str(e))
-    meta = json.loads((out / "bayeslora.json").read_text())
+    meta = json.loads((out / BUNDLE_META).read_text())
     ranks = {name: m["rank"] for name, m in meta["modules"].items()}
     payload = {"bundle": str(out), "ranks": ranks, "total_rank": sum(ranks.values())}
     _emit(args, payload, f"wrote {out} ({len(ranks)} adapted modules, total rank {sum(ranks.values())})")
@@ -572,7 +571,7 @@ def _add_export_peft(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _export_peft(args: argparse.Namespace) -> int:
-    from .formats.peft import PEFT_CONFIG, export_peft
+    from .formats.peft import export_peft
 
     try:
         _check_out(args, "peft", args.ckpt, args.model)
