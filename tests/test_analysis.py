@@ -7,8 +7,6 @@ References: the torch layers' own weights and rank scores (``layer.rank_scores()
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from bayeslora import analysis
 from bayeslora.cli import main as cli_main
 from bayeslora.errors import BundleError
 from bayeslora.nn.model import adapted_layers
+from subprocesses import blocking_shim, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,18 +218,16 @@ def test_bad_inputs(tmp_path):
 
 def test_analysis_never_imports_torch(tmp_path):
     write_bundle(tmp_path / "bundle", "f32")
-    code = (
-        "import sys; import bayeslora.analysis as a; r = a.analyze(sys.argv[1]); "
-        "from bayeslora.analysis.plots import write_plots; write_plots(r, sys.argv[2]); "
-        "assert 'torch' not in sys.modules, 'torch was imported'; print(r.totals['active_rank'])"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "bundle"), str(tmp_path / "plots")],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={"PYTHONPATH": str(ROOT / "python"), "PATH": "/usr/bin:/bin"},
-    )
+    code = """
+        import sys
+        import bayeslora.analysis as a
+        from bayeslora.analysis.plots import write_plots
+        r = a.analyze(sys.argv[1])
+        write_plots(r, sys.argv[2])
+        print(r.totals['active_rank'])
+    """
+    shim = blocking_shim(tmp_path / "shim")
+    out = run_python(code, str(tmp_path / "bundle"), str(tmp_path / "plots"), shim=shim)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "6"
 

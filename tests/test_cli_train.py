@@ -14,19 +14,13 @@ from safetensors.torch import load_file
 
 import bayeslora as bl
 from bayeslora.train.pipeline import load_checkpoint
+from subprocesses import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "bayeslora.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_cli(args, env_extra={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, timeout=timeout)
 
 
 def _train_args(model_dir, csv, out, *extra: str) -> list[str]:

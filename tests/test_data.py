@@ -823,13 +823,6 @@ def test_default_model_path_offline_without_package(cache, monkeypatch):
         data.default_model_path()
 
 
-def test_data_module_does_not_import_torch():
-    import subprocess
-
-    code = "import sys, bayeslora.data; sys.exit(1 if 'torch' in sys.modules else 0)"
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
-
-
 # ------------------------------------------------------------------------------ real data (slow)
 
 
