@@ -344,10 +344,9 @@ def analyze_model(
     model: Any, *, num_threads: int | None = None, keep_vectors: bool = False
 ) -> AnalysisReport:
     """Analyse the adapters of an in-memory torch model (imports torch only here)."""
-    from ..nn.model import adapted_layers  # torch-side, imported lazily on purpose
-    from ..nn.objective import _unwrap
+    from ..nn.model import adapted_layers, unwrap  # torch-side, imported lazily on purpose
 
-    base = _unwrap(model)
+    base = unwrap(model)
     mods = []
     method = posterior = None
     for name, layer in adapted_layers(base):

@@ -41,8 +41,7 @@ from ..files import BUNDLE_META as META
 from ..files import BUNDLE_TOKENIZER as TOKENIZER
 from ..files import BUNDLE_WEIGHTS as WEIGHTS
 from ..nn.layer import BayesLoRALayer
-from ..nn.model import adapted_layers, get_config
-from ..nn.objective import _unwrap
+from ..nn.model import adapted_layers, get_config, unwrap
 
 # HF model_type -> runtime architecture
 ARCHITECTURES = {
@@ -120,7 +119,7 @@ def bundle_tensors(
     model: nn.Module, dtype: str = "float32", prune: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], int]:
     """(tensors, per-module metadata, ranks removed by export-time pruning) of ``model``."""
-    base = _unwrap(model)
+    base = unwrap(model)
     config = get_config(base)
     store = _DTYPES[dtype]
     layers = dict(adapted_layers(base))
@@ -226,7 +225,7 @@ def export(
     """
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    base = _unwrap(model)
+    base = unwrap(model)
     sources = output_sources(base)
     if isinstance(tokenizer, (str, os.PathLike)):
         sources.append(os.fspath(tokenizer))

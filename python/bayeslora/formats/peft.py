@@ -57,9 +57,8 @@ from ..files import (
     SEQ_CLS_HEAD_WEIGHTS,
     SEQ_CLS_HEADS,
 )
-from ..nn.layer import _is_conv1d, base_dims, is_adaptable
-from ..nn.model import adapted_layers, get_config, inject, is_target
-from ..nn.objective import _unwrap
+from ..nn.layer import base_dims, is_adaptable, is_conv1d
+from ..nn.model import adapted_layers, get_config, inject, is_target, unwrap
 from .bundle import exported_module, warn_extra_pruned
 
 PEFT_WEIGHTS_BIN = "adapter_model.bin"
@@ -163,7 +162,7 @@ def export_peft(
         ``bayeslora_posterior.json`` (format version, BayesLoRA config, per-module
         ``rank``/``initial_rank``/``scale``/``d_in``/``d_out``, rank-0 modules included).
     """
-    base = _unwrap(model)
+    base = unwrap(model)
     config = get_config(base)
     sources = output_sources(base)
     check_output_dir(out_dir, kind="peft", force=force, sources=sources)
@@ -185,7 +184,7 @@ def export_peft(
         lora[f"{PREFIX}{name}.lora_B.weight"] = kept.pop("lora_B")
         rank_pattern[name] = r
         alpha_pattern[name] = float(layer.scale) * r
-        any_conv1d = any_conv1d or _is_conv1d(layer.base_layer)
+        any_conv1d = any_conv1d or is_conv1d(layer.base_layer)
         posterior.update({f"{name}.{leaf}": t for leaf, t in kept.items()})
     if not rank_pattern:
         raise ConfigError("every adapted module is pruned to rank 0: there is no LoRA to export to PEFT")
@@ -456,7 +455,7 @@ def import_peft(
     lora, rest = _split_weights(read_peft_weights(root), weights_path)
     if not lora:
         raise BundleError(f"{weights_path}: no lora_A/lora_B tensors")
-    base = _unwrap(base_model)
+    base = unwrap(base_model)
     if getattr(base, "bayeslora_config", None) is not None:
         raise ConfigError(
             "import_peft needs the un-adapted base model; this one already has BayesLoRA adapters"

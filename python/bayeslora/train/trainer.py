@@ -39,8 +39,8 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from ..files import CHECKPOINT_ADAPTER, TRAINING_STATE
 from ..nn.checkpoint import save_adapter
-from ..nn.model import adapted_layers, get_config
-from ..nn.objective import _unwrap, kl_divergence
+from ..nn.model import adapted_layers, get_config, unwrap
+from ..nn.objective import kl_divergence
 from ..nn.prediction import sampling
 from ..nn.pruning import prune, ranks
 
@@ -55,7 +55,7 @@ def sync_rank_masks(model: nn.Module) -> None:
     """Make every process hold rank 0's masks (they should already agree; this makes it certain)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    for _, layer in adapted_layers(_unwrap(model)):
+    for _, layer in adapted_layers(unwrap(model)):
         torch.distributed.broadcast(layer.rank_mask, src=0)
 
 
@@ -113,7 +113,7 @@ class PruneCallback(TrainerCallback):
         # fixed its set of parameters when it wrapped the model.
         self._frozen = [
             (p, p.detach().clone())
-            for _, layer in adapted_layers(_unwrap(self.model))
+            for _, layer in adapted_layers(unwrap(self.model))
             if (p := layer.rank_parameter()) is not None
         ]
         self.refit_step = step
@@ -154,7 +154,7 @@ class BayesLoRATrainer(Trainer):
             # DDP would mark log_alpha "unused" after the forward and then see the KL's gradient.
             training_args.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
-        self.bayes_config = get_config(_unwrap(self.model))
+        self.bayes_config = get_config(unwrap(self.model))
         if rank_lr is not None and not (rank_lr >= 0.0 and rank_lr < float("inf")):
             raise ValueError(
                 f"rank_lr must be a finite number >= 0 (0 freezes the rank parameters), got {rank_lr}"
@@ -184,7 +184,7 @@ class BayesLoRATrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
-            model = _unwrap(self.model if model is None else model)
+            model = unwrap(self.model if model is None else model)
             rank_params = {
                 id(p) for _, layer in adapted_layers(model) if (p := layer.rank_parameter()) is not None
             }
