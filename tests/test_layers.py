@@ -32,16 +32,20 @@ model_shape = st.fixed_dictionaries(
 )
 
 
-def _inject(shape: dict, method: str = "bayeslora", posterior: str = "gate", **kw) -> torch.nn.Module:
-    fam = shape["family"]
-    model = build(
-        fam,
+def _build(shape: dict) -> torch.nn.Module:
+    return build(
+        shape["family"],
         hidden=shape["heads"] * shape["head_dim"],
         heads=shape["heads"],
         layers=shape["layers"],
         inter=shape["inter"],
         seed=shape["seed"],
     )
+
+
+def _inject(shape: dict, method: str = "bayeslora", posterior: str = "gate", **kw) -> torch.nn.Module:
+    fam = shape["family"]
+    model = _build(shape)
     cfg = bl.BayesLoRAConfig(
         rank=shape["rank"],
         alpha=2.0 * shape["rank"],
@@ -79,14 +83,7 @@ def test_mean_mode_equals_peft_lora(shape, variant):
     ours = _inject(shape, method, posterior)
     _randomize(ours, shape["seed"])
     fam = shape["family"]
-    base = build(
-        fam,
-        hidden=shape["heads"] * shape["head_dim"],
-        heads=shape["heads"],
-        layers=shape["layers"],
-        inter=shape["inter"],
-        seed=shape["seed"],
-    )
+    base = _build(shape)
     peft_model = get_peft_model(
         base,
         LoraConfig(

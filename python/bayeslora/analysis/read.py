@@ -7,12 +7,13 @@ directories.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,12 +59,23 @@ def _family(method: str | None, posterior: str | None) -> str | None:
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
 
 
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A failed read of ``path`` (missing, unreadable, malformed) as a BundleError naming it."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise BundleError(f"{path} not found") from e
+    except (OSError, ValueError) as e:
+        raise BundleError(f"cannot read {path}: {e}") from e
+
+
 class _Tensors:
     """Reads selected tensors of a safetensors file as float64 (or int64) numpy arrays."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
+        with _reading(path):
             size = path.stat().st_size
             with open(path, "rb") as f:
                 raw = f.read(8)
@@ -73,10 +85,6 @@ class _Tensors:
                 if n > size - 8 or n > 100_000_000:
                     raise BundleError(f"{path}: header length {n} exceeds the file")
                 header = json.loads(f.read(n))
-        except FileNotFoundError as e:
-            raise BundleError(f"{path} not found") from e
-        except (OSError, ValueError) as e:
-            raise BundleError(f"cannot read {path}: {e}") from e
         if not isinstance(header, dict):
             raise BundleError(f"{path}: malformed header")
         header.pop("__metadata__", None)
@@ -116,12 +124,8 @@ class _Tensors:
 
 
 def _read_json(path: Path) -> dict:
-    try:
+    with _reading(path):
         meta = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise BundleError(f"{path} not found") from e
-    except (OSError, ValueError) as e:
-        raise BundleError(f"cannot read {path}: {e}") from e
     if not isinstance(meta, dict):
         raise BundleError(f"{path}: expected a JSON object")
     return meta
