@@ -247,6 +247,20 @@ def _head_name(model: Any) -> str:
     )
 
 
+def sequence_classifier(model_dir: str | os.PathLike, labels: list[str]) -> Any:
+    """The 🤗 sequence classifier in ``model_dir`` with a head for ``labels`` (a fresh head when the
+    base's has other labels)."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        model_dir,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+        ignore_mismatched_sizes=True,
+    )
+
+
 def resolve_model(model: str) -> Path:
     """``"default"`` → the packaged all-MiniLM-L6-v2; else a local HF model directory."""
     if model == "default":
@@ -483,7 +497,7 @@ def choose_cut(
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, dict]:
     """(model, tokenizer, run metadata) of a ``bayeslora train`` output directory."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ..nn.checkpoint import load_adapter
 
@@ -496,13 +510,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, dict]:
         raise BundleError(f"cannot read {run_path}: {e}") from e
     base = Path(run["base_model"])
     labels = run["label_names"]
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={n: i for i, n in enumerate(labels)},
-        ignore_mismatched_sizes=True,  # a base whose head has other labels: a fresh head
-    )
+    model = sequence_classifier(base, labels)
     tokenizer = AutoTokenizer.from_pretrained(base)
     load_adapter(model, Path(path) / CHECKPOINT_ADAPTER)
     return model.eval(), tokenizer, run
@@ -604,7 +612,6 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
 
 def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict:
     from transformers import (
-        AutoModelForSequenceClassification,
         AutoTokenizer,
         DataCollatorWithPadding,
         set_seed,
@@ -624,13 +631,7 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
     set_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     labels = list(data.label_names)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={n: i for i, n in enumerate(labels)},
-        ignore_mismatched_sizes=True,  # a base whose head has other labels: a fresh head
-    )
+    model = sequence_classifier(model_dir, labels)
     config = settings.bayes_config(_head_name(model))
     inject(model, config)
     initial = ranks(model)
