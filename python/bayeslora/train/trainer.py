@@ -132,7 +132,7 @@ class BayesLoRATrainer(Trainer):
             (the classifier head); default: the factors' (``args.learning_rate``, ``args.weight_decay``).
             Biases and LayerNorm weights of the head get no weight decay.
         select: called at ``refit_start`` instead of the last τ pass to settle the ranks (e.g. a
-            cut chosen on validation data, see ``bayeslora.pipeline``).
+            cut chosen on validation data, see ``bayeslora.train.pipeline``).
         Other arguments as ``transformers.Trainer``.
     """
 
