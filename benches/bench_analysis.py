@@ -147,6 +147,7 @@ def train(kind: str, seed: int, steps: int):
     import torch
 
     import bayeslora as bl
+    from bayeslora.nn.model import adapted_layers
 
     torch.set_num_threads(1)
     base, x, y = _teacher(seed)
@@ -166,7 +167,7 @@ def train(kind: str, seed: int, steps: int):
     if kind == "rotated":
         gen = torch.Generator().manual_seed(seed + 2)
         with torch.no_grad():
-            for _, layer in bl.injection.adapted_layers(model):
+            for _, layer in adapted_layers(model):
                 rot = torch.linalg.qr(torch.randn(R0, R0, generator=gen))[0]
                 layer.lora_B.copy_(layer.lora_B @ rot)
                 layer.lora_A.copy_(rot.T @ layer.lora_A)
@@ -200,11 +201,11 @@ def train(kind: str, seed: int, steps: int):
 
 def random_factorisation(report: bla.AnalysisReport, model, seed: int) -> bla.AnalysisReport:
     """Null: the same ΔW written as (B R, Rᵀ A) with a Haar-random R; components by magnitude."""
-    import bayeslora as bl
+    from bayeslora.nn.model import adapted_layers
 
     rng = np.random.default_rng(seed)
     mods = []
-    for name, layer in bl.injection.adapted_layers(model):
+    for name, layer in adapted_layers(model):
         keep = layer.rank_mask.numpy() > 0.5
         a = layer.lora_A.detach().double().numpy()[keep]
         b = layer.lora_B.detach().double().numpy()[:, keep]

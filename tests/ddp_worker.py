@@ -11,8 +11,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 import bayeslora as bl
-from bayeslora.io import adapter_state
-from bayeslora.pipeline import TrainSettings, train
+from bayeslora.nn.checkpoint import adapter_state
+from bayeslora.train.pipeline import TrainSettings, train
 
 
 def main() -> None:

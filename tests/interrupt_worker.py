@@ -15,7 +15,7 @@ import signal
 import sys
 
 from bayeslora import cli
-from bayeslora.training import BayesLoRATrainer
+from bayeslora.train.trainer import BayesLoRATrainer
 
 _original_save = BayesLoRATrainer._save
 

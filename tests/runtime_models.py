@@ -8,7 +8,7 @@ import torch
 
 import bayeslora as bl
 import tiny_models
-from bayeslora.injection import adapted_layers
+from bayeslora.nn.model import adapted_layers
 
 VOCAB = tiny_models.VOCAB
 FAMILIES = ("bert", "distilbert", "roberta")

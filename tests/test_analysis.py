@@ -7,8 +7,6 @@ References: the torch layers' own weights and rank scores (``layer.rank_scores()
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,8 @@ import bayeslora as bl
 from bayeslora import analysis
 from bayeslora.cli import main as cli_main
 from bayeslora.errors import BundleError
+from bayeslora.nn.model import adapted_layers
+from subprocesses import blocking_shim, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def tiny_model(posterior: str = "gate", method: str = "bayeslora", rank: int = 6
     )
     bl.inject(model, cfg)
     with torch.no_grad():
-        for _, layer in bl.injection.adapted_layers(model):
+        for _, layer in adapted_layers(model):
             layer.lora_A.normal_()
             layer.lora_B.normal_()
             if layer.uses_gate:
@@ -73,7 +73,7 @@ def test_adapter_checkpoint_matches_torch_layers(tmp_path, posterior):
     model = tiny_model(posterior)
     bl.save_adapter(model, tmp_path / "ckpt")
     report = analysis.analyze(tmp_path / "ckpt", num_threads=1)
-    layers = dict(bl.injection.adapted_layers(model))
+    layers = dict(adapted_layers(model))
     assert sorted(m.name for m in report.modules) == sorted(layers)
     assert report.kind == "adapter" and report.posterior == posterior
     for m in report.modules:
@@ -218,18 +218,16 @@ def test_bad_inputs(tmp_path):
 
 def test_analysis_never_imports_torch(tmp_path):
     write_bundle(tmp_path / "bundle", "f32")
-    code = (
-        "import sys; import bayeslora.analysis as a; r = a.analyze(sys.argv[1]); "
-        "from bayeslora._analysis_plots import write_plots; write_plots(r, sys.argv[2]); "
-        "assert 'torch' not in sys.modules, 'torch was imported'; print(r.totals['active_rank'])"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "bundle"), str(tmp_path / "plots")],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={"PYTHONPATH": str(ROOT / "python"), "PATH": "/usr/bin:/bin"},
-    )
+    code = """
+        import sys
+        import bayeslora.analysis as a
+        from bayeslora.analysis.plots import write_plots
+        r = a.analyze(sys.argv[1])
+        write_plots(r, sys.argv[2])
+        print(r.totals['active_rank'])
+    """
+    shim = blocking_shim(tmp_path / "shim")
+    out = run_python(code, str(tmp_path / "bundle"), str(tmp_path / "plots"), shim=shim)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "6"
 

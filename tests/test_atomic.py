@@ -20,8 +20,7 @@ from bayeslora._atomic import MARKER, write_dir_atomically
 from bayeslora.errors import OutputError
 from bayeslora.runtime import Scorer
 from runtime_models import adapt, build
-
-PYTHON_DIR = Path(bl.__file__).resolve().parent.parent
+from subprocesses import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -274,10 +273,7 @@ def test_permissions_follow_the_umask(model, tmp_path, umask):
 
 # ---- command line ------------------------------------------------------------------------------
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(PYTHON_DIR), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "bayeslora.cli", *args], capture_output=True, text=True, env=env, timeout=300
-    )
+    return run_cli(args, env_extra={"OMP_NUM_THREADS": "1"}, timeout=300)
 
 
 @pytest.fixture()

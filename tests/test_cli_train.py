@@ -13,20 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 import bayeslora as bl
-from bayeslora.pipeline import load_checkpoint
+from bayeslora.train.pipeline import load_checkpoint
+from subprocesses import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "bayeslora.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_cli(args, env_extra={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, timeout=timeout)
 
 
 def _train_args(model_dir, csv, out, *extra: str) -> list[str]:
@@ -222,7 +216,7 @@ def test_train_from_a_model_whose_head_has_other_labels(tiny_model_dir, sentimen
 
 def test_kl_scale_default_follows_the_recipe_and_the_posterior():
     from bayeslora.cli import _settings, build_parser
-    from bayeslora.pipeline import KL_SCALE_DEFAULTS, TrainSettings
+    from bayeslora.train.pipeline import KL_SCALE_DEFAULTS, TrainSettings
 
     # the default recipe (select): 1e-6 of the KL without 1/N, whatever the posterior
     assert TrainSettings().kl_scale == TrainSettings(posterior="gate").kl_scale == 1e-6

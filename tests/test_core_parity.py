@@ -11,7 +11,7 @@ from hypothesis.extra.numpy import arrays
 
 import bayeslora as bl
 from bayeslora import _core
-from bayeslora.layers import BayesLoRALayer, kl_molchanov
+from bayeslora.nn.layer import BayesLoRALayer, kl_molchanov
 
 finite = st.floats(-15, 15, allow_nan=False, width=64)
 

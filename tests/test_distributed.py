@@ -11,9 +11,6 @@ import json
 import logging
 import os
 import pickle
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +23,8 @@ from bayeslora import distributed as bl_distributed
 from bayeslora.errors import BundleError, InvalidValueError, MissingDependencyError
 from bayeslora.runtime import FIELDS, Scorer, shared_scorer
 from runtime_models import adapt, build, word_tokenizer
+from subprocesses import TORCH_MODULES, blocking_shim, run_cli, run_python
 
-PYTHON_DIR = Path(bl.__file__).resolve().parent.parent
 SAMPLES, SEED = 8, 3
 
 
@@ -233,27 +230,8 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_no_row(client, bundle, tex
 
 
 # ---- torch-free, dask optional ------------------------------------------------------------------------
-def blocking_shim(root: Path, packages: tuple[str, ...]) -> Path:
-    for pkg in packages:
-        (root / pkg).mkdir(parents=True, exist_ok=True)
-        (root / pkg / "__init__.py").write_text(f"raise ImportError('{pkg} is blocked in this test')\n")
-    return root
-
-
-def run_python(code: str, shim: Path | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    path = [str(PYTHON_DIR)] if shim is None else [str(shim), str(PYTHON_DIR)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
-
-
 def test_scoring_on_dask_never_imports_torch(bundle, texts, want, tmp_path):
-    shim = blocking_shim(tmp_path / "shim", ("torch", "transformers"))
+    shim = blocking_shim(tmp_path / "shim")
     res = run_python(
         f"""
         import json, sys
@@ -268,11 +246,11 @@ def test_scoring_on_dask_never_imports_torch(bundle, texts, want, tmp_path):
             raise AssertionError("no ConfigError without a client")
         with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as c:
             out = distributed.score({str(bundle)!r}, {texts!r}, {SAMPLES}, {SEED}, c, chunk_size=9)
-        bad = [m for m in ("torch", "transformers", "safetensors.torch") if m in sys.modules]
+        bad = [m for m in {TORCH_MODULES!r} if m in sys.modules]
         assert not bad, bad
         print(json.dumps(out["probs"].tolist()))
         """,
-        shim,
+        shim=shim,
     )
     assert res.returncode == 0, res.stderr
     np.testing.assert_array_equal(np.array(json.loads(res.stdout), dtype=np.float32), want["probs"])
@@ -290,7 +268,7 @@ def test_without_dask_one_clear_error(bundle, tmp_path):
             assert isinstance(e, ImportError)
             print(e)
         """,
-        shim,
+        shim=shim,
     )
     assert res.returncode == 0, res.stderr
     assert "install bayeslora[dask]" in res.stdout
@@ -302,14 +280,6 @@ def test_without_dask_one_clear_error(bundle, tmp_path):
 
 
 # ---- the command line -------------------------------------------------------------------------------
-def run_cli(args: list[str], shim: Path | None = None, env_extra: dict[str, str] | None = None):
-    path = [str(PYTHON_DIR)] if shim is None else [str(shim), str(PYTHON_DIR)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "bayeslora.cli", *args], capture_output=True, text=True, env=env, timeout=180
-    )
-
-
 def test_cli_workers_prints_what_one_process_prints(bundle, texts, want, tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)) + "\n")

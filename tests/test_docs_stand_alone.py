@@ -4,12 +4,14 @@ Docstrings, comments, the README and the benches cite the method by section ("do
 the formats and layout by page (``docs/formats.md``, ``docs/architecture.md``). This test fails on
 any reference to notes that live outside the repository (a ``shared`` folder beside the clone, the
 old design and specification notes, or their section citations), on a ``docs/<name>.md`` that does
-not exist, and on a cited section of ``docs/method.md`` that is not one of its headings. Needs no
+not exist, on a cited section of ``docs/method.md`` that is not one of its headings, and on a file
+named (``bayeslora/train/pipeline.py``, `` `nn/layer.py` ``) that is not in the repository. Needs no
 torch and no built extension.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -138,3 +140,64 @@ def test_every_cited_method_section_exists():
         f"sections of docs/method.md cited but not among its headings {sorted(sections)}:\n  "
         + "\n  ".join(missing)
     )
+
+
+# ---- files the text names ----------------------------------------------------------------------------
+PACKAGE = ROOT / "python" / "bayeslora"
+# "bayeslora/train/pipeline.py", "python/bayeslora/files.py"
+_PACKAGE_PATH = re.compile(r"(?<![\w/.-])(?:python/)?bayeslora/([\w/]+\.pyi?)\b")
+# `nn/layer.py`, `runtime.py`, `tests/test_layout.py` in the pages: backticked relative file names
+_BACKTICKED = re.compile(r"`([\w./-]+\.(?:py|pyi|rs|toml))`")
+# files of other projects the pages name: the authors' GLUE harness, an sdist's setup script
+ELSEWHERE = {"run_glue_bench.py", "glue_helpers.py", "setup.py"}
+
+
+def named_files(text: str, backticked: bool) -> list[tuple[int, str]]:
+    """(line number, name) of the package paths in ``text``, and of backticked file names too."""
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        found += [(number, "bayeslora/" + m.group(1)) for m in _PACKAGE_PATH.finditer(line)]
+        if backticked:
+            found += [
+                (number, m.group(1)) for m in _BACKTICKED.finditer(line) if "bayeslora/" not in m.group(1)
+            ]
+    return found
+
+
+def _exists(name: str, here: Path = ROOT) -> bool:
+    """Whether ``name`` is a file of the repository: a package path, or a name relative to the
+    repository, the package or the naming file's folder."""
+    if name in ELSEWHERE:
+        return True
+    if name.startswith("bayeslora/"):
+        return (PACKAGE.parent / name).is_file()
+    if any((base / name).exists() for base in (ROOT, PACKAGE, here)):
+        return True
+    return "/" not in name and name in _basenames()  # "a `tests.rs` beside them"
+
+
+@functools.cache
+def _basenames() -> frozenset[str]:
+    return frozenset(p.name for p in text_files(SCANNED, TEXT_SUFFIXES | {".pyi"}))
+
+
+def test_file_scanner_finds_package_paths():
+    text = (
+        "see `bayeslora/train/pipeline.py`, python/bayeslora/files.py and `nn/layer.py`\nnot mybayeslora/x.py"
+    )
+    assert named_files(text, backticked=True) == [
+        (1, "bayeslora/train/pipeline.py"),
+        (1, "bayeslora/files.py"),
+        (1, "nn/layer.py"),
+    ]
+    assert _exists("bayeslora/files.py") and _exists("nn/layer.py") and not _exists("layers.py")
+
+
+def test_every_named_file_exists():
+    missing = [
+        f"{path.relative_to(ROOT)}:{number}: {name}"
+        for path, text in _texts()
+        for number, name in named_files(text, backticked=True)
+        if not _exists(name, path.parent)
+    ]
+    assert not missing, "files named but not in the repository:\n  " + "\n  ".join(missing)

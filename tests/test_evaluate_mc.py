@@ -14,22 +14,19 @@ that the sampling spread is far above float32 rounding.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+
+from subprocesses import run_cli
 
 S = 48
 N_EVAL = 40
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "bayeslora.cli", *args], capture_output=True, text=True, timeout=1200, env=env
-    )
+    return run_cli(args, env_extra={"HF_HUB_OFFLINE": "1"}, timeout=1200)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import bayeslora as bl
 from bayeslora.errors import ConfigError
-from bayeslora.injection import adapted_layers
+from bayeslora.nn.model import adapted_layers
 from bayeslora.runtime import Scorer
 from runtime_models import adapt, batch, build, torch_logits, word_tokenizer
 
@@ -128,7 +128,7 @@ def test_export_of_a_module_shrunk_to_rank_zero(tmp_path, posterior):
 
 
 def test_export_is_atomic(tmp_path, monkeypatch):
-    export_module = importlib.import_module("bayeslora.bundle")  # the module that defines bl.export
+    export_module = importlib.import_module("bayeslora.formats.bundle")  # the module that defines bl.export
     model = build("bert", 16, 2, 1, 24, 2, seed=35)
     adapt(model, ["query"], rank=2, seed=35)
     out = bl.export(model, None, tmp_path / "b")
@@ -181,7 +181,7 @@ def test_export_refuses_unsupported_models_and_dtypes(tmp_path):
 
 
 def test_bl_export_stays_callable_after_the_module_is_imported(tmp_path):
-    import bayeslora.bundle  # noqa: F401  (a submodule import must not shadow the function)
+    import bayeslora.formats.bundle  # noqa: F401  (a submodule import must not shadow the function)
 
     model = adapt(build("bert", 16, 2, 1, 24, 2, seed=38), ["query"], rank=2)
     assert (bl.export(model, None, tmp_path / "b") / "bayeslora.json").exists()

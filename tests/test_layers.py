@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 
 import bayeslora as bl
-from bayeslora.injection import adapted_layers
-from bayeslora.layers import BayesLoRALayer, kl_molchanov
+from bayeslora.nn import prediction
+from bayeslora.nn.layer import BayesLoRALayer, kl_molchanov
+from bayeslora.nn.model import adapted_layers
 from tiny_models import FAMILIES, HEADS, QV_TARGETS, batch, build, logits
 
 VARIANTS = [("bayeslora", "gate"), ("bayeslora", "additive"), ("mcdropout", "gate"), ("lora", "gate")]
@@ -31,16 +32,20 @@ model_shape = st.fixed_dictionaries(
 )
 
 
-def _inject(shape: dict, method: str = "bayeslora", posterior: str = "gate", **kw) -> torch.nn.Module:
-    fam = shape["family"]
-    model = build(
-        fam,
+def _build(shape: dict) -> torch.nn.Module:
+    return build(
+        shape["family"],
         hidden=shape["heads"] * shape["head_dim"],
         heads=shape["heads"],
         layers=shape["layers"],
         inter=shape["inter"],
         seed=shape["seed"],
     )
+
+
+def _inject(shape: dict, method: str = "bayeslora", posterior: str = "gate", **kw) -> torch.nn.Module:
+    fam = shape["family"]
+    model = _build(shape)
     cfg = bl.BayesLoRAConfig(
         rank=shape["rank"],
         alpha=2.0 * shape["rank"],
@@ -78,14 +83,7 @@ def test_mean_mode_equals_peft_lora(shape, variant):
     ours = _inject(shape, method, posterior)
     _randomize(ours, shape["seed"])
     fam = shape["family"]
-    base = build(
-        fam,
-        hidden=shape["heads"] * shape["head_dim"],
-        heads=shape["heads"],
-        layers=shape["layers"],
-        inter=shape["inter"],
-        seed=shape["seed"],
-    )
+    base = _build(shape)
     peft_model = get_peft_model(
         base,
         LoraConfig(
@@ -402,7 +400,7 @@ def test_mc_predict_fields_and_mean_mode():
     assert torch.allclose(mean["probs"], torch.softmax(logits(model, inputs), -1), atol=1e-6)
     assert torch.all(mean["mutual_info"].abs() < 1e-6) and torch.all(mean["variance"] == 0)
     out = bl.mc_predict(model, inputs, samples=32, seed=5, return_samples=True)
-    assert set(bl.prediction.FIELDS) <= set(out)
+    assert set(prediction.FIELDS) <= set(out)
     sp = out["sample_probs"].double()
     assert out["sample_probs"].shape == (5, 32, 3)
     # probabilities are averaged, not logits
@@ -429,7 +427,7 @@ def test_mc_predict_on_a_model_without_adapters():
 def test_summarize_against_direct_computation():
     torch.manual_seed(0)
     sp = torch.softmax(torch.randn(4, 7, 3, dtype=torch.float64), -1)
-    out = bl.prediction.summarize(sp)
+    out = prediction.summarize(sp)
     pbar = sp.mean(1)
     h = -(pbar * pbar.log()).sum(-1)
     eh = (-(sp * sp.log()).sum(-1)).mean(1)
@@ -529,7 +527,7 @@ def test_cuda_matches_cpu(posterior):
 
 def test_lrt_sample_backward_matches_numerical_gradient():
     """The hand-written backward of the additive LRT against torch.autograd.gradcheck (finite differences)."""
-    from bayeslora.layers import LRTSample
+    from bayeslora.nn.layer import LRTSample
 
     g = torch.Generator().manual_seed(0)
     mean = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
@@ -547,7 +545,7 @@ def test_lrt_sample_backward_matches_numerical_gradient():
 def test_trainer_rank_lr_zero_freezes_rank_parameters(tmp_path, rank_lr):
     from transformers import TrainingArguments
 
-    from bayeslora.training import BayesLoRATrainer
+    from bayeslora.train.trainer import BayesLoRATrainer
 
     model = build("bert", hidden=8, heads=2, layers=1, inter=8, labels=2, seed=4)
     bl.inject(

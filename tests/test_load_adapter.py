@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import bayeslora as bl
 from bayeslora.errors import BundleError
-from bayeslora.injection import adapted_layers
+from bayeslora.nn.model import adapted_layers
 from runtime_models import adapt, batch, build, torch_logits
 
 Q0 = "bert.encoder.layer.0.attention.self.query"

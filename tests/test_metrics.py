@@ -8,9 +8,6 @@ also rounds confidences to float32) and the edge rule is tested separately again
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +30,8 @@ from torchmetrics.functional.classification import (
 
 from bayeslora import metrics as M
 from bayeslora.errors import InvalidValueError, ShapeError
-from bayeslora.prediction import summarize
+from bayeslora.nn.prediction import summarize
+from subprocesses import blocking_shim, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
@@ -416,30 +414,15 @@ def test_float32_softmax_rows_are_accepted():
 
 
 def test_metrics_calibration_plots_work_without_torch(tmp_path):
-    shim = tmp_path / "shim" / "torch"
-    shim.mkdir(parents=True)
-    (shim / "__init__.py").write_text("raise ImportError('torch is blocked in this test')\n")
-    code = (
-        "import sys\n"
-        "import numpy as np\n"
-        "try:\n"
-        "    import torch\n"
-        "except ImportError:\n"
-        "    pass\n"
-        "else:\n"
-        "    raise SystemExit('the torch shim did not block torch')\n"
-        "import bayeslora.metrics, bayeslora.calibration, bayeslora.plots\n"
-        "p = np.array([[0.9, 0.1], [0.3, 0.7]])\n"
-        "print(bayeslora.metrics.summary(p, [0, 0])['accuracy'])\n"
-        "print(bayeslora.calibration.fit_temperature(np.log(p), [0, 0]))\n"
-        f"print(bayeslora.plots.rank_bars({str(tmp_path / 'r.png')!r}, {{'a.q': 4}}, {{'a.q': 2}}))\n"
-        "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
-    )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "shim"), str(ROOT / "python")])
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
+    code = f"""
+        import numpy as np
+        import bayeslora.metrics, bayeslora.calibration, bayeslora.plots
+        p = np.array([[0.9, 0.1], [0.3, 0.7]])
+        print(bayeslora.metrics.summary(p, [0, 0])['accuracy'])
+        print(bayeslora.calibration.fit_temperature(np.log(p), [0, 0]))
+        print(bayeslora.plots.rank_bars({str(tmp_path / "r.png")!r}, {{'a.q': 4}}, {{'a.q': 2}}))
+    """
+    result = run_python(code, shim=blocking_shim(tmp_path / "shim"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0] == "0.5"
     assert (tmp_path / "r.png").stat().st_size > 1000

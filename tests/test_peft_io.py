@@ -23,8 +23,8 @@ import runtime_models as rm
 import tiny_models as tm
 from bayeslora import cli
 from bayeslora.errors import BundleError, ConfigError
-from bayeslora.injection import adapted_layers
-from bayeslora.peft_io import PEFT_CONFIG, PEFT_WEIGHTS, POSTERIOR_META, POSTERIOR_WEIGHTS
+from bayeslora.formats.peft import PEFT_CONFIG, PEFT_WEIGHTS, POSTERIOR_META, POSTERIOR_WEIGHTS
+from bayeslora.nn.model import adapted_layers
 from bayeslora.runtime import Scorer
 
 torch.set_num_threads(1)

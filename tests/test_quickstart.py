@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
+from subprocesses import run_cli
+
 
 def _cli(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "bayeslora.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_cli(args, env_extra={"HF_HUB_OFFLINE": "1"}, timeout=timeout)
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ import bayeslora as bl
 from bayeslora.cli import _settings, build_parser
 from bayeslora.config import BayesLoRAConfig
 from bayeslora.errors import ConfigError
-from bayeslora.pipeline import TrainSettings, choose_cut, train, validation_rank_cut
+from bayeslora.nn.model import adapted_layers
+from bayeslora.train.pipeline import TrainSettings, choose_cut, train, validation_rank_cut
 
 
 # ---- schedules: steps or fractions ------------------------------------------------------------------
@@ -109,14 +110,14 @@ def _tiny_settings(model_dir, csv, **kw) -> TrainSettings:
 
 
 def test_paper_recipe_trains_noise_free_with_its_optimizer(tiny_model_dir, sentiment_csv, tmp_path):
-    from bayeslora.training import BayesLoRATrainer
+    from bayeslora.train.trainer import BayesLoRATrainer
 
     seen: dict = {}
     original = BayesLoRATrainer.compute_loss
 
     def spy(self, model, inputs, *a, **k):
         out = original(self, model, inputs, *a, **k)
-        layers = [layer for _, layer in bl.injection.adapted_layers(model)]
+        layers = [layer for _, layer in adapted_layers(model)]
         seen.setdefault("sampling", set()).update(layer.sampling for layer in layers)
         seen["groups"] = [(g["lr"], g["weight_decay"], g["eps"]) for g in self.optimizer.param_groups]
         seen["clip"] = self.args.max_grad_norm
@@ -144,14 +145,14 @@ def test_paper_recipe_trains_noise_free_with_its_optimizer(tiny_model_dir, senti
 
 
 def test_refit_freezes_ranks_and_rank_parameters(tiny_model_dir, sentiment_csv, tmp_path):
-    from bayeslora.training import PruneCallback
+    from bayeslora.train.trainer import PruneCallback
 
     snapshots: dict = {}
     original = PruneCallback.start_refit
 
     def spy(self, step):
         original(self, step)
-        layers = list(bl.injection.adapted_layers(self.model))
+        layers = list(adapted_layers(self.model))
         snapshots["at_refit"] = {n: layer.log_alpha.detach().clone() for n, layer in layers}
         snapshots["masks"] = {n: layer.rank_mask.clone() for n, layer in layers}
         snapshots["step"] = step
@@ -180,7 +181,7 @@ def test_refit_freezes_ranks_and_rank_parameters(tiny_model_dir, sentiment_csv, 
     total = run["log_history"][-1]["step"]
     assert snapshots["step"] == round(0.5 * total)
     assert run["prune_history"][-1]["refit"] is True
-    for name, layer in bl.injection.adapted_layers(model):
+    for name, layer in adapted_layers(model):
         keep = snapshots["masks"][name] > 0
         assert int(keep.sum()) == layer.rank  # no rank pruned after the refit point (and shrunk)
         torch.testing.assert_close(layer.log_alpha.detach(), snapshots["at_refit"][name][keep])
@@ -197,7 +198,7 @@ def test_validation_rank_cut_removes_the_noisiest_ranks_within_tolerance(tiny_mo
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     bl.inject(model, BayesLoRAConfig.recipe("vi", rank=4, init_b_std=0.5))
-    layers = [layer for _, layer in bl.injection.adapted_layers(model)]
+    layers = [layer for _, layer in adapted_layers(model)]
     with torch.no_grad():
         for i, layer in enumerate(layers):
             layer.log_alpha.copy_(torch.tensor([0.0, 1.0, 2.0, 3.0]) + 0.1 * i)
@@ -282,7 +283,7 @@ def test_gate_local_reparameterisation_matches_per_sequence_gates_in_distributio
     distribution, so their sample means and variances agree within sampling error."""
     from torch import nn
 
-    from bayeslora.layers import BayesLoRALayer
+    from bayeslora.nn.layer import BayesLoRALayer
 
     torch.manual_seed(0)
     layers = {}
@@ -316,13 +317,13 @@ def test_gate_local_reparameterisation_matches_per_sequence_gates_in_distributio
 def test_noise_scale_tempers_the_posterior_and_fit_picks_the_best_validation_nll(tiny_model_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from bayeslora.pipeline import fit_noise_scale, scale_noise
+    from bayeslora.train.pipeline import fit_noise_scale, scale_noise
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     bl.inject(model, BayesLoRAConfig.recipe("vi", rank=4, init_b_std=2.0, init_log_alpha=1.0))
-    layers = [layer for _, layer in bl.injection.adapted_layers(model)]
+    layers = [layer for _, layer in adapted_layers(model)]
     before = [layer.log_alpha.detach().clone() for layer in layers]
     scale_noise(model, 0.25)
     for layer, b in zip(layers, before, strict=True):
@@ -339,7 +340,7 @@ def test_noise_scale_tempers_the_posterior_and_fit_picks_the_best_validation_nll
     for layer, b in zip(layers, before, strict=True):
         torch.testing.assert_close(layer.log_alpha.detach(), b + float(np.log(fit["scale"])))
     # the NLL it reports is the one the tempered model has
-    from bayeslora.pipeline import predict
+    from bayeslora.train.pipeline import predict
 
     probs = predict(model, tok, texts, 4, 0, 16).mean(1)
     assert -np.mean(np.log(probs[np.arange(len(labels)), labels])) == pytest.approx(fit["nll"], rel=1e-5)

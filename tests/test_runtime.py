@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bayeslora as bl
-from bayeslora.injection import adapted_layers
-from bayeslora.prediction import summarize
+from bayeslora.nn.model import adapted_layers
+from bayeslora.nn.prediction import summarize
 from bayeslora.runtime import FIELDS, Scorer, fma_peak_gflops
 from runtime_models import FAMILIES, TARGETS, adapt, batch, build, softmax, torch_logits
 

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,11 +16,10 @@ from safetensors.numpy import load_file, save_file
 import bayeslora as bl
 from bayeslora import cli
 from bayeslora.errors import BundleError, InvalidValueError, ShapeError
-from bayeslora.injection import adapted_layers
+from bayeslora.nn.model import adapted_layers
 from bayeslora.runtime import Scorer
 from runtime_models import adapt, batch, build, softmax, torch_logits, word_tokenizer
-
-PYTHON_DIR = Path(bl.__file__).resolve().parent.parent
+from subprocesses import TORCH_MODULES, blocking_shim, run_cli, run_python
 
 
 @pytest.fixture(scope="module")
@@ -35,33 +31,9 @@ def bundle(tmp_path_factory) -> Path:
     return bl.export(model, word_tokenizer(), tmp_path_factory.mktemp("cli") / "bundle")
 
 
-def run_cli(args: list[str], env_extra: dict[str, str] | None = None, shim: Path | None = None):
-    env = dict(os.environ)
-    path = [str(PYTHON_DIR)]
-    if shim is not None:
-        path.insert(0, str(shim))
-    env["PYTHONPATH"] = os.pathsep.join(path)
-    env.update(env_extra or {})
-    return subprocess.run(
-        [sys.executable, "-m", "bayeslora.cli", *args], capture_output=True, text=True, env=env, timeout=120
-    )
-
-
-def torch_blocking_shim(root: Path) -> Path:
-    for pkg in ("torch", "transformers"):
-        (root / pkg).mkdir(parents=True, exist_ok=True)
-        (root / pkg / "__init__.py").write_text(f"raise ImportError('{pkg} is blocked in this test')\n")
-    return root
-
-
 def test_score_cli_runs_where_torch_cannot_be_imported(bundle, tmp_path):
-    shim = torch_blocking_shim(tmp_path / "shim")
-    check = subprocess.run(
-        [sys.executable, "-c", "import torch"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(shim)},
-    )
+    shim = blocking_shim(tmp_path / "shim")
+    check = run_python("import torch", shim=shim)
     assert check.returncode != 0 and "blocked" in check.stderr
     texts = ["w5 w6 w7", "w40 w41", "w9"]
     res = run_cli(
@@ -90,20 +62,14 @@ def test_score_cli_runs_where_torch_cannot_be_imported(bundle, tmp_path):
 
 
 def test_runtime_module_never_imports_torch(bundle):
-    code = textwrap.dedent(f"""
+    code = f"""
         import sys
         from bayeslora.runtime import Scorer
         Scorer({str(bundle)!r}).score(["w4 w5"], samples=2)
-        bad = [m for m in ("torch", "transformers", "safetensors.torch") if m in sys.modules]
+        bad = [m for m in {TORCH_MODULES!r} if m in sys.modules]
         assert not bad, bad
-    """)
-    res = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(PYTHON_DIR)},
-        timeout=120,
-    )
+    """
+    res = run_python(code)
     assert res.returncode == 0, res.stderr
 
 
@@ -170,13 +136,7 @@ def test_scorer_forks_safely(bundle):
         _, status = os.waitpid(pid, 0)
         sys.exit(os.waitstatus_to_exitcode(status))
     """)
-    res = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(PYTHON_DIR)},
-        timeout=120,
-    )
+    res = run_python(code)
     assert res.returncode == 0, (res.returncode, res.stderr)
 
 

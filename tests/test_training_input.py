@@ -8,7 +8,7 @@ import pytest
 
 from bayeslora.data import read_csv_dataset
 from bayeslora.errors import DataError
-from bayeslora.pipeline import TrainSettings, train
+from bayeslora.train.pipeline import TrainSettings, train
 
 
 def test_csv_fields_longer_than_the_csv_modules_limit_are_read(tmp_path):

@@ -34,10 +34,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import files as F
 from .errors import OutputError
 
-MARKER = ".bayeslora-output.json"
-MARKER_FORMAT = "bayeslora-output"
+MARKER = F.OUTPUT_MARKER
+MARKER_FORMAT = F.OUTPUT_MARKER_FORMAT
 STALE_AFTER_S = 3600.0  # a temporary directory this old is stale even if its pid looks alive
 
 
@@ -48,35 +49,24 @@ class _Kind:
     names: frozenset[str]  # every top-level name such an output may hold
 
 
-# The names the writers use (bundle.py, io.py, peft_io.py, pipeline.py), kept here without
-# importing those torch-side modules.
+# The names the writers use (formats/bundle.py, nn/checkpoint.py, formats/peft.py, train/pipeline.py).
 KINDS: dict[str, _Kind] = {
-    "bundle": _Kind(
-        "runtime bundle",
-        "bayeslora.json",
-        frozenset({"bayeslora.json", "config.json", "model.safetensors", "tokenizer.json"}),
-    ),
-    "adapter": _Kind(
-        "adapter directory",
-        "bayeslora_adapter.json",
-        frozenset({"adapter.safetensors", "bayeslora_adapter.json"}),
-    ),
-    "peft": _Kind(
-        "PEFT export",
-        "bayeslora_posterior.json",
-        frozenset(
-            {
-                "adapter_config.json",
-                "adapter_model.safetensors",
-                "bayeslora_posterior.json",
-                "bayeslora_posterior.safetensors",
-            }
-        ),
-    ),
+    "bundle": _Kind("runtime bundle", F.BUNDLE_META, frozenset(F.BUNDLE_FILES)),
+    "adapter": _Kind("adapter directory", F.ADAPTER_CONFIG, frozenset(F.ADAPTER_FILES)),
+    "peft": _Kind("PEFT export", F.POSTERIOR_META, frozenset(F.PEFT_FILES)),
     "checkpoint": _Kind(
         "checkpoint",
-        "run.json",
-        frozenset({"adapter", "tokenizer", "run.json", ".run.json.tmp", "checkpoints", ".write-test"}),
+        F.RUN_FILE,
+        frozenset(
+            {
+                F.CHECKPOINT_ADAPTER,
+                F.CHECKPOINT_TOKENIZER,
+                F.RUN_FILE,
+                f".{F.RUN_FILE}.tmp",
+                F.CHECKPOINT_TRAINER,
+                ".write-test",
+            }
+        ),
     ),
 }
 

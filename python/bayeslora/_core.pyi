@@ -2,10 +2,26 @@
 
 from collections.abc import Mapping, Sequence
 from os import PathLike
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 from numpy.typing import NDArray
+from typing_extensions import Self
+
+__all__ = [
+    "Runtime",
+    "__version__",
+    "analyze_modules",
+    "fma_peak_gflops",
+    "kl_additive",
+    "kl_gate",
+    "kl_molchanov",
+    "low_rank_svd",
+    "rank_scores_additive",
+    "rank_scores_gate",
+    "spearman",
+    "subspace_angles",
+]
 
 __version__: str
 
@@ -67,10 +83,11 @@ def analyze_modules(
     """Analyse ``(a, b, ez, relevance, scale)`` per module, in parallel."""
 
 # ---- runtime (docs/method.md §6) ---------------------------------------------------------------------
+@final
 class Runtime:
     """A loaded, validated bundle."""
 
-    def __init__(self, bundle_dir: str | PathLike[str], num_threads: int | None = None) -> None: ...
+    def __new__(cls, bundle_dir: str | PathLike[str], num_threads: int | None = None) -> Self: ...
     @property
     def num_threads(self) -> int: ...
     @property
@@ -91,15 +108,19 @@ class Runtime:
     ) -> NDArray[np.float32]:
         """Logits ``[N, C]`` (mean mode, or explicit gates ``{module: [N, r]}``)."""
     def sample_logits(
-        self, input_ids: NDArray[np.int64], attention_mask: NDArray[np.int64], samples: int, seed: int = 0
+        self,
+        input_ids: NDArray[np.int64],
+        attention_mask: NDArray[np.int64],
+        samples: int,
+        seed: int | None = None,
     ) -> NDArray[np.float32]:
-        """Per-sample logits ``[N, S, C]``."""
+        """Per-sample logits ``[N, S, C]`` (``seed`` None: 0)."""
     def score(
         self,
         input_ids: NDArray[np.int64],
         attention_mask: NDArray[np.int64],
-        samples: int = 0,
-        seed: int = 0,
+        samples: int | None = None,
+        seed: int | None = None,
         first_index: int = 0,
     ) -> dict[str, NDArray[Any]]:
         """docs/method.md §6 fields per input (``first_index``: row 0's index in the request, for

@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from .errors import InvalidValueError, ShapeError
-from .metrics import _check_labels, _float_array
+from .metrics import check_labels, float_array
 
 T_MIN = 0.05
 T_MAX = 20.0
@@ -25,7 +25,7 @@ _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # 0.618...
 
 
 def _check_logits(logits: ArrayLike) -> NDArray[np.float64]:
-    z = _float_array("logits", logits, 2)
+    z = float_array("logits", logits, 2)
     if z.shape[0] == 0:
         raise ShapeError("logits is empty (N = 0)")
     if z.shape[1] == 0:
@@ -70,7 +70,7 @@ def temperature_nll(logits: ArrayLike, labels: ArrayLike, temperature: float) ->
         logits: ``[N, C]``; labels: ``[N]`` integers in ``[0, C)``; temperature: T > 0.
     """
     z = _check_logits(logits)
-    y = _check_labels(labels, z.shape[0], z.shape[1])
+    y = check_labels(labels, z.shape[0], z.shape[1])
     return _nll(z, y, _check_temperature(temperature))
 
 
@@ -94,7 +94,7 @@ def fit_temperature(
         give 1.0.
     """
     z = _check_logits(logits_val)
-    y = _check_labels(labels_val, z.shape[0], z.shape[1])
+    y = check_labels(labels_val, z.shape[0], z.shape[1])
     t_min, t_max = _check_temperature(t_min), _check_temperature(t_max)
     if t_min >= t_max:
         raise InvalidValueError(f"need t_min < t_max, got [{t_min}, {t_max}]")

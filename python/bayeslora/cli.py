@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BayesLoRAError, ConfigError
+from .files import ADAPTER_WEIGHTS, BUNDLE_META, PEFT_CONFIG, RUN_FILE, SEQ_CLS_HEAD_WEIGHTS
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
@@ -126,7 +127,7 @@ def _add_train_options(p: argparse.ArgumentParser, defaults: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from .pipeline import DEFAULT_RECIPE, TrainSettings
+    from .train.pipeline import DEFAULT_RECIPE, TrainSettings
 
     fields = TrainSettings.__dataclass_fields__
     given = {k: getattr(args, k) for k in fields if hasattr(args, k) and k != "recipe"}
@@ -134,7 +135,7 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .pipeline import train
+    from .train.pipeline import train
 
     quiet = args.json
     summary = train(
@@ -154,7 +155,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .pipeline import TrainSettings
+    from .train.pipeline import TrainSettings
 
     p = sub.add_parser(
         "train",
@@ -492,11 +493,9 @@ def _add_trained_source(p: argparse.ArgumentParser) -> None:
 def _num_labels(ckpt: Path) -> int | None:
     from safetensors import safe_open
 
-    from .io import ADAPTER_WEIGHTS
-
     with safe_open(str(ckpt / ADAPTER_WEIGHTS), framework="numpy") as f:
         for key in f.keys():
-            if key.endswith(("classifier.weight", "classifier.out_proj.weight")):
+            if key.endswith(SEQ_CLS_HEAD_WEIGHTS):
                 return int(f.get_slice(key).get_shape()[0])
     return None
 
@@ -504,15 +503,15 @@ def _num_labels(ckpt: Path) -> int | None:
 def _load_trained(ckpt: Path, model_dir: str | None) -> tuple[Any, Any, dict | None]:
     """(model, tokenizer or None, run.json or None) of a ``bayeslora train`` checkpoint, or of an
     adapter directory (``bl.save_adapter``) loaded onto the base HF model ``model_dir``."""
-    if (ckpt / "run.json").is_file():
-        from .pipeline import load_checkpoint
+    if (ckpt / RUN_FILE).is_file():
+        from .train.pipeline import load_checkpoint
 
         return load_checkpoint(ckpt)
     if model_dir is None:
         raise ConfigError(f"{ckpt} is an adapter directory: name its base model with --model DIR")
     from transformers import AutoModelForSequenceClassification
 
-    from .io import ADAPTER_WEIGHTS, load_adapter
+    from .nn.checkpoint import load_adapter
 
     n = _num_labels(ckpt) if (ckpt / ADAPTER_WEIGHTS).exists() else None
     kwargs = {"num_labels": n} if n is not None else {}
@@ -522,7 +521,7 @@ def _load_trained(ckpt: Path, model_dir: str | None) -> tuple[Any, Any, dict | N
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .bundle import export
+    from .formats.bundle import export
 
     try:
         _check_out(args, "bundle", args.ckpt, args.model)
@@ -547,7 +546,7 @@ def _export(args: argparse.Namespace) -> int:
         )
     except BayesLoRAError as e:
         return _fail(str(e))
-    meta = json.loads((out / "bayeslora.json").read_text())
+    meta = json.loads((out / BUNDLE_META).read_text())
     ranks = {name: m["rank"] for name, m in meta["modules"].items()}
     payload = {"bundle": str(out), "ranks": ranks, "total_rank": sum(ranks.values())}
     _emit(args, payload, f"wrote {out} ({len(ranks)} adapted modules, total rank {sum(ranks.values())})")
@@ -572,7 +571,7 @@ def _add_export_peft(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _export_peft(args: argparse.Namespace) -> int:
-    from .peft_io import PEFT_CONFIG, export_peft
+    from .formats.peft import export_peft
 
     try:
         _check_out(args, "peft", args.ckpt, args.model)
@@ -622,7 +621,7 @@ def _add_import_peft(subparsers: argparse._SubParsersAction) -> None:
 
 def _import_peft(args: argparse.Namespace) -> int:
     from .config import BayesLoRAConfig
-    from .peft_io import import_peft_checkpoint
+    from .formats.peft import import_peft_checkpoint
 
     options = {
         k: getattr(args, k)
@@ -723,7 +722,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         return 1
     plots = []
     if args.plots:
-        from ._analysis_plots import write_plots
+        from .analysis.plots import write_plots
 
         plots = [str(p) for p in write_plots(report, args.plots)]
     if args.json:

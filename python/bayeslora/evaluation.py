@@ -17,6 +17,7 @@ import numpy as np
 
 from . import metrics
 from .errors import BundleError
+from .files import BUNDLE_META, RUN_FILE
 
 SCORES = metrics.UNCERTAINTY_SCORES
 VADER_DOMAINS = ("vader-movies", "vader-tweets", "vader-amazon", "vader-nyt")
@@ -30,7 +31,7 @@ def load_predictor(
     """A function ``texts -> fields of docs/method.md §6`` for a checkpoint (torch) or a bundle (Rust
     runtime)."""
     path = Path(path)
-    if (path / "bayeslora.json").is_file():
+    if (path / BUNDLE_META).is_file():
         from .runtime import Scorer, read_meta
 
         scorer = Scorer(path, num_threads=num_threads)
@@ -47,8 +48,8 @@ def load_predictor(
             "method": meta.get("method"),
         }
         return predict_bundle, info
-    if (path / "run.json").is_file():
-        from .pipeline import load_checkpoint, predict
+    if (path / RUN_FILE).is_file():
+        from .train.pipeline import load_checkpoint, predict
 
         model, tokenizer, run = load_checkpoint(path)
         max_length = int(run["settings"]["max_length"])

@@ -60,7 +60,7 @@ def _finite(name: str, x: NDArray[np.float64]) -> None:
         raise InvalidValueError(f"{name} contains {bad} NaN or infinite value(s)")
 
 
-def _float_array(name: str, x: ArrayLike, ndim: int) -> NDArray[np.float64]:
+def float_array(name: str, x: ArrayLike, ndim: int) -> NDArray[np.float64]:
     try:
         arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as err:
@@ -72,7 +72,7 @@ def _float_array(name: str, x: ArrayLike, ndim: int) -> NDArray[np.float64]:
 
 
 def _check_probs(probs: ArrayLike, name: str = "probs") -> NDArray[np.float64]:
-    p = _float_array(name, probs, 2)
+    p = float_array(name, probs, 2)
     n, c = p.shape
     if n == 0:
         raise ShapeError(f"{name} is empty (N = 0): metrics need at least one example")
@@ -91,7 +91,7 @@ def _check_probs(probs: ArrayLike, name: str = "probs") -> NDArray[np.float64]:
     return np.clip(p, 0.0, 1.0)
 
 
-def _check_labels(labels: ArrayLike, n: int, c: int) -> NDArray[np.int64]:
+def check_labels(labels: ArrayLike, n: int, c: int) -> NDArray[np.int64]:
     raw = np.asarray(labels)
     if raw.ndim != 1:
         raise ShapeError(f"labels must be 1-D [N], got shape {raw.shape}")
@@ -111,7 +111,7 @@ def _check_labels(labels: ArrayLike, n: int, c: int) -> NDArray[np.int64]:
 
 def _probs_labels(probs: ArrayLike, labels: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
     p = _check_probs(probs)
-    return p, _check_labels(labels, p.shape[0], p.shape[1])
+    return p, check_labels(labels, p.shape[0], p.shape[1])
 
 
 def _check_n_bins(n_bins: int) -> int:
@@ -121,7 +121,7 @@ def _check_n_bins(n_bins: int) -> int:
 
 
 def _scores(name: str, x: ArrayLike) -> NDArray[np.float64]:
-    s = _float_array(name, x, 1)
+    s = float_array(name, x, 1)
     if s.shape[0] == 0:
         raise ShapeError(f"{name} is empty: need at least one score")
     return s
@@ -219,7 +219,7 @@ def calibration_error(confidence: ArrayLike, correct: ArrayLike, n_bins: int = 1
     conf = _scores("confidence", confidence)
     if np.any(conf < 0) or np.any(conf > 1):
         raise InvalidValueError("confidence must lie in [0, 1]")
-    ok = _float_array("correct", np.asarray(correct, dtype=np.float64), 1)
+    ok = float_array("correct", np.asarray(correct, dtype=np.float64), 1)
     if ok.shape != conf.shape:
         raise ShapeError(f"correct has shape {ok.shape}, confidence has {conf.shape}")
     if np.any((ok != 0) & (ok != 1)):
@@ -384,7 +384,7 @@ def risk_coverage(
     if score is None:
         unc = -conf
     else:
-        unc = _float_array("score", score, 1)
+        unc = float_array("score", score, 1)
         if unc.shape != conf.shape:
             raise ShapeError(f"score has shape {unc.shape}, expected ({conf.shape[0]},)")
     order = np.argsort(unc, kind="mergesort")
@@ -430,7 +430,7 @@ def uncertainty(sample_probs: ArrayLike) -> dict[str, NDArray]:
         entropies), ``mutual_info [N]`` (epistemic = total − aleatoric, clipped at 0), ``variance [N]``
         (population variance over samples of the predicted class's probability).
     """
-    p = _float_array("sample_probs", sample_probs, 3)
+    p = float_array("sample_probs", sample_probs, 3)
     n, s, c = p.shape
     if n == 0 or s == 0 or c == 0:
         raise ShapeError(f"sample_probs must be non-empty [N, S, C], got shape {p.shape}")
@@ -462,9 +462,9 @@ def uncertainty_scores(fields: Mapping[str, ArrayLike]) -> dict[str, NDArray[np.
     Returns ``{"entropy", "mutual_info", "1-confidence"}``, each float64 ``[N]``.
     """
     return {
-        "entropy": _float_array("entropy", fields["entropy"], 1),
-        "mutual_info": _float_array("mutual_info", fields["mutual_info"], 1),
-        "1-confidence": 1.0 - _float_array("confidence", fields["confidence"], 1),
+        "entropy": float_array("entropy", fields["entropy"], 1),
+        "mutual_info": float_array("mutual_info", fields["mutual_info"], 1),
+        "1-confidence": 1.0 - float_array("confidence", fields["confidence"], 1),
     }
 
 

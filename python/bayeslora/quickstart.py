@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .pipeline import TrainSettings, predict, train
+from .train.pipeline import TrainSettings, predict, train
 
 # The quickstart's budget: a few minutes per run on 2 CPU cores. Tuned on the validation split only.
 QUICK = {"max_train": 2000, "epochs": 3.0, "max_length": 48, "samples": 8}
@@ -55,7 +55,7 @@ def run_quickstart(
     """Run the quickstart; returns a JSON-able summary (also written to ``out/quickstart.json``)."""
     from . import metrics, plots
     from .data import load_dataset
-    from .pipeline import _check_writable
+    from .train.pipeline import _check_writable
 
     def say(*a: Any) -> None:
         if not quiet:
@@ -103,7 +103,7 @@ def run_quickstart(
         }
 
     say("\n== exporting the BayesLoRA bundle and scoring with the Rust runtime (no torch)")
-    from .bundle import export
+    from .formats.bundle import export
     from .runtime import Scorer
 
     bundle = out / "bundle"

@@ -36,8 +36,9 @@ import numpy as np
 
 from . import _core
 from .errors import BundleError, InvalidValueError, ShapeError
+from .files import BUNDLE_FILES, BUNDLE_META, BUNDLE_TOKENIZER
+from .files import UNCERTAINTY_FIELDS as FIELDS
 
-FIELDS = ("probs", "label", "confidence", "entropy", "expected_entropy", "mutual_info", "variance")
 _CHUNK = 1024  # texts tokenised and scored per call into the core (bounds padding memory)
 MAX_SEED = 2**63 - 1  # seeds are 0..2^63-1 (the core's signed 64-bit argument)
 MAX_SAMPLES = 2**20
@@ -149,7 +150,7 @@ class Scorer:
         if self._tokenizer is None:
             from tokenizers import Tokenizer
 
-            path = self.bundle_dir / "tokenizer.json"
+            path = self.bundle_dir / BUNDLE_TOKENIZER
             if path.exists() and not path.is_file():  # a FIFO or a device: never opened
                 raise BundleError(f"{path}: not a regular file")
             if not path.is_file():
@@ -275,14 +276,13 @@ class Scorer:
 
 _SHARED: dict[tuple[str, int | None], tuple[tuple[Any, ...], Scorer]] = {}
 _SHARED_LOCK = threading.Lock()
-_BUNDLE_FILES = ("bayeslora.json", "config.json", "model.safetensors", "tokenizer.json")
 
 
 def _fingerprint(bundle_dir: str) -> tuple[Any, ...]:
     """What changes when the bundle at ``bundle_dir`` is replaced (``bl.export`` swaps the
     directory, so its inode changes) or a file of it is rewritten."""
     parts: list[Any] = []
-    for path in (bundle_dir, *(os.path.join(bundle_dir, f) for f in _BUNDLE_FILES)):
+    for path in (bundle_dir, *(os.path.join(bundle_dir, f) for f in BUNDLE_FILES)):
         try:
             st = os.stat(path)
         except OSError:
@@ -341,7 +341,7 @@ def isa() -> str:
 
 def read_meta(bundle_dir: str | os.PathLike) -> dict[str, Any]:
     """The bundle's ``bayeslora.json`` as a dict (no validation beyond JSON)."""
-    path = Path(bundle_dir) / "bayeslora.json"
+    path = Path(bundle_dir) / BUNDLE_META
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:

@@ -59,7 +59,7 @@ pub struct BundleMeta {
     pub modules: BTreeMap<String, ModuleMeta>,
 }
 
-/// How a module's adapter is perturbed in MC mode (docs/method.md §2, `layers.py`).
+/// How a module's adapter is perturbed in MC mode (docs/method.md §2, `python/bayeslora/nn/layer.py`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NoiseKind {
     /// `lora`: deterministic.

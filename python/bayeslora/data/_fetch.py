@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .errors import DataError
+from ..errors import DataError
 
 _CHUNK = 1 << 20
 

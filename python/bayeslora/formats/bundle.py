@@ -33,17 +33,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ._atomic import check_output_dir, output_sources, write_dir_atomically
-from .errors import BundleError, ConfigError
-from .injection import adapted_layers, get_config
-from .layers import BayesLoRALayer
-from .objective import _unwrap
-
-FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
-HF_CONFIG = "config.json"
-META = "bayeslora.json"
-TOKENIZER = "tokenizer.json"
+from .._atomic import check_output_dir, output_sources, write_dir_atomically
+from ..errors import BundleError, ConfigError
+from ..files import BUNDLE_FORMAT_VERSION as FORMAT_VERSION
+from ..files import BUNDLE_HF_CONFIG as HF_CONFIG
+from ..files import BUNDLE_META as META
+from ..files import BUNDLE_TOKENIZER as TOKENIZER
+from ..files import BUNDLE_WEIGHTS as WEIGHTS
+from ..nn.layer import BayesLoRALayer
+from ..nn.model import adapted_layers, get_config, unwrap
 
 # HF model_type -> runtime architecture
 ARCHITECTURES = {
@@ -121,7 +119,7 @@ def bundle_tensors(
     model: nn.Module, dtype: str = "float32", prune: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], int]:
     """(tensors, per-module metadata, ranks removed by export-time pruning) of ``model``."""
-    base = _unwrap(model)
+    base = unwrap(model)
     config = get_config(base)
     store = _DTYPES[dtype]
     layers = dict(adapted_layers(base))
@@ -227,7 +225,7 @@ def export(
     """
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    base = _unwrap(model)
+    base = unwrap(model)
     sources = output_sources(base)
     if isinstance(tokenizer, (str, os.PathLike)):
         sources.append(os.fspath(tokenizer))
@@ -262,13 +260,14 @@ def export(
     out = Path(out_dir)
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "bayeslora-bundle", "format_version": "1"})
+        weights_meta = {"format": "bayeslora-bundle", "format_version": str(FORMAT_VERSION)}
+        save_file(tensors, str(tmp / WEIGHTS), metadata=weights_meta)
         (tmp / HF_CONFIG).write_text(hf_config.to_json_string(use_diff=False))
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if tokenizer_text is not None:
             (tmp / TOKENIZER).write_text(tokenizer_text)
         if validate:
-            from . import _core
+            from .. import _core
 
             _core.Runtime(str(tmp), 1)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis import AnalysisReport
+from .report import AnalysisReport
 
 
 def _grid(n: int) -> tuple[int, int]:

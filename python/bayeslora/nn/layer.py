@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BayesLoRAConfig
+from ..config import BayesLoRAConfig
 
 # Molchanov et al. (2017) constants, docs/method.md §3.
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
@@ -35,7 +35,7 @@ def kl_molchanov(log_alpha: torch.Tensor) -> torch.Tensor:
     return -neg_kl
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     # transformers.pytorch_utils.Conv1D without importing transformers: weight is [d_in, d_out].
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
@@ -44,14 +44,14 @@ def base_dims(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of an ``nn.Linear`` or HF ``Conv1D``."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if _is_conv1d(module):
+    if is_conv1d(module):
         d_in, d_out = module.weight.shape
         return int(d_in), int(d_out)
     raise TypeError(f"cannot adapt a {type(module).__name__}: only nn.Linear and HF Conv1D are supported")
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 class LRTSample(torch.autograd.Function):

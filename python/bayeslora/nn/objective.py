@@ -5,19 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .injection import adapted_layers, get_config
+from .model import adapted_layers, get_config, unwrap
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP / FSDP / accelerate wrappers keep the real model in .module.
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+_unwrap = unwrap  # the name train/pipeline.py imports
 
 
 def kl_divergence(model: nn.Module) -> torch.Tensor:
     """Sum of the KL of every adapted module (scalar, fp32), before any 1/N scaling."""
-    model = _unwrap(model)
+    model = unwrap(model)
     terms = [layer.kl() for _, layer in adapted_layers(model)]
     if not terms:
         raise ValueError("model has no BayesLoRA adapters: call bl.inject(model, config) first")
@@ -38,7 +33,7 @@ def elbo_loss(
     """
     if num_train < 1:
         raise ValueError(f"num_train must be >= 1, got {num_train}")
-    config = get_config(_unwrap(model))
+    config = get_config(unwrap(model))
     if total_steps is not None:
         config = config.resolved(total_steps)
     if not config.is_bayesian:

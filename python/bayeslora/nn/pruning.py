@@ -8,18 +8,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .injection import adapted_layers
-from .objective import _unwrap
+from .model import adapted_layers, unwrap
 
 
 def ranks(model: nn.Module) -> dict[str, int]:
     """Active rank of every adapted module."""
-    return {name: layer.active_rank for name, layer in adapted_layers(_unwrap(model))}
+    return {name: layer.active_rank for name, layer in adapted_layers(unwrap(model))}
 
 
 def rank_scores(model: nn.Module) -> dict[str, torch.Tensor]:
     """Relevance score ``[r]`` of every adapted module (larger = less relevant)."""
-    return {name: layer.rank_scores() for name, layer in adapted_layers(_unwrap(model))}
+    return {name: layer.rank_scores() for name, layer in adapted_layers(unwrap(model))}
 
 
 def prune(
@@ -30,7 +29,7 @@ def prune(
     Shapes stay (optimizer state and DDP buckets remain valid). ``min_rank`` overrides the config's.
     Returns ``{module name: (active rank before, after)}``.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     config = getattr(model, "bayeslora_config", None)
     tau = threshold if threshold is not None else (config.prune_threshold if config else 3.0)
     return {name: layer.prune_(tau, min_rank) for name, layer in adapted_layers(model)}
@@ -42,7 +41,7 @@ def shrink(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> 
     The scale ``alpha / r0`` is unchanged, so the mean-mode output is unchanged. Returns
     ``{module name: (rank before, after)}``.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     report = {}
     for name, layer in adapted_layers(model):
         before = layer.rank
@@ -73,7 +72,7 @@ def _replace_in_optimizer(
 def adapter_parameter_count(model: nn.Module) -> int:
     """Number of active adapter parameters (factors of active ranks + their rank parameters)."""
     total = 0
-    for _, layer in adapted_layers(_unwrap(model)):
+    for _, layer in adapted_layers(unwrap(model)):
         r = layer.active_rank
         total += r * (layer.d_in + layer.d_out) + (r if layer.rank_parameter() is not None else 0)
     return total

@@ -9,10 +9,10 @@ from types import TracebackType
 import torch
 from torch import nn
 
-from .injection import adapted_layers
-from .objective import _unwrap
+from ..files import UNCERTAINTY_FIELDS
+from .model import adapted_layers, unwrap
 
-FIELDS = ("probs", "label", "confidence", "entropy", "expected_entropy", "mutual_info", "variance")
+FIELDS = UNCERTAINTY_FIELDS
 
 
 class sampling:  # lower case on purpose: used like a function, bl.sampling(model, True)
@@ -24,7 +24,7 @@ class sampling:  # lower case on purpose: used like a function, bl.sampling(mode
     """
 
     def __init__(self, model: nn.Module, enabled: bool = True) -> None:
-        self._layers = [layer for _, layer in adapted_layers(_unwrap(model))]
+        self._layers = [layer for _, layer in adapted_layers(unwrap(model))]
         if not self._layers:
             raise ValueError("model has no BayesLoRA adapters: call bl.inject(model, config) first")
         self._previous = [layer.sampling for layer in self._layers]
@@ -46,7 +46,7 @@ class sampling:  # lower case on purpose: used like a function, bl.sampling(mode
 
 def is_sampling(model: nn.Module) -> bool:
     """True when every adapted layer samples."""
-    return all(layer.sampling for _, layer in adapted_layers(_unwrap(model)))
+    return all(layer.sampling for _, layer in adapted_layers(unwrap(model)))
 
 
 def _logits(output: object) -> torch.Tensor:
@@ -120,7 +120,7 @@ def mc_predict(
     for key, value in inputs.items():
         if value.shape[0] != n:
             raise ValueError(f"inputs[{key!r}] has batch size {value.shape[0]}, expected {n}")
-    base = _unwrap(model)
+    base = unwrap(model)
     layers = [layer for _, layer in adapted_layers(base)]
     if not layers and samples > 0:
         raise ValueError(

@@ -8,27 +8,33 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .config import BayesLoRAConfig
-from .errors import TargetNotFoundError
-from .layers import BayesLoRALayer, is_adaptable
-
-# Output heads that "all-linear" leaves alone, as PEFT does.
-_HEAD_NAMES = ("classifier", "score", "lm_head", "qa_outputs", "pre_classifier", "cls")
+from ..config import BayesLoRAConfig
+from ..errors import TargetNotFoundError
+from ..files import OUTPUT_HEADS
+from .layer import BayesLoRALayer, is_adaptable
 
 
-def _matches_list(name: str, patterns: list[str]) -> bool:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / FSDP / accelerate wrappers (they keep it in ``.module``)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def matches_any(name: str, patterns: list[str]) -> bool:
+    """Whether module ``name`` is one of ``patterns`` or ends in ``.pattern`` (PEFT's rule)."""
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def _is_head(name: str) -> bool:
-    return any(part in _HEAD_NAMES for part in name.split("."))
+    return any(part in OUTPUT_HEADS for part in name.split("."))
 
 
 def is_target(name: str, module: nn.Module, config: BayesLoRAConfig) -> bool:
     """Whether the module called ``name`` is adapted under ``config``."""
     if not is_adaptable(module) or isinstance(module, BayesLoRALayer):
         return False
-    if _matches_list(name, config.exclude_modules) or _matches_list(name, config.modules_to_save):
+    if matches_any(name, config.exclude_modules) or matches_any(name, config.modules_to_save):
         return False
     if "base_layer" in name.split("."):
         return False
@@ -37,7 +43,7 @@ def is_target(name: str, module: nn.Module, config: BayesLoRAConfig) -> bool:
         if targets == "all-linear":
             return not _is_head(name)
         return re.fullmatch(targets, name) is not None
-    return _matches_list(name, targets)
+    return matches_any(name, targets)
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, BayesLoRALayer]]:
@@ -82,7 +88,7 @@ def inject(model: nn.Module, config: BayesLoRAConfig) -> nn.Module:
         _set_submodule(model, name, BayesLoRALayer(base, config))
     saved = 0
     for name, module in model.named_modules():
-        if config.modules_to_save and _matches_list(name, config.modules_to_save):
+        if config.modules_to_save and matches_any(name, config.modules_to_save):
             for p in module.parameters():
                 p.requires_grad_(True)
             saved += 1

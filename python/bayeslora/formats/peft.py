@@ -21,6 +21,10 @@ posterior means, the rank parameters start at the config's ``init_log_alpha`` /
 ``init_log_sigma2``, each module keeps its PEFT rank and scale (``lora_alpha / r`` from the
 patterns, ``/ sqrt(r)`` with rsLoRA). The result trains further with the ELBO, saves with
 ``bl.save_adapter`` and exports to the runtime with ``bl.export``.
+
+One module of over 500 lines on purpose: both directions rest on the same reading of PEFT's rules
+(``rank_pattern`` / ``alpha_pattern`` keys, which modules ``modules_to_save`` claims, the state-dict
+prefix), kept next to each other so that they change together.
 """
 
 from __future__ import annotations
@@ -38,20 +42,26 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._atomic import check_output_dir, output_sources, write_dir_atomically
+from .._atomic import check_output_dir, output_sources, write_dir_atomically
+from ..config import BayesLoRAConfig
+from ..errors import BundleError, ConfigError
+from ..files import (
+    CHECKPOINT_ADAPTER,
+    CHECKPOINT_TOKENIZER,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    POSTERIOR_FORMAT_VERSION,
+    POSTERIOR_META,
+    POSTERIOR_WEIGHTS,
+    RUN_FILE,
+    SEQ_CLS_HEAD_WEIGHTS,
+    SEQ_CLS_HEADS,
+)
+from ..nn.layer import base_dims, is_adaptable, is_conv1d
+from ..nn.model import adapted_layers, get_config, inject, is_target, unwrap
 from .bundle import exported_module, warn_extra_pruned
-from .config import BayesLoRAConfig
-from .errors import BundleError, ConfigError
-from .injection import adapted_layers, get_config, inject, is_target
-from .layers import _is_conv1d, base_dims, is_adaptable
-from .objective import _unwrap
 
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_WEIGHTS_BIN = "adapter_model.bin"
-POSTERIOR_WEIGHTS = "bayeslora_posterior.safetensors"
-POSTERIOR_META = "bayeslora_posterior.json"
-POSTERIOR_FORMAT_VERSION = 1
 PREFIX = "base_model.model."
 
 # LoRA variants PEFT configures with a flag or a sub-config; a truthy value changes the forward
@@ -108,9 +118,6 @@ def _task_type(model: nn.Module) -> str | None:
     return None
 
 
-_SEQ_CLS_HEADS = ("classifier", "score")  # PEFT's SEQ_CLS model adds these to modules_to_save
-
-
 def _peft_claims(name: str, modules_to_save: list[str]) -> bool:
     """Whether PEFT's ``modules_to_save`` handling touches module ``name``: it wraps every module
     whose name ends with an entry (plain ``endswith``) and never adapts one inside such an entry."""
@@ -155,7 +162,7 @@ def export_peft(
         ``bayeslora_posterior.json`` (format version, BayesLoRA config, per-module
         ``rank``/``initial_rank``/``scale``/``d_in``/``d_out``, rank-0 modules included).
     """
-    base = _unwrap(model)
+    base = unwrap(model)
     config = get_config(base)
     sources = output_sources(base)
     check_output_dir(out_dir, kind="peft", force=force, sources=sources)
@@ -177,7 +184,7 @@ def export_peft(
         lora[f"{PREFIX}{name}.lora_B.weight"] = kept.pop("lora_B")
         rank_pattern[name] = r
         alpha_pattern[name] = float(layer.scale) * r
-        any_conv1d = any_conv1d or _is_conv1d(layer.base_layer)
+        any_conv1d = any_conv1d or is_conv1d(layer.base_layer)
         posterior.update({f"{name}.{leaf}": t for leaf, t in kept.items()})
     if not rank_pattern:
         raise ConfigError("every adapted module is pruned to rank 0: there is no LoRA to export to PEFT")
@@ -190,11 +197,11 @@ def export_peft(
             "by the saved copy"
         )
     task_type = _task_type(base)
-    if task_type == "SEQ_CLS" and any(_peft_claims(n, list(_SEQ_CLS_HEADS)) for n in rank_pattern):
+    if task_type == "SEQ_CLS" and any(_peft_claims(n, list(SEQ_CLS_HEADS)) for n in rank_pattern):
         task_type = (
             None  # PEFT's SEQ_CLS model would also claim the adapted head: load it as a plain PeftModel
         )
-    claimed = ours + (list(_SEQ_CLS_HEADS) if task_type == "SEQ_CLS" else [])
+    claimed = ours + (list(SEQ_CLS_HEADS) if task_type == "SEQ_CLS" else [])
     saved_modules = _wrapped_modules(base, claimed)
     for name in saved_modules:
         for key, value in base.get_submodule(name).state_dict().items():
@@ -448,7 +455,7 @@ def import_peft(
     lora, rest = _split_weights(read_peft_weights(root), weights_path)
     if not lora:
         raise BundleError(f"{weights_path}: no lora_A/lora_B tensors")
-    base = _unwrap(base_model)
+    base = unwrap(base_model)
     if getattr(base, "bayeslora_config", None) is not None:
         raise ConfigError(
             "import_peft needs the un-adapted base model; this one already has BayesLoRA adapters"
@@ -518,7 +525,7 @@ def import_peft(
     # what PEFT trained in full: every module it wraps (by its own endswith rule), named exactly
     peft_saved = [str(m) for m in (cfg.get("modules_to_save") or [])]
     if cfg.get("task_type") == "SEQ_CLS":
-        peft_saved += list(_SEQ_CLS_HEADS)
+        peft_saved += list(SEQ_CLS_HEADS)
     saved = [n for n in _wrapped_modules(base, peft_saved) if n not in plan]
     new_config = dataclasses.replace(
         user,
@@ -565,9 +572,7 @@ def import_peft(
 
 def _head_rows(state: dict[str, torch.Tensor]) -> int | None:
     for key, value in state.items():
-        if ".lora_" not in key and key.endswith(
-            ("classifier.weight", "score.weight", "classifier.out_proj.weight")
-        ):
+        if ".lora_" not in key and key.endswith(SEQ_CLS_HEAD_WEIGHTS):
             return int(value.shape[0])
     return None
 
@@ -591,9 +596,9 @@ def import_peft_checkpoint(
     model's directory are refused (:class:`~bayeslora.errors.OutputError`, before any loading)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from .io import save_adapter
-    from .pipeline import RUN_FILE, TrainSettings, resolve_model
-    from .pruning import adapter_parameter_count, ranks
+    from ..nn.checkpoint import save_adapter
+    from ..nn.pruning import adapter_parameter_count, ranks
+    from ..train.pipeline import TrainSettings, resolve_model
 
     peft_cfg = read_peft_config(peft_dir)
     name = model if model is not None else peft_cfg.get("base_model_name_or_path")
@@ -642,9 +647,9 @@ def import_peft_checkpoint(
         tokenizer = None  # a base model without a tokenizer: the checkpoint scores token ids only
 
     def write(tmp: Path) -> None:
-        save_adapter(hf, tmp / "adapter")
+        save_adapter(hf, tmp / CHECKPOINT_ADAPTER)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / "tokenizer")
+            tokenizer.save_pretrained(tmp / CHECKPOINT_TOKENIZER)
         (tmp / RUN_FILE).write_text(json.dumps(run, indent=2, default=str))
 
     write_dir_atomically(out, write, kind="checkpoint", force=force, sources=sources)

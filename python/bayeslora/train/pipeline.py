@@ -18,17 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics
-from .config import KL_SCALE_DEFAULTS
-from .errors import BundleError, ConfigError
+from .. import metrics
+from ..config import KL_SCALE_DEFAULTS
+from ..errors import BundleError, ConfigError
+from ..files import CHECKPOINT_ADAPTER, CHECKPOINT_TOKENIZER, CHECKPOINT_TRAINER, RUN_FILE
+from ..files import SEQ_CLS_HEADS as HEAD_NAMES
 
-RUN_FILE = "run.json"
 # the default length of a run (TrainSettings.epochs = None): at least MIN_EPOCHS and MIN_STEPS
 # optimizer steps, so that a few hundred rows still train long enough for the half-way rank cut to
 # see what the adapter is worth (30 steps of a 480-row CSV were not: its benefit was below one
 # standard error), at most MAX_EPOCHS
 MIN_EPOCHS, MIN_STEPS, MAX_EPOCHS = 2, 150, 20
-HEAD_NAMES = ("classifier", "score")
 # The authors' GLUE harness (recipe "paper"): additive posterior, a deterministic training forward
 # (the noise never switched on, so λ moves only under the KL), CE + 1e-6·ΣKL with no 1/N and β = 1,
 # AdamW (factors 1e-3, log σ² 1e-4 with plain Adam, head 1e-2 with weight decay 1e-2), grad-norm clip
@@ -205,7 +205,7 @@ class TrainSettings:
         return cls(**{**RECIPES[recipe], **overrides, "recipe": recipe})
 
     def bayes_config(self, head: str) -> Any:
-        from .config import BayesLoRAConfig
+        from ..config import BayesLoRAConfig
 
         targets: list[str] | str = self.targets
         if len(self.targets) == 1 and (
@@ -247,10 +247,24 @@ def _head_name(model: Any) -> str:
     )
 
 
+def sequence_classifier(model_dir: str | os.PathLike, labels: list[str]) -> Any:
+    """The 🤗 sequence classifier in ``model_dir`` with a head for ``labels`` (a fresh head when the
+    base's has other labels)."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        model_dir,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+        ignore_mismatched_sizes=True,
+    )
+
+
 def resolve_model(model: str) -> Path:
     """``"default"`` → the packaged all-MiniLM-L6-v2; else a local HF model directory."""
     if model == "default":
-        from .data import default_model_path
+        from ..data import default_model_path
 
         return default_model_path()
     path = Path(model).expanduser()
@@ -290,7 +304,7 @@ def predict(
     """Per-sample class probabilities ``[N, max(S, 1), C]`` (mean mode when ``samples`` = 0)."""
     import torch
 
-    from .prediction import mc_predict
+    from ..nn.prediction import mc_predict
 
     out = []
     for start in range(0, len(texts), batch_size):
@@ -330,8 +344,8 @@ def scale_noise(model: Any, factor: float) -> None:
     order (and, for ``factor`` ≤ 1, every pruning decision) stays."""
     import torch
 
-    from .injection import adapted_layers
-    from .objective import _unwrap
+    from ..nn.model import adapted_layers
+    from ..nn.objective import _unwrap
 
     if not factor > 0:
         raise ConfigError(f"a noise scale must be > 0, got {factor!r}")
@@ -417,8 +431,8 @@ def validation_rank_cut(
     """
     import torch
 
-    from .injection import adapted_layers
-    from .objective import _unwrap
+    from ..nn.model import adapted_layers
+    from ..nn.objective import _unwrap
 
     layers = [layer for _, layer in adapted_layers(_unwrap(model))]
     masks = [layer.rank_mask.clone() for layer in layers]
@@ -488,9 +502,9 @@ def choose_cut(
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, dict]:
     """(model, tokenizer, run metadata) of a ``bayeslora train`` output directory."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from .io import load_adapter
+    from ..nn.checkpoint import load_adapter
 
     run_path = Path(path) / RUN_FILE
     try:
@@ -501,15 +515,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, dict]:
         raise BundleError(f"cannot read {run_path}: {e}") from e
     base = Path(run["base_model"])
     labels = run["label_names"]
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={n: i for i, n in enumerate(labels)},
-        ignore_mismatched_sizes=True,  # a base whose head has other labels: a fresh head
-    )
+    model = sequence_classifier(base, labels)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    load_adapter(model, Path(path) / "adapter")
+    load_adapter(model, Path(path) / CHECKPOINT_ADAPTER)
     return model.eval(), tokenizer, run
 
 
@@ -540,7 +548,7 @@ def _remove_if_empty(created: list[Path]) -> None:
 def check_splits(data: Any, n_eval: int | None) -> None:
     """Raise :class:`DataError` (one line) unless ``data`` has a training, a validation and a test
     example (after ``max_eval``): a run trains on the first and reports on the other two."""
-    from .errors import DataError
+    from ..errors import DataError
 
     if n_eval is not None and n_eval < 1:
         raise DataError(f"max_eval must be >= 1, got {n_eval}")
@@ -609,18 +617,17 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
 
 def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict:
     from transformers import (
-        AutoModelForSequenceClassification,
         AutoTokenizer,
         DataCollatorWithPadding,
         set_seed,
     )
     from transformers.utils import logging as hf_logging
 
-    from .data import load_dataset
-    from .injection import inject
-    from .io import save_adapter
-    from .pruning import adapter_parameter_count, prune, ranks, shrink
-    from .training import BayesLoRATrainer, _is_main_process
+    from ..data import load_dataset
+    from ..nn.checkpoint import save_adapter
+    from ..nn.model import inject
+    from ..nn.pruning import adapter_parameter_count, prune, ranks, shrink
+    from .trainer import BayesLoRATrainer, _is_main_process
 
     hf_logging.set_verbosity_error()
     data = load_dataset(settings.data, seed=settings.seed)
@@ -629,13 +636,7 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
     set_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     labels = list(data.label_names)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={n: i for i, n in enumerate(labels)},
-        ignore_mismatched_sizes=True,  # a base whose head has other labels: a fresh head
-    )
+    model = sequence_classifier(model_dir, labels)
     config = settings.bayes_config(_head_name(model))
     inject(model, config)
     initial = ranks(model)
@@ -649,7 +650,7 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
         f"{n_train} training examples, {settings.epochs_for(n_train):g} epochs, {len(initial)} adapted "
         f"modules, model {model_dir}"
     )
-    args = training_arguments(settings, out / "checkpoints", n_train, progress=progress)
+    args = training_arguments(settings, out / CHECKPOINT_TRAINER, n_train, progress=progress)
     select = None
     if settings.rank_select == "validation":
         n_sel = min(len(data.validation), SELECT_EXAMPLES)
@@ -742,8 +743,8 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
         summary["metrics"]["validation_mc"] = evaluate_probs(val_mc, val_labels)
         summary["metrics"]["test_mc"] = evaluate_probs(test_mc, test_labels)
     if _is_main_process():  # every process holds the same adapter; one writes it
-        save_adapter(model, out / "adapter")
-        tokenizer.save_pretrained(out / "tokenizer")
+        save_adapter(model, out / CHECKPOINT_ADAPTER)
+        tokenizer.save_pretrained(out / CHECKPOINT_TOKENIZER)
         tmp = out / f".{RUN_FILE}.tmp"
         tmp.write_text(json.dumps(summary, indent=2, default=str))
         os.replace(tmp, out / RUN_FILE)

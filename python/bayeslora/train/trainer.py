@@ -37,13 +37,12 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .injection import adapted_layers, get_config
-from .io import save_adapter
-from .objective import _unwrap, kl_divergence
-from .prediction import sampling
-from .pruning import prune, ranks
-
-TRAINING_STATE = "bayeslora_training.json"
+from ..files import CHECKPOINT_ADAPTER, TRAINING_STATE
+from ..nn.checkpoint import save_adapter
+from ..nn.model import adapted_layers, get_config, unwrap
+from ..nn.objective import kl_divergence
+from ..nn.prediction import sampling
+from ..nn.pruning import prune, ranks
 
 
 def _is_main_process() -> bool:
@@ -56,7 +55,7 @@ def sync_rank_masks(model: nn.Module) -> None:
     """Make every process hold rank 0's masks (they should already agree; this makes it certain)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    for _, layer in adapted_layers(_unwrap(model)):
+    for _, layer in adapted_layers(unwrap(model)):
         torch.distributed.broadcast(layer.rank_mask, src=0)
 
 
@@ -114,7 +113,7 @@ class PruneCallback(TrainerCallback):
         # fixed its set of parameters when it wrapped the model.
         self._frozen = [
             (p, p.detach().clone())
-            for _, layer in adapted_layers(_unwrap(self.model))
+            for _, layer in adapted_layers(unwrap(self.model))
             if (p := layer.rank_parameter()) is not None
         ]
         self.refit_step = step
@@ -133,7 +132,7 @@ class BayesLoRATrainer(Trainer):
             (the classifier head); default: the factors' (``args.learning_rate``, ``args.weight_decay``).
             Biases and LayerNorm weights of the head get no weight decay.
         select: called at ``refit_start`` instead of the last τ pass to settle the ranks (e.g. a
-            cut chosen on validation data, see ``bayeslora.pipeline``).
+            cut chosen on validation data, see ``bayeslora.train.pipeline``).
         Other arguments as ``transformers.Trainer``.
     """
 
@@ -155,7 +154,7 @@ class BayesLoRATrainer(Trainer):
             # DDP would mark log_alpha "unused" after the forward and then see the KL's gradient.
             training_args.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
-        self.bayes_config = get_config(_unwrap(self.model))
+        self.bayes_config = get_config(unwrap(self.model))
         if rank_lr is not None and not (rank_lr >= 0.0 and rank_lr < float("inf")):
             raise ValueError(
                 f"rank_lr must be a finite number >= 0 (0 freezes the rank parameters), got {rank_lr}"
@@ -185,7 +184,7 @@ class BayesLoRATrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
-            model = _unwrap(self.model if model is None else model)
+            model = unwrap(self.model if model is None else model)
             rank_params = {
                 id(p) for _, layer in adapted_layers(model) if (p := layer.rank_parameter()) is not None
             }
@@ -260,7 +259,7 @@ class BayesLoRATrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if not _is_main_process():
             return
-        save_adapter(self.model, Path(output_dir) / "adapter")
+        save_adapter(self.model, Path(output_dir) / CHECKPOINT_ADAPTER)
         meta = {"global_step": self.state.global_step, "prune_history": self.prune_callback.history}
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         tmp = Path(output_dir) / f".{TRAINING_STATE}.tmp"

@@ -11,23 +11,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._atomic import output_sources, write_dir_atomically
-from .config import BayesLoRAConfig
-from .errors import BundleError
-from .injection import _matches_list, adapted_layers, get_config, inject, is_target
-from .layers import base_dims
-from .objective import _unwrap
+from .._atomic import output_sources, write_dir_atomically
+from ..config import BayesLoRAConfig
+from ..errors import BundleError
+from ..files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..files import ADAPTER_FORMAT_VERSION as FORMAT_VERSION
+from .layer import base_dims
+from .model import adapted_layers, get_config, inject, is_target, matches_any, unwrap
 
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "bayeslora_adapter.json"
-FORMAT_VERSION = 1
 _LAYER_TENSORS = ("lora_A", "lora_B", "log_alpha", "log_sigma2", "rank_mask", "rank_index")
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor that defines the adapter: per adapted layer its factors, rank parameters, mask
     and rank index, plus the full state of ``modules_to_save``."""
-    model = _unwrap(model)
+    model = unwrap(model)
     config = get_config(model)
     state: dict[str, torch.Tensor] = {}
     for name, layer in adapted_layers(model):
@@ -36,7 +34,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if torch.is_tensor(value):
                 state[f"{name}.{t}"] = value.detach()
     for name, module in model.named_modules():
-        if config.modules_to_save and _matches_list(name, config.modules_to_save):
+        if config.modules_to_save and matches_any(name, config.modules_to_save):
             for key, value in module.state_dict().items():
                 state[f"{name}.{key}"] = value.detach()
     return state
@@ -49,7 +47,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, force: bool = 
     directory bayeslora did not write as an adapter) raises :class:`~bayeslora.errors.OutputError`
     unless ``force``. A file, the current directory and the model's own directory are refused.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     config = get_config(model)
     out = Path(out_dir)
 
@@ -180,7 +178,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise BundleError(f"cannot read {weights}: {e}") from e
-    base = _unwrap(model)
+    base = unwrap(model)
     injected = getattr(base, "bayeslora_config", None) is not None
     # (d_in, d_out, r0, tensor names) of each adapted layer, as it is or as inject would make it
     plan: dict[str, tuple[int, int, int, tuple[str, ...]]] = {}
@@ -193,7 +191,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             if is_target(name, module, config):
                 plan[name] = (*base_dims(module), config.rank, _layer_tensor_names(config))
         if config.modules_to_save and not any(
-            _matches_list(n, config.modules_to_save) for n, _ in base.named_modules()
+            matches_any(n, config.modules_to_save) for n, _ in base.named_modules()
         ):
             raise BundleError(f"adapter does not fit the model: no module matches {config.modules_to_save}")
     if set(plan) != set(modules) or not plan:

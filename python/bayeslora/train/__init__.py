@@ -1,0 +1,2 @@
+"""Training (torch + 🤗 transformers): ``BayesLoRATrainer`` and its callbacks (``trainer``), and the
+``bayeslora train`` pipeline (``pipeline``: ``TrainSettings``, recipes, ``train``, checkpoints)."""
