@@ -13,6 +13,8 @@ __all__ = [
     "__version__",
     "analyze_modules",
     "fma_peak_gflops",
+    "gemm_calls",
+    "isa",
     "kl_additive",
     "kl_gate",
     "kl_molchanov",
