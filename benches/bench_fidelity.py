@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from bench_methods import FIDELITY_BEGIN, FIDELITY_END  # the section bench_methods keeps
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "fidelity"
 sys.path.insert(0, str(HERE))
@@ -196,12 +198,15 @@ def load_results(results: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
 
 
-def _ms(vals: list[float]) -> str:
+def _ms(vals: list[float], digits: int = 3, bare_single: bool = False) -> str:
+    """mean ± std (ddof 1) of ``vals``; one value alone as ``v ± 0`` or, with ``bare_single``, ``v``."""
     a = np.array(vals, np.float64)
     if a.size == 0 or not np.all(np.isfinite(a)):
         return "—"
+    if a.size == 1 and bare_single:
+        return f"{a[0]:.{digits}f}"
     std = a.std(ddof=1) if a.size > 1 else 0.0
-    return f"{a.mean():.3f} ± {std:.3f}"
+    return f"{a.mean():.{digits}f} ± {std:.{digits}f}"
 
 
 def report(results: list[dict[str, Any]]) -> str:
@@ -238,11 +243,7 @@ def report(results: list[dict[str, Any]]) -> str:
 
 
 def _seeds_row(results: list[dict], name: str, n: int, mode: str) -> list[dict]:
-    return [
-        r["rows"][mode] | {"_run": r}
-        for r in results
-        if r["config"] == name and r["n_train"] == n and mode in r["rows"]
-    ]
+    return [r["rows"][mode] | {"_run": r} for r in _runs(results, name, n) if mode in r["rows"]]
 
 
 def _shift_nll(row: dict) -> float:
@@ -325,8 +326,6 @@ HYPOTHESES = (
     ),
     ("H6", "validation cut instead of a fixed τ = 4", "paper-val", "paper"),
 )
-FIDELITY_BEGIN = "<!-- bench_fidelity: begin -->"
-FIDELITY_END = "<!-- bench_fidelity: end -->"
 
 
 def load_all(results: Path) -> list[dict[str, Any]]:
@@ -354,12 +353,7 @@ def _mode(r: dict) -> str:
 
 
 def _cell(vals: list[float], digits: int = 3) -> str:
-    a = np.array(vals, np.float64)
-    if a.size == 0:
-        return "—"
-    if a.size == 1:
-        return f"{a[0]:.{digits}f}"
-    return f"{a.mean():.{digits}f} ± {a.std(ddof=1):.{digits}f}"
+    return _ms(vals, digits, bare_single=True)
 
 
 def methods_section(results: list[dict]) -> str:

@@ -384,16 +384,21 @@ def test_validation_rank_cut_cuts_nothing_before_the_adapter_is_worth_anything(t
 
 
 def _curve(means, n=400, noise=0.05, seed=0):
-    """Per-example NLLs with the given means (a shared per-example offset, as real cuts have)."""
+    """Per-example NLLs whose means are exactly ``means`` (a shared per-example offset, as real cuts
+    have, plus independent noise)."""
     rng = np.random.default_rng(seed)
     base = rng.normal(0.0, 0.3, n)
-    return [m + base - base.mean() + rng.normal(0.0, noise, n) for m in means]
+    out = []
+    for m in means:
+        v = base + rng.normal(0.0, noise, n)
+        out.append(m + v - v.mean())
+    return out
 
 
 def test_choose_cut_measures_the_tolerance_from_the_best_cut_not_the_uncut_adapter():
     # paper-val seed 0's curve (288 → 0 ranks in 9 cuts): cutting first helps (0.422 → 0.403)
     means = [0.422, 0.420, 0.424, 0.404, 0.403, 0.406, 0.431, 0.513, 0.672]
-    per = [m - np.mean(v) + v for m, v in zip(means, _curve(means), strict=True)]
+    per = _curve(means)
     pick, info = choose_cut(per, tolerance=0.02)
     assert info["nll_best"] == pytest.approx(0.403) and info["threshold"] == pytest.approx(0.423)
     assert pick == 5  # 108 ranks; measured from the uncut adapter (0.442) the rule kept 72 (pick 6)
@@ -404,13 +409,13 @@ def test_choose_cut_keeps_a_weak_adapter_and_never_cuts_an_unproven_one():
     # the 600-row CSV after 10 epochs: best at 108 ranks; it adds 0.37 nats over rank 0, so a cut may
     # cost min(0.02, 0.037) nats
     means = [0.7807, 0.7613, 0.7580, 0.7406, 0.7251, 0.7200, 0.7530, 0.8739, 1.0921]
-    per = [m - np.mean(v) + v for m, v in zip(means, _curve(means, n=60, noise=0.05), strict=True)]
+    per = _curve(means, n=60, noise=0.05)
     pick, info = choose_cut(per, tolerance=0.02)
     assert info["benefit"] > info["benefit_se"] and info["threshold"] == pytest.approx(0.7400)
     assert pick == 5
     # a weak adapter (0.007 nats): the tolerance alone would cut every rank, a tenth of its worth does not
     means = [1.0715, 1.0718, 1.0712, 1.0710, 1.0712, 1.0714, 1.0720, 1.0747, 1.0778]
-    per = [m - np.mean(v) + v for m, v in zip(means, _curve(means, noise=0.002), strict=True)]
+    per = _curve(means, noise=0.002)
     pick, info = choose_cut(per, tolerance=0.02, min_benefit=0.0)
     assert info["benefit"] > info["benefit_se"]
     assert info["threshold"] == pytest.approx(1.0710 + 0.1 * (1.0778 - 1.0710))
@@ -418,7 +423,7 @@ def test_choose_cut_keeps_a_weak_adapter_and_never_cuts_an_unproven_one():
     assert choose_cut(per, tolerance=0.02, fraction=float("inf"), min_benefit=0.0)[0] == 8
     assert choose_cut(per, tolerance=0.02)[0] == 0  # below the default 0.01 nats: not yet worth a cut
     # noise larger than the benefit: nothing is cut
-    noisy = [m - np.mean(v) + v for m, v in zip(means, _curve(means, n=60, noise=0.2), strict=True)]
+    noisy = _curve(means, n=60, noise=0.2)
     pick, info = choose_cut(noisy, tolerance=0.02, min_benefit=0.0)
     assert info["benefit"] < info["benefit_se"] and pick == 0
     # an adapter that changes nothing (B = 0): every candidate equal, nothing is cut

@@ -447,11 +447,14 @@ def validation_rank_cut(
     was_training = model.training
     model.eval()
 
-    def nll_with(removed: int) -> np.ndarray:
+    def cut(removed: int) -> None:
         for layer, mask in zip(layers, masks, strict=True):
             layer.rank_mask.copy_(mask)
         for _, i, k in entries[:removed]:
             layers[i].rank_mask[k] = 0.0
+
+    def nll_with(removed: int) -> np.ndarray:
+        cut(removed)
         probs = predict(model, tokenizer, texts, 0, 0, max_length).mean(1)
         return metrics.nll_per_example(probs, labels)
 
@@ -461,10 +464,10 @@ def validation_rank_cut(
         per_example = [nll_with(m) for m in candidates]
         pick, info = choose_cut(per_example, tolerance, fraction, min_benefit, significance)
         best = candidates[pick]
-        chosen = float(nll_with(best).mean())
+        cut(best)  # its NLL is on the curve already
     model.train(was_training)
     curve = [(total - m, float(v.mean())) for m, v in zip(candidates, per_example, strict=True)]
-    return {"total_rank": total - best, "nll": chosen, **info, "curve": curve}
+    return {"total_rank": total - best, "nll": curve[pick][1], **info, "curve": curve}
 
 
 def choose_cut(
