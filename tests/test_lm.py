@@ -19,7 +19,7 @@ from transformers import TrainingArguments
 
 import bayeslora as bl
 import tiny_models as tm
-from bayeslora.errors import DataError, ShapeError
+from bayeslora.errors import ConfigError, DataError, ShapeError
 from bayeslora.lm import IGNORE_INDEX, encode_pairs, evaluate, score_choices
 from bayeslora.nn.model import adapted_layers
 from bayeslora.train.trainer import BayesLoRATrainer
@@ -139,6 +139,25 @@ def test_a_batch_with_nothing_to_predict_adds_no_likelihood(tmp_path):
     model.train()
     loss = trainer.compute_loss(model, dict(batch))
     assert loss.item() == pytest.approx(0.5 * float(bl.kl_divergence(model).detach()) / 10, rel=1e-5)
+
+
+def test_gradient_accumulation_divides_the_micro_batch_loss(tmp_path):
+    # Two micro-batches of 2 under accumulation = one batch of 4 (same token counts, so the mean of the
+    # micro-batch means is the batch mean), with num_items_in_batch passed as the training loop does.
+    model = _lm("llama", kl_per_example=True, kl_scale=0.5, sample_start=None, refit_start=None)
+    batch = dict(tm.batch(n=4, t=6, seed=3, pad=False))
+    batch["labels"] = batch["input_ids"].clone()
+    trainer = _trainer(model, tmp_path, num_train=10)
+    layer = next(layer for _, layer in adapted_layers(model))
+    grads = []
+    for steps, parts in ((1, [slice(0, 4)]), (2, [slice(0, 2), slice(2, 4)])):
+        model.zero_grad()
+        trainer.current_gradient_accumulation_steps = steps
+        for part in parts:
+            micro = {k: v[part] for k, v in batch.items()}
+            trainer.training_step(model, micro, num_items_in_batch=torch.tensor(4 * 5))
+        grads.append(torch.cat([layer.lora_B.grad.flatten(), layer.log_alpha.grad.flatten()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
 
 def test_response_only_labels_train_on_the_response_alone(tmp_path):
@@ -349,6 +368,12 @@ def test_bf16_cast_keeps_the_adapters_fp32(posterior, tmp_path):
     assert any(not torch.equal(after[k], v) for k, v in start.items() if "log_" in k)
     with torch.no_grad(), bl.sampling(model, True):  # the sampled eval forward casts too
         assert model(input_ids=ids[:2]).logits.dtype == torch.bfloat16
+
+
+def test_the_runtime_bundle_refuses_a_causal_lm(tmp_path):
+    with pytest.raises(ConfigError, match=r"no decoders.*export_peft"):
+        bl.export(_lm("llama"), None, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
 
 
 # ---- PEFT -----------------------------------------------------------------------------------------
