@@ -366,8 +366,11 @@ def test_bf16_cast_keeps_the_adapters_fp32(posterior, tmp_path):
     after = model.state_dict()
     assert any(not torch.equal(after[k], v) for k, v in start.items() if "lora_B" in k)
     assert any(not torch.equal(after[k], v) for k, v in start.items() if "log_" in k)
-    with torch.no_grad(), bl.sampling(model, True):  # the sampled eval forward casts too
+    model.eval()
+    with torch.no_grad(), bl.sampling(model, True):  # the sampled eval forward (per-sequence draws) casts too
         assert model(input_ids=ids[:2]).logits.dtype == torch.bfloat16
+    mc = evaluate(model, ids[:2], samples=2)
+    assert np.isfinite(mc["nll"]) and torch.all(mc["sequence_mutual_info"] >= 0)
 
 
 def test_the_runtime_bundle_refuses_a_causal_lm(tmp_path):
