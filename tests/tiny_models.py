@@ -1,4 +1,5 @@
-"""Tiny random transformers of five families, built in-process, with their usual LoRA targets.
+"""Tiny random transformers of five families, built in-process, with their usual LoRA targets; and
+tiny random causal LMs of five families (``build_causal_lm``).
 
 The one model factory of the tests (``runtime_models`` adds adapters and tokenizers; the benches time
 the MiniLM shape, ``benches/minilm_shape.py``)."""
@@ -110,6 +111,62 @@ def build(
     model.config.id2label = {i: f"class_{i}" for i in range(labels)}
     model.config.label2id = {v: k for k, v in model.config.id2label.items()}
     return model.eval()
+
+
+CAUSAL_FAMILIES = ("gpt2", "llama", "qwen2", "gpt_neox", "gemma")  # tests/test_lm.py
+CAUSAL_TARGETS = {
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gemma": ["q_proj", "v_proj"],
+}
+
+
+def build_causal_lm(
+    family: str, hidden: int = 16, heads: int = 2, layers: int = 2, inter: int = 32, seed: int = 0
+):
+    """A random causal LM (``AutoModelForCausalLM.from_config``) in eval mode with every dropout off;
+    vocabulary ``VOCAB``, pad id 0, BOS/EOS id 1."""
+    import transformers as tf
+
+    ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1}
+    common = {
+        "vocab_size": VOCAB,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "max_position_embeddings": 64,
+        "initializer_range": 0.2,
+        **ids,
+    }
+    if family == "gpt2":
+        cfg = tf.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_inner=inter,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            initializer_range=0.2,
+            **ids,
+        )
+    elif family == "llama":
+        cfg = tf.LlamaConfig(num_key_value_heads=heads, **common)
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(num_key_value_heads=1, **common)  # grouped-query attention
+    elif family == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(hidden_dropout=0.0, attention_dropout=0.0, **common)
+    elif family == "gemma":
+        cfg = tf.GemmaConfig(num_key_value_heads=1, head_dim=hidden // heads, **common)
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    return tf.AutoModelForCausalLM.from_config(cfg).eval()
 
 
 def batch(n: int = 3, t: int = 7, seed: int = 0, pad: bool = True) -> dict[str, torch.Tensor]:

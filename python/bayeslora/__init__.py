@@ -57,7 +57,17 @@ _MOVED = {
     "bundle": "formats.bundle",
     "peft_io": "formats.peft",
 }
-_SUBMODULES = ("metrics", "calibration", "plots", "analysis", "runtime", "distributed", "training", "data")
+_SUBMODULES = (
+    "metrics",
+    "calibration",
+    "plots",
+    "analysis",
+    "runtime",
+    "distributed",
+    "training",
+    "data",
+    "lm",
+)
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

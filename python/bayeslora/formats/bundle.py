@@ -41,7 +41,7 @@ from ..files import BUNDLE_META as META
 from ..files import BUNDLE_TOKENIZER as TOKENIZER
 from ..files import BUNDLE_WEIGHTS as WEIGHTS
 from ..nn.layer import BayesLoRALayer
-from ..nn.model import adapted_layers, get_config, unwrap
+from ..nn.model import adapted_layers, get_config, is_causal_lm, unwrap
 
 # HF model_type -> runtime architecture
 ARCHITECTURES = {
@@ -233,6 +233,11 @@ def export(
     config = get_config(base)
     hf_config = getattr(base, "config", None)
     model_type = getattr(hf_config, "model_type", None)
+    if is_causal_lm(base):
+        raise ConfigError(
+            f"cannot export {type(base).__name__}: the runtime scores sequence classifiers and has no "
+            "decoders; export a causal LM's adapter with bl.export_peft (task_type CAUSAL_LM)"
+        )
     if model_type not in ARCHITECTURES:
         raise ConfigError(
             f"cannot export model_type {model_type!r}: the runtime supports {sorted(ARCHITECTURES)} "

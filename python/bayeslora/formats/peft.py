@@ -58,7 +58,7 @@ from ..files import (
     SEQ_CLS_HEADS,
 )
 from ..nn.layer import base_dims, is_adaptable, is_conv1d
-from ..nn.model import adapted_layers, get_config, inject, is_target, unwrap
+from ..nn.model import adapted_layers, get_config, inject, is_causal_lm, is_target, unwrap
 from .bundle import exported_module, warn_extra_pruned
 
 PEFT_WEIGHTS_BIN = "adapter_model.bin"
@@ -111,7 +111,7 @@ def _task_type(model: nn.Module) -> str | None:
     name = type(model).__name__
     if name.endswith("ForSequenceClassification"):
         return "SEQ_CLS"
-    if name.endswith("ForCausalLM"):
+    if is_causal_lm(model):
         return "CAUSAL_LM"
     if name.endswith("ForTokenClassification"):
         return "TOKEN_CLS"

@@ -10,6 +10,7 @@ MC output) do not change when other ranks are removed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,11 @@ class BayesLoRALayer(nn.Module):
         self.gate_lrt = config.gate_lrt
         self.sampling = False
         self.generator: torch.Generator | None = None
+        # One noise stream per sequence (row of the batch) for the per-sequence draws (gates,
+        # dropout masks, sampled factors; not the per-token draws of the LRT paths): row b draws
+        # from ``generators[b]`` alone, so its sample does not depend on the rows beside it, and
+        # rows given identically seeded streams share one posterior sample (``bayeslora.lm``).
+        self.generators: list[torch.Generator] | None = None
         # Explicit gate values [batch, r] (one row per sequence) that replace the sampled z of
         # gate/mcdropout when set; for exact parity tests against the Rust runtime.
         self.fixed_gates: torch.Tensor | None = None
@@ -130,6 +136,26 @@ class BayesLoRALayer(nn.Module):
         elif self.uses_gate:
             self.log_alpha = nn.Parameter(torch.full((r,), config.init_log_alpha, device=device, dtype=f32))
         self.reset_factors(config.init_b_std)
+
+    # ---- casting ---------------------------------------------------------------------------
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> BayesLoRALayer:
+        """``model.to(...)``, ``.half()``, ``.bfloat16()``, ``.cuda()``, ... reach the base layer as
+        usual, but never lower this layer's own tensors (factors, rank parameters, masks) below
+        float32: they follow the device and keep their values exactly, as fp32 master weights do
+        in mixed precision. The forward casts them to the input's dtype where it mixes them with
+        activations, and runs the noise in float32.
+        """
+        if recurse:
+            for child in self.children():
+                child._apply(fn)
+
+        def keep_fp32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.is_floating_point() and out.is_floating_point() and torch.finfo(out.dtype).bits < 32:
+                return t.to(device=out.device, dtype=torch.float32)
+            return out
+
+        return super()._apply(keep_fp32, recurse=False)
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -174,10 +200,39 @@ class BayesLoRALayer(nn.Module):
     def _randn(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         return torch.randn(shape, device=like.device, dtype=torch.float32, generator=self.generator)
 
+    def _row_generators(self, batch: int) -> list[torch.Generator]:
+        gens = self.generators
+        if gens is None or len(gens) != batch:
+            raise ValueError(f"generators holds {0 if gens is None else len(gens)} streams for {batch} rows")
+        return gens
+
     def _rank_noise(self, batch: int, like: torch.Tensor, extra: tuple[int, ...] = ()) -> torch.Tensor:
-        """Standard normal noise ``[batch, r, *extra]`` keyed by original rank index."""
-        eps = self._randn((batch, self.initial_rank, *extra), like)
+        """Standard normal noise ``[batch, r, *extra]`` keyed by original rank index (row b from
+        ``generators[b]`` when they are set)."""
+        shape = (self.initial_rank, *extra)
+        if self.generators is not None:
+            eps = torch.stack(
+                [
+                    torch.randn(shape, device=like.device, dtype=torch.float32, generator=g)
+                    for g in self._row_generators(batch)
+                ]
+            )
+        else:
+            eps = self._randn((batch, *shape), like)
         return eps.index_select(1, self.rank_index)
+
+    def _rank_uniform(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """Uniform [0, 1) draws ``[batch, r]`` keyed by original rank index, as ``_rank_noise``."""
+        if self.generators is not None:
+            u = torch.stack(
+                [
+                    torch.rand((self.initial_rank,), device=like.device, generator=g)
+                    for g in self._row_generators(batch)
+                ]
+            )
+        else:
+            u = torch.rand((batch, self.initial_rank), device=like.device, generator=self.generator)
+        return u.index_select(1, self.rank_index)
 
     def _seq_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         # One draw per sequence: broadcast over every axis between the batch and the features.
@@ -218,9 +273,7 @@ class BayesLoRALayer(nn.Module):
                 z = 1.0 + std * eps
                 h = h * z.to(dtype)
             elif self.method == "mcdropout" and self.dropout_p > 0:
-                u = torch.rand(
-                    (x.shape[0], self.initial_rank), device=x.device, generator=self.generator
-                ).index_select(1, self.rank_index)
+                u = self._rank_uniform(x.shape[0], x)
                 keep = (u >= self.dropout_p).to(dtype) / (1.0 - self.dropout_p)
                 h = h * keep.view(*seq, self.rank)
         return self.scale * F.linear(h, B)

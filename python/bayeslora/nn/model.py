@@ -21,6 +21,22 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model inside its wrappers) is a 🤗 causal language model: its class is
+    named ``*ForCausalLM`` / ``*LMHeadModel`` (GPT-2's) or is one of transformers' causal-LM classes."""
+    name = type(unwrap(model)).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return True
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - transformers is a dependency of the torch side
+        return False
+    return any(
+        name == v or (isinstance(v, (tuple, list)) and name in v)
+        for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    )
+
+
 def matches_any(name: str, patterns: list[str]) -> bool:
     """Whether module ``name`` is one of ``patterns`` or ends in ``.pattern`` (PEFT's rule)."""
     return any(name == p or name.endswith("." + p) for p in patterns)

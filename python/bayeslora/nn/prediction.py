@@ -9,10 +9,16 @@ from types import TracebackType
 import torch
 from torch import nn
 
+from ..errors import ShapeError
 from ..files import UNCERTAINTY_FIELDS
-from .model import adapted_layers, unwrap
+from .model import adapted_layers, is_causal_lm, unwrap
 
 FIELDS = UNCERTAINTY_FIELDS
+_NOT_A_CLASSIFIER = (
+    "mc_predict needs one class distribution per input ([batch, classes] logits), but the model gives "
+    "{what}: for a language model use bl.lm.evaluate (perplexity, token calibration) or "
+    "bl.lm.score_choices (multiple-choice scoring)"
+)
 
 
 class sampling:  # lower case on purpose: used like a function, bl.sampling(model, True)
@@ -109,9 +115,17 @@ def mc_predict(
     Returns:
         ``probs [N, C]``, ``label [N]``, ``confidence [N]``, ``entropy [N]`` (total),
         ``expected_entropy [N]`` (aleatoric), ``mutual_info [N]`` (epistemic), ``variance [N]``.
+
+    Raises:
+        ShapeError: the model is a causal language model, or returns logits that are not
+            ``[batch, classes]`` (per-token logits ``[B, T, V]``): ``bl.lm`` evaluates and scores those.
     """
     if samples < 0:
         raise ValueError(f"samples must be >= 0, got {samples}")
+    if is_causal_lm(model):
+        raise ShapeError(
+            _NOT_A_CLASSIFIER.format(what=f"a causal language model ({type(unwrap(model)).__name__})")
+        )
     if torch.is_tensor(inputs):
         inputs = {"input_ids": inputs}
     if not inputs:
@@ -146,6 +160,8 @@ def mc_predict(
                 if s_eff > 1:
                     part = {k: v.repeat_interleave(s_eff, dim=0) for k, v in part.items()}
                 logits = _logits(model(**part)).float()
+                if logits.dim() != 2:
+                    raise ShapeError(_NOT_A_CLASSIFIER.format(what=f"logits of shape {list(logits.shape)}"))
                 chunks.append(torch.softmax(logits, -1).reshape(rows, s_eff, -1).cpu())
     finally:
         for layer in layers:

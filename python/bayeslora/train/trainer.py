@@ -18,6 +18,22 @@ lockstep under the KL's steady push and the ranks the likelihood needs could not
 the others: the gradient's magnitude *is* the relevance signal (``rank_optimizer="adamw"`` gives
 plain AdamW, as the authors' harness used).
 
+Causal language models (``*ForCausalLM``, GPT-2's ``LMHeadModel``; ``task="causal-lm"`` forces it)
+train on the next-token loss: the logits at t predict ``labels[t + 1]``, labels of -100 are never
+predicted (padding; the prompt, for response-only training: ``bl.lm.encode_pairs``), and the model's
+own loss is used when it returns one. N is then the number of training *sequences*, and the
+likelihood term is, by default (``lm_loss="token"``), the mean NLL per predicted token, so that
+
+    loss = (1/M) Σ_tokens NLL + β·kl_scale·KL/N          (M: predicted tokens in the batch)
+
+This is the per-sequence ELBO ``(1/N)[Σ_sequences Σ_tokens NLL + KL]`` divided by T̄ (the mean
+number of predicted tokens per sequence) with the KL weighed T̄ times more: a stronger prior than
+the exact ELBO, on the scale of the model's own loss (learning rates, gradient clipping and the
+SGD-like rank group keep the meaning they have for classifiers). ``lm_loss="sequence"`` trains the
+exact per-sequence ELBO instead: ``(1/B) Σ_tokens NLL + β·kl_scale·KL/N`` (B: sequences in the
+batch), the same as ``"token"`` with ``kl_scale`` divided by T̄. Evaluation losses are always the
+per-token mean (its exp is the perplexity). docs/method.md §4 says the same.
+
 Schedule fields given as fractions of the run are resolved once the run's length is known
 (``trainer.schedule``). From ``refit_start`` on ("select, then refit") the ranks are settled once —
 by a last τ pass or by the ``select`` callable (the pipeline's validation cut) — and then frozen:
@@ -27,6 +43,7 @@ factors training on.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -37,9 +54,11 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..errors import ConfigError, ShapeError
 from ..files import CHECKPOINT_ADAPTER, TRAINING_STATE
+from ..lm import causal_lm_nll, predicted_tokens
 from ..nn.checkpoint import save_adapter
-from ..nn.model import adapted_layers, get_config, unwrap
+from ..nn.model import adapted_layers, get_config, is_causal_lm, unwrap
 from ..nn.objective import kl_divergence
 from ..nn.prediction import sampling
 from ..nn.pruning import prune, ranks
@@ -60,6 +79,8 @@ def sync_rank_masks(model: nn.Module) -> None:
 
 
 RankSelector = Callable[[nn.Module], None]
+TASKS = ("auto", "classification", "causal-lm")
+LM_LOSSES = ("token", "sequence")
 
 
 class PruneCallback(TrainerCallback):
@@ -133,8 +154,17 @@ class BayesLoRATrainer(Trainer):
             Biases and LayerNorm weights of the head get no weight decay.
         select: called at ``refit_start`` instead of the last τ pass to settle the ranks (e.g. a
             cut chosen on validation data, see ``bayeslora.train.pipeline``).
+        task: ``"auto"`` (a causal LM when the model is one, see ``bl.lm``), ``"classification"``
+            (one label per input: ``cross_entropy(logits, labels)``) or ``"causal-lm"`` (the shifted
+            next-token loss over labels ``[B, T]``, -100 skipped).
+        lm_loss: the likelihood scaling of a causal LM (module docstring): ``"token"`` (mean NLL per
+            predicted token) or ``"sequence"`` (summed NLL per sequence: the exact per-sequence ELBO).
         Other arguments as ``transformers.Trainer``.
     """
+
+    # compute_loss returns the micro-batch's mean loss (it never uses num_items_in_batch), so the
+    # Trainer divides it by the gradient-accumulation steps whatever the model's forward accepts.
+    loss_is_scaled_for_ga = False
 
     def __init__(
         self,
@@ -145,6 +175,8 @@ class BayesLoRATrainer(Trainer):
         head_lr: float | None = None,
         head_weight_decay: float | None = None,
         select: RankSelector | None = None,
+        task: str = "auto",
+        lm_loss: str = "token",
         **kwargs: Any,
     ):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -169,6 +201,14 @@ class BayesLoRATrainer(Trainer):
             raise ValueError(f"rank_optimizer must be 'sgd-like' or 'adamw', got {rank_optimizer!r}")
         self.rank_optimizer = rank_optimizer
         self.head_lr, self.head_weight_decay = head_lr, head_weight_decay
+        if task not in TASKS:
+            raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
+        if lm_loss not in LM_LOSSES:
+            raise ConfigError(f"lm_loss must be one of {LM_LOSSES}, got {lm_loss!r}")
+        self.causal_lm = is_causal_lm(self.model) if task == "auto" else task == "causal-lm"
+        self.lm_loss = lm_loss
+        forward = inspect.signature(unwrap(self.model).forward).parameters
+        self._forward_takes_labels = "labels" in forward
         self.prune_callback = PruneCallback(self, select)
         self.add_callback(self.prune_callback)
         self._parts: dict[str, float] = {}
@@ -234,9 +274,12 @@ class BayesLoRATrainer(Trainer):
         training = model.training
         sampling(model, training and config.sampling_at(step))
         labels = inputs.pop("labels")
-        outputs = model(**inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        nll = nn.functional.cross_entropy(logits.float(), labels)
+        if self.causal_lm:
+            nll, logits = self._causal_lm_nll(model, inputs, labels, training)
+        else:
+            outputs = model(**inputs)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            nll = nn.functional.cross_entropy(logits.float(), labels)
         loss = nll
         if training and config.is_bayesian:
             beta = config.kl_beta(step)
@@ -247,6 +290,31 @@ class BayesLoRATrainer(Trainer):
         elif training:
             self._parts = {"nll": float(nll.detach())}
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _causal_lm_nll(
+        self, model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, training: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's next-token NLL (float32) as the likelihood term, and the logits [B, T, V]."""
+        if labels.dim() != 2:
+            raise ShapeError(f"a causal LM trains on labels [batch, tokens], got {list(labels.shape)}")
+        tokens = predicted_tokens(labels)
+        outputs = model(**inputs, labels=labels) if self._forward_takes_labels else model(**inputs)
+        if isinstance(outputs, dict):  # a ModelOutput
+            logits, own = outputs["logits"], outputs.get("loss")
+        elif torch.is_tensor(outputs):
+            logits, own = outputs, None
+        else:  # a tuple: (loss, logits, ...) when the model computed a loss, else (logits, ...)
+            own = outputs[0] if outputs[0].dim() == 0 else None
+            logits = outputs[0] if own is None else outputs[1]
+        if tokens == 0:  # nothing to predict (0/0 in a mean): no likelihood, gradients stay 0
+            nll = logits.float().sum() * 0.0
+        elif torch.is_tensor(own):
+            nll = own.float()
+        else:
+            nll = causal_lm_nll(logits, labels)
+        if training and self.lm_loss == "sequence":
+            nll = nll * (tokens / labels.shape[0])
+        return nll, logits
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._parts:
