@@ -86,6 +86,11 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora-paper": ("paper", {"method": "lora"}),
     # the authors' noise-free training, the ranks settled by the validation cut half-way, then refit
     "paper-val": ("paper", {"refit_start": 0.5, "rank_select": "validation", "prune_start": 0.5}),
+    # H6: a rank-budget controller steering the KL weight to half the initial total rank by the
+    # refit point (floored τ passes), then refit — on the vi recipe (SGD-like rank optimiser, where
+    # the KL's weight is a lever) and on the default recipe (plain Adam on log σ², where it is not)
+    "gate-budget": ("vi", {"rank_budget": 0.5, "refit_start": 0.5}),
+    "paper-budget": ("paper", {"rank_budget": 0.5, "refit_start": 0.5, "prune_start": 0.5}),
 }
 # What each configuration tests (the hypothesis table of benches/RESULTS_fidelity.md).
 TESTS = {
@@ -109,6 +114,8 @@ TESTS = {
     "gate-late-val-fit": "pre-training without the KL (KL from 0.5), cut at 0.8, refit, tempering",
     "paper": "the authors' GLUE harness (recipe paper)",
     "paper-val": "the paper recipe with the validation cut at 0.5 and refit",
+    "gate-budget": "H6: a rank-budget controller on the KL weight (half the ranks at 0.5), refit",
+    "paper-budget": "H6: the same controller on the default recipe's training",
 }
 
 
@@ -139,13 +146,19 @@ def run_one(name: str, n_train: int, seed: int, args: argparse.Namespace, log: A
         export(run["model"], run["tokenizer"], bundle, max_length=args.max_length)
         t0 = time.perf_counter()
         rows: dict[str, Any] = {}
+        saved: dict[str, dict] = {}
         mean_outs = _score_bundle(bundle, sets, 0, seed, args.threads)
+        saved["mean"] = mean_outs
         rows["mean"] = _metrics(mean_outs, sets)
         rows["mean"]["validation"] = _val(mean_outs, sets)
         if settings.method != "lora":
             mc_outs = _score_bundle(bundle, sets, args.samples, seed, args.threads)
             rows["mc"] = _metrics(mc_outs, sets)
             rows["mc"]["validation"] = _val(mc_outs, sets)
+            # the same post-hoc step LoRA gets: one temperature on the MC predictive's log-probabilities,
+            # fitted on the validation NLL (its entropy is recomputed; MI has no tempered analogue)
+            rows["mc_temperature"] = _temperature_row(mc_outs, sets, {})["lora + temperature"]
+            saved["mc"] = mc_outs
         else:
             rows["temperature"] = _temperature_row(mean_outs, sets, {})["lora + temperature"]
         eval_seconds = time.perf_counter() - t0
@@ -168,6 +181,7 @@ def run_one(name: str, n_train: int, seed: int, args: argparse.Namespace, log: A
         "rank_selection": run["rank_selection"],
         "noise_fit": run.get("noise_fit"),
         "rows": rows,
+        "_outputs": saved,
     }
 
 
@@ -181,6 +195,22 @@ def _val(outs: dict, sets: dict) -> dict[str, float]:
 
 def result_path(results: Path, name: str, n_train: int, seed: int) -> Path:
     return results / f"{name}__n{n_train}__s{seed}.json"
+
+
+def save_outputs(path: Path, outputs: dict[str, dict]) -> None:
+    """Per-example probabilities (and uncertainty fields) of every scored set, beside the run's JSON
+    as ``<run>.npz`` with keys ``MODE/SET/FIELD``, so later post-hoc analyses need no retraining."""
+    import numpy as np
+
+    arrays = {
+        f"{mode}/{name}/{field}": np.asarray(v)
+        for mode, outs in outputs.items()
+        for name, o in outs.items()
+        for field, v in o.items()
+    }
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path.with_suffix(".npz"))
 
 
 # ---- report ----------------------------------------------------------------------------------------
@@ -325,6 +355,8 @@ HYPOTHESES = (
         "gate-refit-val (old cut)",
     ),
     ("H6", "validation cut instead of a fixed τ = 4", "paper-val", "paper"),
+    ("H6", "rank-budget controller on β (50 % by 0.5), then refit — gate", "gate-budget", "gate"),
+    ("H6", "rank-budget controller on β — default training", "paper-budget", "paper-val"),
 )
 
 
@@ -548,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = run_one(name, n, seed, args, log)
                 res["wall_seconds"] = time.perf_counter() - t0
                 res["command"] = " ".join(["python benches/bench_fidelity.py", *sys.argv[1:]])
+                save_outputs(path, res.pop("_outputs"))
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(res, indent=1, default=str))
                 tmp.replace(path)

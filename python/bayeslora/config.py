@@ -85,6 +85,12 @@ class BayesLoRAConfig:
             parameters and masks are frozen, the KL is off, and the surviving factors train on
             ("select, then refit"). ``None``: no refit phase.
         refit_sampling: noise in the forward during the refit phase (at the frozen, learned α).
+        rank_budget: total active rank (over every adapted module) to steer to — an ``int`` number of
+            ranks or a ``float`` in (0, 1], a fraction of the initial total (issue #19 H6). The KL
+            weight is then multiplied by a factor that a controller adapts every step so that the
+            number of ranks below τ follows a straight line from the initial total to the budget at
+            ``refit_start`` (or the end of the run); pruning passes never go below that line, noisiest
+            ranks first over all modules together. ``None``: no controller, a plain τ pass.
 
         Every schedule field (``kl_freeze``, ``kl_warmup``, ``sample_start``, ``prune_start``,
         ``prune_every``, ``refit_start``) is an ``int`` number of optimizer steps or a ``float`` in
@@ -124,6 +130,7 @@ class BayesLoRAConfig:
     exclude_modules: list[str] = field(default_factory=list)
     refit_start: int | float | None = 0.5
     refit_sampling: bool = False
+    rank_budget: int | float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
@@ -167,6 +174,17 @@ class BayesLoRAConfig:
             raise ConfigError(f"min_rank ({self.min_rank}) cannot exceed rank ({self.rank})")
         if self.init_b_std < 0:
             raise ConfigError(f"init_b_std must be >= 0, got {self.init_b_std!r}")
+        budget = self.rank_budget
+        if budget is not None and (
+            isinstance(budget, bool)
+            or not isinstance(budget, (int, float))
+            or (isinstance(budget, float) and not 0.0 < budget <= 1.0)
+            or (isinstance(budget, int) and budget < 0)
+        ):
+            raise ConfigError(
+                f"rank_budget must be an int >= 0 (ranks) or a float in (0, 1] (a fraction of the "
+                f"initial total rank), got {budget!r}"
+            )
         if not self.target_modules:
             raise ConfigError("target_modules is empty: name at least one module, a regex or 'all-linear'")
 

@@ -35,6 +35,39 @@ def prune(
     return {name: layer.prune_(tau, min_rank) for name, layer in adapted_layers(model)}
 
 
+def prune_to_floor(
+    model: nn.Module, floor: int, threshold: float | None = None
+) -> dict[str, tuple[int, int]]:
+    """Mask ranks whose relevance score exceeds ``threshold`` (default: the config's τ), noisiest
+    first over all modules together, as long as at least ``floor`` ranks stay active in total (and
+    every module keeps its ``min_rank``). Returns ``{module name: (active rank before, after)}``."""
+    model = unwrap(model)
+    config = getattr(model, "bayeslora_config", None)
+    tau = threshold if threshold is not None else (config.prune_threshold if config else 3.0)
+    layers = [(name, layer) for name, layer in adapted_layers(model) if layer.rank_parameter() is not None]
+    before = {name: layer.active_rank for name, layer in adapted_layers(model)}
+    entries = sorted(  # (score, module index, rank index) of every active rank above τ, noisiest first
+        (
+            (float(score), i, k)
+            for i, (_, layer) in enumerate(layers)
+            for k, score in enumerate(layer.rank_scores().tolist())
+            if layer.rank_mask[k] > 0 and score > tau
+        ),
+        key=lambda e: -e[0],
+    )
+    allowed = sum(before.values()) - max(0, int(floor))
+    with torch.no_grad():
+        for _, i, k in entries:
+            if allowed <= 0:
+                break
+            layer = layers[i][1]
+            if layer.active_rank <= layer.min_rank:
+                continue
+            layer.rank_mask[k] = 0.0
+            allowed -= 1
+    return {name: (before[name], layer.active_rank) for name, layer in adapted_layers(model)}
+
+
 def shrink(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, tuple[int, int]]:
     """Physically remove masked ranks from every module (and from ``optimizer``'s state).
 

@@ -155,6 +155,7 @@ class TrainSettings:
     prune_every: int | float = 1000
     refit_start: int | float | None = 0.5
     refit_sampling: bool = False
+    rank_budget: int | float | None = None
     gate_lrt: bool = False
     noise_scale: float | str = 1.0
     rank_select: str = "validation"
@@ -234,6 +235,7 @@ class TrainSettings:
             modules_to_save=[head],
             refit_start=self.refit_start,
             refit_sampling=self.refit_sampling,
+            rank_budget=self.rank_budget,
             gate_lrt=self.gate_lrt,
         )
 
@@ -629,7 +631,7 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
     from ..data import load_dataset
     from ..nn.checkpoint import save_adapter
     from ..nn.model import inject
-    from ..nn.pruning import adapter_parameter_count, prune, ranks, shrink
+    from ..nn.pruning import adapter_parameter_count, ranks, shrink
     from .trainer import BayesLoRATrainer, _is_main_process
 
     hf_logging.set_verbosity_error()
@@ -687,7 +689,7 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
     trainer.train()
     train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     if config.is_bayesian and trainer.prune_callback.refit_step is None:
-        final = prune(model)  # the last scheduled pass may be up to prune_every steps old
+        final = trainer.prune_callback.prune_pass(None)  # the last scheduled pass may be old
         changed = {k: v for k, v in final.items() if v[0] != v[1]}
         if changed:
             log(f"[bayeslora] final pruning pass: {sum(a - b for a, b in changed.values())} more ranks off")

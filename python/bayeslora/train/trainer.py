@@ -61,7 +61,8 @@ from ..nn.checkpoint import save_adapter
 from ..nn.model import adapted_layers, get_config, is_causal_lm, unwrap
 from ..nn.objective import kl_divergence
 from ..nn.prediction import sampling
-from ..nn.pruning import prune, ranks
+from ..nn.pruning import prune, prune_to_floor, ranks
+from .budget import RankBudgetController
 
 
 def _is_main_process() -> bool:
@@ -113,9 +114,18 @@ class PruneCallback(TrainerCallback):
             return
         if step < config.prune_start or (step - config.prune_start) % config.prune_every != 0:
             return
-        report = prune(self.model)
+        report = self.prune_pass(step)
         sync_rank_masks(self.model)
         self.history.append({"step": step, "ranks": {k: v[1] for k, v in report.items()}})
+
+    def prune_pass(self, step: int | None = None) -> dict[str, tuple[int, int]]:
+        """One τ pass; with a rank budget, never below the controller's floor at ``step`` (``None``:
+        the budget itself)."""
+        budget = self.trainer.budget
+        if budget is None:
+            return prune(self.model)
+        floor = budget.budget if step is None else budget.floor(step)
+        return prune_to_floor(self.model, floor)
 
     @torch.no_grad()
     def _restore_frozen(self) -> None:
@@ -128,7 +138,7 @@ class PruneCallback(TrainerCallback):
         if self.select is not None:
             self.select(self.model)
         else:
-            prune(self.model)
+            self.prune_pass(None)
         sync_rank_masks(self.model)
         # Frozen by restoring the values after every optimizer step, not by requires_grad: DDP
         # fixed its set of parameters when it wrapped the model.
@@ -209,6 +219,11 @@ class BayesLoRATrainer(Trainer):
         self.lm_loss = lm_loss
         forward = inspect.signature(unwrap(self.model).forward).parameters
         self._forward_takes_labels = "labels" in forward
+        self.budget: RankBudgetController | None = None
+        if self.bayes_config.rank_budget is not None and self.bayes_config.is_bayesian:
+            initial = sum(layer.rank for _, layer in adapted_layers(unwrap(self.model)))
+            self.budget = RankBudgetController(self, initial)
+            self.add_callback(self.budget)  # before the pruning callback: the floor it uses is current
         self.prune_callback = PruneCallback(self, select)
         self.add_callback(self.prune_callback)
         self._parts: dict[str, float] = {}
@@ -285,8 +300,11 @@ class BayesLoRATrainer(Trainer):
             beta = config.kl_beta(step)
             kl = kl_divergence(model)
             per_example = 1.0 / self.num_train if config.kl_per_example else 1.0
-            loss = nll + (beta * config.kl_scale * per_example) * kl
+            factor = 1.0 if self.budget is None else self.budget.factor
+            loss = nll + (beta * factor * config.kl_scale * per_example) * kl
             self._parts = {"nll": float(nll.detach()), "kl": float(kl.detach()), "beta": beta}
+            if self.budget is not None:
+                self._parts["kl_factor"] = factor
         elif training:
             self._parts = {"nll": float(nll.detach())}
         return (loss, {"logits": logits}) if return_outputs else loss
@@ -328,7 +346,12 @@ class BayesLoRATrainer(Trainer):
         if not _is_main_process():
             return
         save_adapter(self.model, Path(output_dir) / CHECKPOINT_ADAPTER)
-        meta = {"global_step": self.state.global_step, "prune_history": self.prune_callback.history}
+        meta: dict[str, Any] = {
+            "global_step": self.state.global_step,
+            "prune_history": self.prune_callback.history,
+        }
+        if self.budget is not None:
+            meta["rank_budget"] = {"log_factor": self.budget.log_factor, "history": self.budget.history}
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         tmp = Path(output_dir) / f".{TRAINING_STATE}.tmp"
         tmp.write_text(json.dumps(meta, indent=2))
