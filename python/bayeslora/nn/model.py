@@ -11,7 +11,7 @@ from torch import nn
 from ..config import BayesLoRAConfig
 from ..errors import TargetNotFoundError
 from ..files import OUTPUT_HEADS
-from .layer import BayesLoRALayer, is_adaptable
+from .layer import BayesLoRALayer, dtensor_class, is_adaptable
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -19,6 +19,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a sharded ``DTensor`` (the model went through FSDP2's
+    ``fully_shard``, e.g. under ``accelerate launch`` with ``fsdp_version: 2``)."""
+    cls = dtensor_class()
+    return cls is not None and any(isinstance(p, cls) for p in model.parameters())
 
 
 def matches_any(name: str, patterns: list[str]) -> bool:

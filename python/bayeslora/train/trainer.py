@@ -37,9 +37,10 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..errors import ConfigError
 from ..files import CHECKPOINT_ADAPTER, TRAINING_STATE
 from ..nn.checkpoint import save_adapter
-from ..nn.model import adapted_layers, get_config, unwrap
+from ..nn.model import adapted_layers, get_config, is_sharded, unwrap
 from ..nn.objective import kl_divergence
 from ..nn.prediction import sampling
 from ..nn.pruning import prune, ranks
@@ -154,6 +155,13 @@ class BayesLoRATrainer(Trainer):
             # DDP would mark log_alpha "unused" after the forward and then see the KL's gradient.
             training_args.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
+        if getattr(self, "is_fsdp_enabled", False) and not getattr(self.accelerator, "is_fsdp2", False):
+            # FSDP1 keeps flattened shards outside the forward: the KL, the prune pass and the
+            # checkpoints, all outside it, would see pieces of the rank parameters. FSDP2 gathers them.
+            raise ConfigError(
+                "BayesLoRA trains under FSDP version 2 only: set fsdp_version: 2 in the accelerate "
+                "config (accelerate launch --use_fsdp --fsdp_version 2)"
+            )
         self.bayes_config = get_config(unwrap(self.model))
         if rank_lr is not None and not (rank_lr >= 0.0 and rank_lr < float("inf")):
             raise ValueError(
@@ -257,9 +265,12 @@ class BayesLoRATrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Checkpoints are adapters (+ head + config): the frozen base never needs saving again.
         output_dir = output_dir or self.args.output_dir
-        if not _is_main_process():
+        sharded = is_sharded(self.model)  # FSDP2: every process gathers, process 0 writes
+        if not _is_main_process() and not sharded:
             return
         save_adapter(self.model, Path(output_dir) / CHECKPOINT_ADAPTER)
+        if not _is_main_process():
+            return
         meta = {"global_step": self.state.global_step, "prune_history": self.prune_callback.history}
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         tmp = Path(output_dir) / f".{TRAINING_STATE}.tmp"
