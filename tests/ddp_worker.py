@@ -1,4 +1,7 @@
-"""Worker for test_two_processes_end_identical: run under torchrun with 2 CPU processes."""
+"""Worker of tests/test_launchers.py: one training run, started by torchrun or `accelerate launch`
+(DDP or FSDP2) with 2 CPU processes. Usage: ``ddp_worker.py MODEL_DIR CSV OUT [SAVE_STEPS]``; each
+process writes its final adapter state to ``OUT/rank{r}.safetensors`` and a summary to
+``OUT/rank{r}.json``; the run's checkpoint is in ``OUT/run``."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from bayeslora.train.pipeline import TrainSettings, train
 
 def main() -> None:
     model_dir, csv, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    save_steps = int(sys.argv[4]) if len(sys.argv) > 4 else 1000
     settings = TrainSettings.for_recipe(
         "vi",  # the gate posterior with noise and a per-example KL, as the comments below assume
         model=model_dir,
@@ -33,11 +37,15 @@ def main() -> None:
         prune_start=6,
         prune_every=2,
         prune_threshold=-2.0,
+        min_rank=1,  # each layer keeps its least noisy rank: the compared adapters are not empty
         init_log_alpha=-3.0,
         samples=0,
-        save_steps=1000,
+        save_steps=save_steps,
     )
-    summary = train(settings, out / "run", progress=False, log=lambda *a: None)
+    logged: list[str] = []
+    summary = train(
+        settings, out / "run", progress=False, log=lambda *a: logged.append(" ".join(map(str, a)))
+    )
     model = summary["model"]
     rank = dist.get_rank()
     out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +57,13 @@ def main() -> None:
     )
     (out / f"rank{rank}.json").write_text(
         json.dumps(
-            {"world_size": dist.get_world_size(), "pruned_during_training": pruned, "ranks": bl.ranks(model)}
+            {
+                "world_size": dist.get_world_size(),
+                "parallel": summary["parallel"],
+                "pruned_during_training": pruned,
+                "ranks": bl.ranks(model),
+                "log": logged,
+            }
         )
     )
     dist.barrier()

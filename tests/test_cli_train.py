@@ -1,4 +1,5 @@
-"""`bayeslora train` end to end through a subprocess, its errors, and two-process (gloo) training."""
+"""`bayeslora train` end to end through a subprocess and its errors (two-process training under the
+launchers: tests/test_launchers.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import bayeslora as bl
 from bayeslora.train.pipeline import load_checkpoint
@@ -152,44 +152,6 @@ def _tiny(model_dir):
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-
-
-@pytest.mark.slow
-def test_two_processes_end_identical(tiny_model_dir, sentiment_csv, tmp_path):
-    """torchrun, 2 CPU processes (gloo): both end with identical adapters and rank masks."""
-    out = tmp_path / "ddp"
-    worker = ROOT / "tests" / "ddp_worker.py"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-    }
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(worker),
-            str(tiny_model_dir),
-            str(sentiment_csv),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
-    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
-    s0, s1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
-    assert s0.keys() == s1.keys() and any(k.endswith("rank_mask") for k in s0)
-    for key in s0:
-        assert torch.equal(s0[key], s1[key]), key
-    meta = json.loads((out / "rank0.json").read_text())
-    assert meta["world_size"] == 2
-    assert meta["pruned_during_training"] > 0  # masks really changed, so identity is not vacuous
 
 
 def test_train_from_a_model_whose_head_has_other_labels(tiny_model_dir, sentiment_csv, tmp_path):

@@ -13,18 +13,20 @@ from torch import nn
 
 from .._atomic import output_sources, write_dir_atomically
 from ..config import BayesLoRAConfig
-from ..errors import BundleError
+from ..errors import BundleError, OutputError
 from ..files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..files import ADAPTER_FORMAT_VERSION as FORMAT_VERSION
-from .layer import base_dims
-from .model import adapted_layers, get_config, inject, is_target, matches_any, unwrap
+from .layer import base_dims, full_tensor
+from .model import adapted_layers, get_config, inject, is_sharded, is_target, matches_any, unwrap
 
 _LAYER_TENSORS = ("lora_A", "lora_B", "log_alpha", "log_sigma2", "rank_mask", "rank_index")
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor that defines the adapter: per adapted layer its factors, rank parameters, mask
-    and rank index, plus the full state of ``modules_to_save``."""
+    and rank index, plus the full state of ``modules_to_save``.
+
+    Under FSDP2 the shards are gathered into whole tensors (a collective: call it on every process)."""
     model = unwrap(model)
     config = get_config(model)
     state: dict[str, torch.Tensor] = {}
@@ -32,11 +34,11 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         for t in _LAYER_TENSORS:
             value = getattr(layer, t, None)
             if torch.is_tensor(value):
-                state[f"{name}.{t}"] = value.detach()
+                state[f"{name}.{t}"] = full_tensor(value.detach())
     for name, module in model.named_modules():
         if config.modules_to_save and matches_any(name, config.modules_to_save):
             for key, value in module.state_dict().items():
-                state[f"{name}.{key}"] = value.detach()
+                state[f"{name}.{key}"] = full_tensor(value.detach())
     return state
 
 
@@ -46,13 +48,30 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, force: bool = 
     An adapter directory already at ``out_dir`` is replaced; anything else there (a non-empty
     directory bayeslora did not write as an adapter) raises :class:`~bayeslora.errors.OutputError`
     unless ``force``. A file, the current directory and the model's own directory are refused.
+
+    A model sharded by FSDP2 is saved whole: every process calls ``save_adapter`` (the shards are
+    gathered), process 0 writes, and every process returns once the directory is there.
     """
     model = unwrap(model)
     config = get_config(model)
     out = Path(out_dir)
+    sharded = is_sharded(model)
+    gathered = (
+        {k: v.to("cpu").contiguous().clone() for k, v in adapter_state(model).items()} if sharded else None
+    )
+    if sharded and torch.distributed.get_rank() != 0:
+        status: list[str | None] = [None]
+        torch.distributed.broadcast_object_list(status, src=0)  # process 0 writes and says how it went
+        if status[0] is not None:
+            raise OutputError(f"process 0 could not save the adapter to {out}: {status[0]}")
+        return out
 
     def write(tmp: Path) -> None:
-        tensors = {k: v.to("cpu").contiguous().clone() for k, v in adapter_state(model).items()}
+        tensors = (
+            gathered
+            if gathered is not None
+            else {k: v.to("cpu").contiguous().clone() for k, v in adapter_state(model).items()}
+        )
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "bayeslora-adapter"})
         meta = {
             "format_version": FORMAT_VERSION,
@@ -70,7 +89,15 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, force: bool = 
         }
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-    return write_dir_atomically(out, write, kind="adapter", force=force, sources=output_sources(model))
+    if not sharded:
+        return write_dir_atomically(out, write, kind="adapter", force=force, sources=output_sources(model))
+    try:
+        written = write_dir_atomically(out, write, kind="adapter", force=force, sources=output_sources(model))
+    except BaseException as e:
+        torch.distributed.broadcast_object_list([f"{type(e).__name__}: {e}"], src=0)
+        raise
+    torch.distributed.broadcast_object_list([None], src=0)
+    return written
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[BayesLoRAConfig, dict]:

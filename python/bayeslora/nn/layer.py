@@ -10,6 +10,7 @@ MC output) do not change when other ranks are removed.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 
 import torch
@@ -24,6 +25,24 @@ LOG_ALPHA_CLAMP = (-10.0, 10.0)
 LOG_SIGMA2_CLAMP = (-20.0, 2.0)
 MU2_EPS = 1e-8
 LRT_EPS = 1e-8
+
+
+def dtensor_class() -> type | None:
+    """``torch.distributed.tensor.DTensor`` once imported, else None."""
+    # No DTensor can exist before torch.distributed.tensor is imported (FSDP2 imports it): the
+    # check costs nothing on the common, unsharded path.
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or the whole tensor of a sharded ``DTensor`` (an FSDP2 parameter outside the
+    forward). Gathering is a collective: under FSDP2 every process must make the same call. The
+    result keeps its autograd link to the shard (the backward of the gather is a local slice)."""
+    cls = dtensor_class()
+    if cls is not None and isinstance(t, cls):
+        return t.full_tensor()
+    return t
 
 
 def kl_molchanov(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -331,13 +350,16 @@ class BayesLoRALayer(nn.Module):
     def kl(self) -> torch.Tensor:
         """KL of this module's posterior to the log-uniform prior (scalar, fp32); 0 for baselines."""
         device = self.lora_A.device
+        # Under FSDP2 the parameters are shards here (outside the forward): the KL is computed on
+        # the gathered whole, and each process's gradient reaches its own shard.
         if self.uses_gate:
             g = float(self.d_in + self.d_out) if self.kl_group == "params" else 1.0
-            return g * (kl_molchanov(self.log_alpha) * self.rank_mask).sum()
+            return g * (kl_molchanov(full_tensor(self.log_alpha)) * self.rank_mask).sum()
         if self.uses_additive:
-            ls = self.log_sigma2.clamp(*LOG_SIGMA2_CLAMP)
-            kl_a = kl_molchanov(ls[:, None] - torch.log(self.lora_A.pow(2) + MU2_EPS)).sum(1)
-            kl_b = kl_molchanov(ls[None, :] - torch.log(self.lora_B.pow(2) + MU2_EPS)).sum(0)
+            ls = full_tensor(self.log_sigma2).clamp(*LOG_SIGMA2_CLAMP)
+            A, B = full_tensor(self.lora_A), full_tensor(self.lora_B)
+            kl_a = kl_molchanov(ls[:, None] - torch.log(A.pow(2) + MU2_EPS)).sum(1)
+            kl_b = kl_molchanov(ls[None, :] - torch.log(B.pow(2) + MU2_EPS)).sum(0)
             return ((kl_a + kl_b) * self.rank_mask).sum()
         return torch.zeros((), device=device)
 
@@ -348,14 +370,15 @@ class BayesLoRALayer(nn.Module):
         gate: ``log α_k``. additive: ``λ_k − ½[median_i log(M_A[k,i]²+ε) + median_j log(M_B[j,k]²+ε)]``
         (median as numpy computes it). Baselines have no posterior: their scores are ``-inf``.
         """
-        if self.uses_gate:
-            return self.log_alpha.detach().float().clone()
+        if self.uses_gate:  # (whole tensors under FSDP2: a collective, as every caller runs it everywhere)
+            return full_tensor(self.log_alpha.detach()).float().clone()
         if self.uses_additive:
             if self.lora_A.shape[0] == 0:  # shrunk to rank 0: no ranks, no scores
                 return torch.empty(0, device=self.lora_A.device)
-            la = torch.quantile(torch.log(self.lora_A.detach().double().pow(2) + MU2_EPS), 0.5, dim=1)
-            lb = torch.quantile(torch.log(self.lora_B.detach().double().pow(2) + MU2_EPS), 0.5, dim=0)
-            return (self.log_sigma2.detach().double() - 0.5 * (la + lb)).float()
+            A, B = full_tensor(self.lora_A.detach()), full_tensor(self.lora_B.detach())
+            la = torch.quantile(torch.log(A.double().pow(2) + MU2_EPS), 0.5, dim=1)
+            lb = torch.quantile(torch.log(B.double().pow(2) + MU2_EPS), 0.5, dim=0)
+            return (full_tensor(self.log_sigma2.detach()).double() - 0.5 * (la + lb)).float()
         return torch.full((self.rank,), float("-inf"), device=self.lora_A.device)
 
     # ---- pruning ---------------------------------------------------------------------------

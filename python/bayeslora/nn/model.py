@@ -11,7 +11,7 @@ from torch import nn
 from ..config import BayesLoRAConfig
 from ..errors import TargetNotFoundError
 from ..files import OUTPUT_HEADS
-from .layer import BayesLoRALayer, is_adaptable
+from .layer import BayesLoRALayer, dtensor_class, is_adaptable
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -35,6 +35,13 @@ def is_causal_lm(model: nn.Module) -> bool:
         name == v or (isinstance(v, (tuple, list)) and name in v)
         for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
     )
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a sharded ``DTensor`` (the model went through FSDP2's
+    ``fully_shard``, e.g. under ``accelerate launch`` with ``fsdp_version: 2``)."""
+    cls = dtensor_class()
+    return cls is not None and any(isinstance(p, cls) for p in model.parameters())
 
 
 def matches_any(name: str, patterns: list[str]) -> bool:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import adapted_layers, unwrap
+from ..errors import ConfigError
+from .model import adapted_layers, is_sharded, unwrap
 
 
 def ranks(model: nn.Module) -> dict[str, int]:
@@ -73,8 +74,17 @@ def shrink(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> 
 
     The scale ``alpha / r0`` is unchanged, so the mean-mode output is unchanged. Returns
     ``{module name: (rank before, after)}``.
+
+    Raises:
+        ConfigError: ``model`` is sharded by FSDP2 (shrinking would replace parameters FSDP manages):
+            save it with ``save_adapter`` on every process and shrink an unsharded model that loads it.
     """
     model = unwrap(model)
+    if is_sharded(model):
+        raise ConfigError(
+            "cannot shrink a model sharded by FSDP2: call bl.save_adapter on every process, then "
+            "bl.load_adapter into an unsharded model and shrink that"
+        )
     report = {}
     for name, layer in adapted_layers(model):
         before = layer.rank

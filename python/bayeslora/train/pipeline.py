@@ -606,6 +606,40 @@ def training_arguments(
     )
 
 
+def _parallel(model: Any) -> dict[str, Any]:
+    """How the run was spread: ``world_size`` processes, ``sharded`` when FSDP2 sharded the model."""
+    import torch
+
+    from ..nn.model import is_sharded
+
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return {"world_size": world, "sharded": is_sharded(model)}
+
+
+def _unsharded_copy(model: Any, model_dir: Path, labels: list[str], config: Any) -> Any:
+    """A plain model equal to the FSDP2-sharded ``model``: the base reloaded from ``model_dir`` (the
+    training froze it), the adapter and ``modules_to_save`` gathered from the shards (a collective:
+    every process calls it)."""
+    import torch
+
+    from ..nn.checkpoint import adapter_state
+    from ..nn.model import inject
+
+    state = adapter_state(model)
+    plain = sequence_classifier(model_dir, labels)
+    inject(plain, config)
+    targets = {**dict(plain.named_parameters()), **dict(plain.named_buffers())}
+    missing = sorted(set(state) - set(targets))
+    if missing:  # the same structure was built twice: a mismatch is a bug, not a user error
+        raise RuntimeError(f"the unsharded copy lacks {missing[:5]}")
+    with torch.no_grad():
+        for key, value in state.items():
+            targets[key].copy_(value)
+    plain.train(model.training)
+    return plain
+
+
 def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True, log: Any = print) -> dict:
     """Fine-tune per ``settings``, write the checkpoint to ``out``, return the run summary.
 
@@ -688,6 +722,16 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
     train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    parallel = _parallel(model)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not parallel["sharded"]:
+        log(
+            "[bayeslora] the accelerate config asks for FSDP, but accelerate left it off (it does on "
+            "CPU): this run trained as DDP, each process holding the whole model"
+        )
+    if parallel["sharded"]:
+        # FSDP2 sharded the model in place: from here on (final prune, shrink, evaluation, save)
+        # every process works on a whole, unsharded copy with the trained adapter.
+        model = _unsharded_copy(model, model_dir, labels, config)
     if config.is_bayesian and trainer.prune_callback.refit_step is None:
         final = trainer.prune_callback.prune_pass(None)  # the last scheduled pass may be old
         changed = {k: v for k, v in final.items() if v[0] != v[1]}
@@ -741,6 +785,7 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
         "prune_history": trainer.prune_callback.history,
         "rank_selection": selections,
         "noise_fit": noise_fit,
+        "parallel": parallel,
     }
     if settings.method != "lora" and settings.samples > 0:
         val_mc = predict(model, tokenizer, val_texts, settings.samples, settings.seed, settings.max_length)

@@ -58,7 +58,7 @@ from ..errors import ConfigError, ShapeError
 from ..files import CHECKPOINT_ADAPTER, TRAINING_STATE
 from ..lm import causal_lm_nll, predicted_tokens
 from ..nn.checkpoint import save_adapter
-from ..nn.model import adapted_layers, get_config, is_causal_lm, unwrap
+from ..nn.model import adapted_layers, get_config, is_causal_lm, is_sharded, unwrap
 from ..nn.objective import kl_divergence
 from ..nn.prediction import sampling
 from ..nn.pruning import prune, prune_to_floor, ranks
@@ -196,6 +196,13 @@ class BayesLoRATrainer(Trainer):
             # DDP would mark log_alpha "unused" after the forward and then see the KL's gradient.
             training_args.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
+        if getattr(self, "is_fsdp_enabled", False) and not getattr(self.accelerator, "is_fsdp2", False):
+            # FSDP1 keeps flattened shards outside the forward: the KL, the prune pass and the
+            # checkpoints, all outside it, would see pieces of the rank parameters. FSDP2 gathers them.
+            raise ConfigError(
+                "BayesLoRA trains under FSDP version 2 only: set fsdp_version: 2 in the accelerate "
+                "config (accelerate launch --use_fsdp --fsdp_version 2)"
+            )
         self.bayes_config = get_config(unwrap(self.model))
         if rank_lr is not None and not (rank_lr >= 0.0 and rank_lr < float("inf")):
             raise ValueError(
@@ -343,9 +350,12 @@ class BayesLoRATrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Checkpoints are adapters (+ head + config): the frozen base never needs saving again.
         output_dir = output_dir or self.args.output_dir
-        if not _is_main_process():
+        sharded = is_sharded(self.model)  # FSDP2: every process gathers, process 0 writes
+        if not _is_main_process() and not sharded:
             return
         save_adapter(self.model, Path(output_dir) / CHECKPOINT_ADAPTER)
+        if not _is_main_process():
+            return
         meta: dict[str, Any] = {
             "global_step": self.state.global_step,
             "prune_history": self.prune_callback.history,
