@@ -29,9 +29,9 @@ def test_from_old_paths_imports_names_public_and_private():
     from bayeslora.pipeline import RUN_FILE, _Encoded, validation_rank_cut  # _Encoded: benches
     from bayeslora.training import BayesLoRATrainer
 
-    assert inject is bl.inject and validation_rank_cut.__module__ == "bayeslora.train.pipeline"
+    assert inject is bl.inject and validation_rank_cut.__module__ == "bayeslora.train.cut"
     assert BayesLoRATrainer.__module__ == "bayeslora.train.trainer"
-    assert _Encoded.__module__ == "bayeslora.train.pipeline" and RUN_FILE == files.RUN_FILE
+    assert _Encoded.__module__ == "bayeslora.train.classifier" and RUN_FILE == files.RUN_FILE
 
 
 def test_a_subpackage_import_does_not_shadow_a_function():
