@@ -54,6 +54,18 @@ def _add_trained_source(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _wrote(args: argparse.Namespace, key: str, out: str | Path, ranks: dict[str, int], kind: str) -> int:
+    """Report a written directory: ``{key: out, "ranks": ..., "total_rank": ...}`` with ``--json``,
+    else ``wrote OUT (N <kind> modules, total rank T)``; returns exit code 0."""
+    total = sum(ranks.values())
+    emit(
+        args,
+        {key: str(out), "ranks": ranks, "total_rank": total},
+        f"wrote {out} ({len(ranks)} {kind} modules, total rank {total})",
+    )
+    return 0
+
+
 def _num_labels(ckpt: Path) -> int | None:
     from safetensors import safe_open
 
@@ -112,9 +124,7 @@ def _export(args: argparse.Namespace) -> int:
         return fail(str(e))
     meta = json.loads((out / BUNDLE_META).read_text())
     ranks = {name: m["rank"] for name, m in meta["modules"].items()}
-    payload = {"bundle": str(out), "ranks": ranks, "total_rank": sum(ranks.values())}
-    emit(args, payload, f"wrote {out} ({len(ranks)} adapted modules, total rank {sum(ranks.values())})")
-    return 0
+    return _wrote(args, "bundle", out, ranks, "adapted")
 
 
 def add_export_peft(subparsers: argparse._SubParsersAction) -> None:
@@ -144,10 +154,7 @@ def _export_peft(args: argparse.Namespace) -> int:
     except BayesLoRAError as e:
         return fail(str(e))
     cfg = json.loads((out / PEFT_CONFIG).read_text())
-    ranks = cfg["rank_pattern"]
-    payload = {"peft_dir": str(out), "ranks": ranks, "total_rank": sum(ranks.values())}
-    emit(args, payload, f"wrote {out} ({len(ranks)} LoRA modules, total rank {sum(ranks.values())})")
-    return 0
+    return _wrote(args, "peft_dir", out, cfg["rank_pattern"], "LoRA")
 
 
 def add_import_peft(subparsers: argparse._SubParsersAction) -> None:
@@ -206,10 +213,4 @@ def _import_peft(args: argparse.Namespace) -> int:
         )
     except BayesLoRAError as e:
         return fail(str(e))
-    payload = {"checkpoint": str(args.out), "ranks": run["ranks"], "total_rank": run["total_rank"]}
-    emit(
-        args,
-        payload,
-        f"wrote {args.out} ({len(run['ranks'])} adapted modules, total rank {run['total_rank']})",
-    )
-    return 0
+    return _wrote(args, "checkpoint", args.out, run["ranks"], "adapted")
