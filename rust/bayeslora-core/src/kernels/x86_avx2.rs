@@ -54,10 +54,11 @@ pub(super) fn full_tile(
     }
 }
 
-/// `tile[0..rows] = A[0..rows, 0..k] · panel` for up to [`MR`] rows.
+/// `tile[0..rows] = A[0..rows, 0..k] · panel` for up to [`MR`] rows: [`full_tile`] storing
+/// into the tile, whose rows are contiguous (a 16-column output with row stride `NR`).
 #[inline]
 pub(super) fn tile(
-    _: Avx2,
+    t: Avx2,
     rows: usize,
     k: usize,
     a: &[f32],
@@ -65,32 +66,15 @@ pub(super) fn tile(
     panel: &[f32],
     tile: &mut Tile,
 ) {
-    assert!(
-        (1..=MR).contains(&rows) && a.len() >= (rows - 1) * lda + k && panel.len() >= k * NR,
-        "tile: operands too short"
-    );
-    let (a, p) = (a.as_ptr(), panel.as_ptr());
-    // the tile's rows are contiguous: row i at i * NR, as a 16-column `c` with ldc = NR
-    let (c, epi) = (tile.as_mut_ptr().cast::<f32>(), Epilogue::Store);
-    // SAFETY: the token proves AVX2 and FMA; `a` holds `rows` rows of `k` floats at stride
-    // `lda` and `panel` `k * NR` floats (asserted above); the tile has MR_WIDE >= rows rows of
-    // NR writable floats; `Store` reads no bias and `load` is off, so nothing of `c` is read.
-    unsafe {
-        match rows {
-            6 => kernel_out::<6>(k, a, lda, p, c, NR, epi, false),
-            5 => kernel_out::<5>(k, a, lda, p, c, NR, epi, false),
-            4 => kernel_out::<4>(k, a, lda, p, c, NR, epi, false),
-            3 => kernel_out::<3>(k, a, lda, p, c, NR, epi, false),
-            2 => kernel_out::<2>(k, a, lda, p, c, NR, epi, false),
-            _ => kernel_out::<1>(k, a, lda, p, c, NR, epi, false),
-        }
-    }
+    assert!((1..=MR).contains(&rows), "tile: 1 to {MR} rows");
+    let c = tile.as_flattened_mut();
+    full_tile(t, rows, k, a, lda, panel, c, NR, Epilogue::Store, false);
 }
 
 /// `A[0..R, 0..k] · panel`, one FMA chain per output in `k` order (starting from the partial
 /// sums in `c` when `load`), stored as a full 16-column tile into `c` (row stride `ldc`):
 /// `c = acc`, `c = acc + bias` or `c += acc` as `epi` says (the product first, then one
-/// addition). [`tile`] stores into a [`Tile`] through it.
+/// addition).
 ///
 /// # Safety
 /// AVX2 and FMA must be available; `a` must point at `R` rows of `k` readable floats with row
