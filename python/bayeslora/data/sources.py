@@ -33,7 +33,8 @@ import numpy as np
 
 from ..errors import DataError
 from . import _fetch
-from ._fetch import BBC_WHEEL, VADER_SDIST, Progress
+from ._fetch import Progress
+from .pins import BBC_WHEEL, VADER_SDIST
 from .splits import DatasetSplits, make_splits
 
 DEFAULT_DATASET = "vader-movies"

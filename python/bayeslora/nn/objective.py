@@ -7,7 +7,7 @@ from torch import nn
 
 from .model import adapted_layers, get_config, unwrap
 
-_unwrap = unwrap  # the name train/pipeline.py imports
+_unwrap = unwrap  # the name train/pipeline.py and train/cut.py import
 
 
 def kl_divergence(model: nn.Module) -> torch.Tensor:

@@ -118,14 +118,17 @@ class PruneCallback(TrainerCallback):
         sync_rank_masks(self.model)
         self.history.append({"step": step, "ranks": {k: v[1] for k, v in report.items()}})
 
-    def prune_pass(self, step: int | None = None) -> dict[str, tuple[int, int]]:
-        """One τ pass; with a rank budget, never below the controller's floor at ``step`` (``None``:
-        the budget itself)."""
+    def prune_pass(
+        self, step: int | None = None, model: nn.Module | None = None
+    ) -> dict[str, tuple[int, int]]:
+        """One τ pass over ``model`` (default: the trainer's); with a rank budget, never below the
+        controller's floor at ``step`` (``None``: the budget itself)."""
+        model = self.model if model is None else model
         budget = self.trainer.budget
         if budget is None:
-            return prune(self.model)
+            return prune(model)
         floor = budget.budget if step is None else budget.floor(step)
-        return prune_to_floor(self.model, floor)
+        return prune_to_floor(model, floor)
 
     @torch.no_grad()
     def _restore_frozen(self) -> None:

@@ -135,6 +135,17 @@ fn broken(damage: impl FnOnce(&mut Fixture)) -> Error {
     }
 }
 
+/// Each case's damage makes the bundle fail with a `Bundle` error whose message names its `what`.
+fn assert_bundle_errors(cases: Vec<(&str, Damage)>) {
+    for (what, damage) in cases {
+        let e = broken(damage);
+        assert!(
+            matches!(&e, Error::Bundle(m) if m.contains(what)),
+            "{what}: {e:?}"
+        );
+    }
+}
+
 #[test]
 fn a_valid_bundle_loads_and_runs() {
     let f = Fixture::valid();
@@ -336,13 +347,7 @@ fn inconsistent_metadata_is_a_bundle_error() {
             Box::new(|f| f.config["hidden_size"] = json!(4.5)),
         ),
     ];
-    for (what, damage) in cases {
-        let e = broken(damage);
-        assert!(
-            matches!(&e, Error::Bundle(m) if m.contains(what)),
-            "{what}: {e:?}"
-        );
-    }
+    assert_bundle_errors(cases);
 }
 
 #[test]
@@ -394,13 +399,7 @@ fn bad_tensors_are_bundle_errors() {
             Box::new(|f| f.set_f32("classifier.base_layer.weight", vec![1], &[0.0])),
         ),
     ];
-    for (what, damage) in cases {
-        let e = broken(damage);
-        assert!(
-            matches!(&e, Error::Bundle(m) if m.contains(what)),
-            "{what}: {e:?}"
-        );
-    }
+    assert_bundle_errors(cases);
 }
 
 #[test]

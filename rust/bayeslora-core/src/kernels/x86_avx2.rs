@@ -54,10 +54,11 @@ pub(super) fn full_tile(
     }
 }
 
-/// `tile[0..rows] = A[0..rows, 0..k] · panel` for up to [`MR`] rows.
+/// `tile[0..rows] = A[0..rows, 0..k] · panel` for up to [`MR`] rows: [`full_tile`] storing
+/// into the tile, whose rows are contiguous (a 16-column output with row stride `NR`).
 #[inline]
 pub(super) fn tile(
-    _: Avx2,
+    t: Avx2,
     rows: usize,
     k: usize,
     a: &[f32],
@@ -65,32 +66,21 @@ pub(super) fn tile(
     panel: &[f32],
     tile: &mut Tile,
 ) {
-    assert!(
-        (1..=MR).contains(&rows) && a.len() >= (rows - 1) * lda + k && panel.len() >= k * NR,
-        "tile: operands too short"
-    );
-    let (a, p) = (a.as_ptr(), panel.as_ptr());
-    // SAFETY: the token proves AVX2 and FMA; `a` holds `rows` rows of `k` floats at stride
-    // `lda` and `panel` `k * NR` floats (asserted above), which is all the kernel reads.
-    unsafe {
-        match rows {
-            6 => kernel::<6>(k, a, lda, p, tile),
-            5 => kernel::<5>(k, a, lda, p, tile),
-            4 => kernel::<4>(k, a, lda, p, tile),
-            3 => kernel::<3>(k, a, lda, p, tile),
-            2 => kernel::<2>(k, a, lda, p, tile),
-            _ => kernel::<1>(k, a, lda, p, tile),
-        }
-    }
+    assert!((1..=MR).contains(&rows), "tile: 1 to {MR} rows");
+    let c = tile.as_flattened_mut();
+    full_tile(t, rows, k, a, lda, panel, c, NR, Epilogue::Store, false);
 }
 
-/// Like [`kernel`], storing a full 16-column tile straight into `c` (row stride `ldc`):
-/// `c = acc`, `c = acc + bias` or `c += acc` as `epi` says. Same arithmetic as the tile path
-/// (the product first, then one addition).
+/// `A[0..R, 0..k] · panel`, one FMA chain per output in `k` order (starting from the partial
+/// sums in `c` when `load`), stored as a full 16-column tile into `c` (row stride `ldc`):
+/// `c = acc`, `c = acc + bias` or `c += acc` as `epi` says (the product first, then one
+/// addition).
 ///
 /// # Safety
-/// As [`kernel`]; also `c` must point at `R` rows of 16 writable floats at stride `ldc`, and
-/// an [`Epilogue::Bias`] must have at least 16 floats.
+/// AVX2 and FMA must be available; `a` must point at `R` rows of `k` readable floats with row
+/// stride `lda`; `panel` at `k * NR` readable floats; `c` at `R` rows of 16 writable floats at
+/// stride `ldc` (readable too when `load` or [`Epilogue::Accumulate`]); an [`Epilogue::Bias`]
+/// must have at least 16 floats.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn kernel_out<const R: usize>(
@@ -116,7 +106,8 @@ unsafe fn kernel_out<const R: usize>(
     }
     let mut bp = panel;
     for kk in 0..k {
-        // SAFETY: as in `kernel`.
+        // SAFETY: kk < k, so both 8-float loads stay inside the panel and every broadcast
+        // reads element (i, kk) of a row the caller guarantees.
         unsafe {
             let b0 = _mm256_loadu_ps(bp);
             let b1 = _mm256_loadu_ps(bp.add(8));
@@ -149,45 +140,6 @@ unsafe fn kernel_out<const R: usize>(
             };
             _mm256_storeu_ps(row, o0);
             _mm256_storeu_ps(row.add(8), o1);
-        }
-    }
-}
-
-/// `tile[0..R] = A[0..R, 0..k] · panel`, one FMA chain per output in `k` order.
-///
-/// # Safety
-/// AVX2 and FMA must be available; `a` must point at `R` rows of `k` readable floats with row
-/// stride `lda`; `panel` at `k * NR` readable floats.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn kernel<const R: usize>(
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    panel: *const f32,
-    tile: &mut Tile,
-) {
-    let mut acc0 = [_mm256_setzero_ps(); R];
-    let mut acc1 = [_mm256_setzero_ps(); R];
-    let mut bp = panel;
-    for kk in 0..k {
-        // SAFETY: kk < k, so both 8-float loads stay inside the panel and every broadcast
-        // reads element (i, kk) of a row the caller guarantees.
-        unsafe {
-            let b0 = _mm256_loadu_ps(bp);
-            let b1 = _mm256_loadu_ps(bp.add(8));
-            for i in 0..R {
-                let av = _mm256_broadcast_ss(&*a.add(i * lda + kk));
-                acc0[i] = _mm256_fmadd_ps(av, b0, acc0[i]);
-                acc1[i] = _mm256_fmadd_ps(av, b1, acc1[i]);
-            }
-            bp = bp.add(NR);
-        }
-    }
-    for i in 0..R {
-        // SAFETY: each tile row holds NR = 16 floats.
-        unsafe {
-            _mm256_storeu_ps(tile[i].as_mut_ptr(), acc0[i]);
-            _mm256_storeu_ps(tile[i].as_mut_ptr().add(8), acc1[i]);
         }
     }
 }
