@@ -180,9 +180,28 @@ def run_one(name: str, n_train: int, seed: int, args: argparse.Namespace, log: A
         "prune_history": run["prune_history"],
         "rank_selection": run["rank_selection"],
         "noise_fit": run.get("noise_fit"),
+        "rank_parameters": _rank_parameter_stats(run["model"]),
         "rows": rows,
         "_outputs": saved,
     }
+
+
+def _rank_parameter_stats(model: Any) -> dict[str, float] | None:
+    """min / mean / max of the surviving ranks' log σ² (additive) or log α (gate) after training:
+    how far the posterior's variance moved from its initial value."""
+    from bayeslora.nn.model import adapted_layers
+
+    values = [
+        p.detach().float().flatten()
+        for _, layer in adapted_layers(model)
+        if (p := layer.rank_parameter()) is not None and p.numel()
+    ]
+    if not values:
+        return None
+    import torch
+
+    v = torch.cat(values)
+    return {"min": float(v.min()), "mean": float(v.mean()), "max": float(v.max()), "count": int(v.numel())}
 
 
 def _val(outs: dict, sets: dict) -> dict[str, float]:
