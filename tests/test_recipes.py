@@ -429,3 +429,19 @@ def test_choose_cut_keeps_a_weak_adapter_and_never_cuts_an_unproven_one():
     # an adapter that changes nothing (B = 0): every candidate equal, nothing is cut
     same = [np.full(50, 0.69)] * 9
     assert choose_cut(same, tolerance=1e9, fraction=float("inf"))[0] == 0
+
+
+def test_max_eval_caps_the_validation_examples_of_the_rank_cut(tiny_model_dir, sentiment_csv, tmp_path):
+    # the default recipe's cut uses SELECT_EXAMPLES validation examples, or fewer: the split's size,
+    # or max_eval (smoke runs)
+    from bayeslora.train.cut import SELECT_EXAMPLES
+
+    quiet = {"progress": False, "log": lambda *a: None}
+    capped = train(
+        _tiny_settings(tiny_model_dir, sentiment_csv, recipe="select", max_eval=5), tmp_path / "a", **quiet
+    )
+    (cut,) = capped["rank_selection"]
+    assert cut["examples"] == 5
+    whole = train(_tiny_settings(tiny_model_dir, sentiment_csv, recipe="select"), tmp_path / "b", **quiet)
+    (cut,) = whole["rank_selection"]
+    assert cut["examples"] == min(len(whole["data"].validation), SELECT_EXAMPLES) > 5

@@ -187,7 +187,11 @@ def add_quickstart(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument(
-        "--max-eval", type=int, default=None, help="evaluate on at most this many examples per set"
+        "--max-eval",
+        type=int,
+        default=None,
+        help="evaluate on at most this many examples per set (also caps the validation examples of "
+        "the rank cut: for smoke runs)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object with the results")
     p.set_defaults(handler=_run_quickstart)

@@ -233,6 +233,12 @@ def training_arguments(
     )
 
 
+def _validation_examples(available: int, max_eval: int | None) -> int:
+    """Validation examples the rank cut and the noise fit use: ``SELECT_EXAMPLES``, or fewer when the
+    split is smaller or ``max_eval`` caps every evaluation (smoke runs)."""
+    return min(available, SELECT_EXAMPLES, max_eval if max_eval is not None else available)
+
+
 def _parallel(model: Any) -> dict[str, Any]:
     """How the run was spread: ``world_size`` processes, ``sharded`` when FSDP2 sharded the model."""
     import torch
@@ -319,7 +325,7 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
     args = training_arguments(settings, out / CHECKPOINT_TRAINER, n_train, progress=progress)
     select = None
     if settings.rank_select == "validation":
-        n_sel = min(len(data.validation), SELECT_EXAMPLES)
+        n_sel = _validation_examples(len(data.validation), settings.max_eval)
         sel_texts, sel_labels = data.validation.texts[:n_sel], data.validation.labels[:n_sel]
 
         def select(m: Any) -> None:
@@ -331,7 +337,7 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
                 f"{cut['total_rank']} (validation NLL {cut['nll']:.4f}, best {cut['nll_best']:.4f}, "
                 f"uncut {cut['nll_uncut']:.4f})"
             )
-            selections.append(cut)
+            selections.append({**cut, "examples": n_sel})
 
     selections: list[dict[str, Any]] = []
     trainer = BayesLoRATrainer(
@@ -369,7 +375,7 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
     noise_fit = None
     if config.is_bayesian and settings.noise_scale != 1.0:
         if settings.noise_scale == "fit":
-            n_fit = min(len(data.validation), SELECT_EXAMPLES)
+            n_fit = _validation_examples(len(data.validation), settings.max_eval)
             noise_fit = fit_noise_scale(
                 model,
                 tokenizer,

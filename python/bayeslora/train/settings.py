@@ -109,7 +109,10 @@ class TrainSettings:
     relevance order whose validation NLL stays within ``select_tolerance`` (and a tenth of what the
     adapter adds) of the best cut's (see :func:`validation_rank_cut`). ``rank_lr`` is the learning
     rate of the rank group (plain AdamW here; SGD-like units with ``rank_optimizer="sgd-like"``, see
-    ``bayeslora.training``).
+    ``bayeslora.training``). ``rank_budget`` steers the KL's weight towards that total rank (int, or a
+    fraction of the initial total; ``bayeslora.train.budget``). ``max_eval`` caps every evaluation
+    set of the run, the validation examples of the rank cut and of the noise fit included (smoke
+    runs; by default the cut uses ``SELECT_EXAMPLES``).
     """
 
     recipe: str = DEFAULT_RECIPE
