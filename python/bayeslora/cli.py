@@ -135,8 +135,11 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from . import lm_cli
     from .train.pipeline import train
 
+    if lm_cli.is_lm(args):
+        return lm_cli.run_train(args, _emit)
     quiet = args.json
     summary = train(
         _settings(args),
@@ -162,7 +165,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="fine-tune a classifier with BayesLoRA, LoRA or MC dropout",
         description="Fine-tune a sequence classifier; writes adapter/ and run.json to --out.",
     )
+    from .lm_cli import add_train_options
+
     _add_train_options(p, TrainSettings())
+    add_train_options(p)
     p.add_argument("--out", required=True, help="output directory (checkpoint)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_run_train)
@@ -207,12 +213,15 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
 
 # ---- evaluate ---------------------------------------------------------------------------------
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from . import lm_cli
     from .evaluation import evaluate, format_result
 
+    if lm_cli.is_lm_checkpoint(args.source):
+        return lm_cli.run_evaluate(args, _emit)
     result = evaluate(
         args.source,
-        data=args.data,
-        ood=args.ood,
+        data=args.data or "vader-movies",
+        ood=["bbc"] if args.ood is None else args.ood,
         shift=args.shift,
         samples=args.samples,
         seed=args.seed,
@@ -235,9 +244,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", help="checkpoint directory (bayeslora train --out) or bundle (bayeslora export)")
     p.add_argument(
         "--data",
-        default="vader-movies",
+        default=None,
         help="in-domain dataset: every row of csv:PATH (a file given here is a test set), the test "
-        "split of a named dataset",
+        "split of a named dataset (default: vader-movies; for a causal-LM checkpoint, a text source "
+        "- text:PATH, jsonl:PATH, shakespeare - default: the one it was trained on)",
     )
     p.add_argument(
         "--split",
@@ -246,7 +256,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="score this split of every set instead: test (the seed's 10 %% test split, e.g. of a "
         "CSV that holds a whole dataset) or all rows",
     )
-    p.add_argument("--ood", nargs="*", default=["bbc"], help="out-of-domain datasets")
+    p.add_argument(
+        "--ood",
+        nargs="*",
+        default=None,
+        help="out-of-domain datasets (default: bbc; for a causal-LM checkpoint, text sources such as "
+        "text:PATH or fortunes, default none)",
+    )
     p.add_argument("--shift", nargs="*", default=None, help="shifted datasets with the same labels")
     p.add_argument("--samples", type=int, default=16, help="posterior samples (0 = mean mode)")
     p.add_argument("--seed", type=int, default=0, help="split seed (use the training seed) and noise seed")
