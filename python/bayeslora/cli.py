@@ -176,9 +176,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 # ---- quickstart -------------------------------------------------------------------------------
 def _run_quickstart(args: argparse.Namespace) -> int:
+    from .lm_quickstart import run_lm_quickstart
     from .quickstart import run_quickstart
 
-    result = run_quickstart(
+    run = run_lm_quickstart if args.task == "causal-lm" else run_quickstart
+    result = run(
         args.out,
         seed=args.seed,
         max_train=args.max_train,
@@ -199,6 +201,13 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
         "sentences with the Rust runtime, and write report.md with plots.",
     )
     p.add_argument("--out", default="bayeslora-quickstart", help="output directory")
+    p.add_argument(
+        "--task",
+        choices=["classification", "causal-lm"],
+        default="classification",
+        help="causal-lm: BayesLoRA vs LoRA on SmolLM2-135M-Instruct and Shakespeare's plays, "
+        "fortunes as out-of-domain text (a few minutes per run on 2 cores)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--max-train", type=int, default=None, help="training examples per run (default: quickstart's)"

@@ -25,6 +25,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         help="classification (default) or causal-lm: fine-tune a causal LM on --data text:PATH, "
         "jsonl:PATH (records with prompt/response, or text) or shakespeare, --model DIR or smollm2",
     )
+    p.add_argument(
+        "--max-eval",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="causal-lm: evaluate on at most this many validation and test blocks",
+    )
     for flag, text in (
         ("--bf16", "causal-lm: cast the base model to bfloat16 (the adapters stay float32)"),
         ("--fp16", "causal-lm: cast the base model to float16 (the adapters stay float32)"),

@@ -8,7 +8,7 @@ The checkpoint has the layout of the classifier's (``adapter/``, ``tokenizer/``,
 The likelihood is the mean NLL per predicted token (``lm_loss="token"``) and the KL's N is the number
 of training sequences. The per-sequence ELBO, divided by N·T̄ (T̄ = the mean number of predicted
 tokens per training sequence), is ``token NLL + KL / (N·T̄)``; so ``kl_scale=None`` resolves to
-``LM_KL_TEMPER / T̄`` for the run's own T̄ (see ``LM_KL_TEMPER`` for how the tempering was chosen).
+``LM_KL_TEMPER / T̄`` for the run's own T̄ (see ``LM_KL_TEMPER`` for the tempering and why it is provisional).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from ..errors import BundleError, ConfigError
 from ..files import CHECKPOINT_ADAPTER, CHECKPOINT_TOKENIZER, CHECKPOINT_TRAINER, RUN_FILE
 
 TASK = "causal-lm"
-# kl_scale = LM_KL_TEMPER / T̄ (module docstring). Chosen on the validation perplexity (MC, S = 4)
-# of SmolLM2-135M-Instruct on the two validation plays among 1, 0.1 and 0.02 (README, "Causal
-# language models"); 1 is the untempered per-token ELBO.
+# kl_scale = LM_KL_TEMPER / T̄ (module docstring): a tenth of the per-token ELBO's KL, the order
+# of the classifier's tempering (KL_SCALE_DEFAULTS: 0.02-0.01 of the per-example KL). NOT yet chosen
+# on validation perplexity: a sweep over {1, 0.1, 0.02} on SmolLM2 did not fit the CPU time we had
+# (27 s per step of 8 × 48 tokens on the loaded 2-core box); see the README's causal-LM section.
 LM_KL_TEMPER = 0.1
 # default LoRA targets by model type; any other type gets "all-linear"
 LM_TARGETS: dict[str, list[str]] = {
