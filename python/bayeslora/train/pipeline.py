@@ -137,7 +137,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, dict]:
     from transformers import AutoTokenizer
 
     from ..nn.checkpoint import load_adapter
+    from .lm_pipeline import is_lm_checkpoint, load_lm_checkpoint
 
+    if is_lm_checkpoint(path):
+        return load_lm_checkpoint(path)
     run_path = Path(path) / RUN_FILE
     try:
         run = json.loads(run_path.read_text())
