@@ -242,6 +242,7 @@ def test_cli_refuses_a_bad_jsonl_in_one_line(lm_dir, tmp_path):
     bad.write_text('{"prompt": "w4"}\n')
     res = _cli(*_train_args(lm_dir, tmp_path / "x", f"jsonl:{bad}"))
     assert res.returncode == 1 and "line 1" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()  # the failed run removed the output directory it created
 
 
 # ---- dtypes and gradient checkpointing -------------------------------------------------------------

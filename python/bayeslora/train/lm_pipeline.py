@@ -238,15 +238,9 @@ def train_lm(settings: LMSettings, out: str | os.PathLike, progress: bool = True
     """Fine-tune the causal LM per ``settings``, write the checkpoint to ``out``, return the summary
     (with ``model`` and ``tokenizer``). A run that fails before it saved anything leaves no ``out``
     directory behind that it created."""
-    from .pipeline import _check_writable, _remove_if_empty
+    from .pipeline import run_into
 
-    out = Path(out)
-    created = _check_writable(out)
-    try:
-        return _train_lm(settings, out, progress, log)
-    except BaseException:
-        _remove_if_empty(created)
-        raise
+    return run_into(Path(out), lambda o: _train_lm(settings, o, progress, log))
 
 
 def _train_lm(settings: LMSettings, out: Path, progress: bool, log: Any) -> dict:

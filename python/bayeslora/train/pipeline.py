@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,18 @@ def _check_writable(out: Path) -> list[Path]:
     return created
 
 
+def run_into(out: Path, body: Callable[[Path], dict]) -> dict:
+    """``body(out)`` for a run writing into ``out`` (created when missing, checked writable first);
+    when it fails, the directories this created are removed again where they are still empty, so a
+    run that failed before it saved anything leaves nothing behind."""
+    created = _check_writable(out)
+    try:
+        return body(out)
+    except BaseException:
+        _remove_if_empty(created)
+        raise
+
+
 def _remove_if_empty(created: list[Path]) -> None:
     """Remove the directories of ``created`` (innermost first) that are still empty."""
     for p in created:
@@ -281,13 +294,7 @@ def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True
 
     A run that fails before it saved anything (bad data, model or targets) leaves no ``out``
     directory behind that it created."""
-    out = Path(out)
-    created = _check_writable(out)
-    try:
-        return _train(settings, out, progress, log)
-    except BaseException:
-        _remove_if_empty(created)
-        raise
+    return run_into(Path(out), lambda o: _train(settings, o, progress, log))
 
 
 def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict:
