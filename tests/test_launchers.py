@@ -84,18 +84,9 @@ def _run(cmd: list[str], tmp: Path, out: Path) -> dict:
     return {"s0": s0, "s1": s1, "meta": meta, "out": out, "stderr": res.stderr}
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
-    csv = tmp_path_factory.mktemp("launch-data") / "sentiment.csv"
-    write_sentiment_csv(csv)
-    return tiny_model_dir, csv
-
-
-@pytest.fixture(scope="module")
-def torchrun_run(inputs, tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("torchrun")
-    out = tmp / "out"
-    cmd = [
+def torchrun_cmd() -> list[str]:
+    """``torchrun`` with 2 processes on this host and a free port of its own."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -107,10 +98,21 @@ def torchrun_run(inputs, tmp_path_factory) -> dict:
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        str(WORKER),
-        *map(str, inputs),
-        str(out),
     ]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
+    csv = tmp_path_factory.mktemp("launch-data") / "sentiment.csv"
+    write_sentiment_csv(csv)
+    return tiny_model_dir, csv
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(inputs, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("torchrun")
+    out = tmp / "out"
+    cmd = [*torchrun_cmd(), str(WORKER), *map(str, inputs), str(out)]
     return _run(cmd, tmp, out)
 
 
@@ -208,17 +210,7 @@ def fsdp_runs(inputs, tmp_path_factory) -> dict[str, Path]:
     for mode in ("ddp", "fsdp2"):
         out = tmp / mode
         cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            "1",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
+            *torchrun_cmd(),
             str(ROOT / "tests" / "fsdp_worker.py"),
             mode,
             str(inputs[0]),

@@ -73,22 +73,7 @@ def build(
         )
         model = tf.DistilBertForSequenceClassification(cfg)
     elif family == "gpt2":
-        cfg = tf.GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=hidden,
-            n_layer=layers,
-            n_head=heads,
-            n_inner=inter,
-            n_positions=64,
-            num_labels=labels,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=1,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            initializer_range=0.2,
-        )
+        cfg = _gpt2_config(hidden, heads, layers, inter, num_labels=labels)
         model = tf.GPT2ForSequenceClassification(cfg)
     elif family == "llama":
         cfg = tf.LlamaConfig(
@@ -123,6 +108,28 @@ CAUSAL_TARGETS = {
 }
 
 
+def _gpt2_config(hidden: int, heads: int, layers: int, inter: int, **extra):
+    """A tiny GPT-2 config, every dropout off; vocabulary ``VOCAB``, pad id 0, BOS/EOS id 1."""
+    import transformers as tf
+
+    return tf.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        n_inner=inter,
+        n_positions=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        initializer_range=0.2,
+        **extra,
+    )
+
+
 def build_causal_lm(
     family: str, hidden: int = 16, heads: int = 2, layers: int = 2, inter: int = 32, seed: int = 0
 ):
@@ -142,19 +149,7 @@ def build_causal_lm(
         **ids,
     }
     if family == "gpt2":
-        cfg = tf.GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=hidden,
-            n_layer=layers,
-            n_head=heads,
-            n_inner=inter,
-            n_positions=64,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            initializer_range=0.2,
-            **ids,
-        )
+        cfg = _gpt2_config(hidden, heads, layers, inter)
     elif family == "llama":
         cfg = tf.LlamaConfig(num_key_value_heads=heads, **common)
     elif family == "qwen2":

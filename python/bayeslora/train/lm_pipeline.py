@@ -89,6 +89,11 @@ class LMSettings:
     gradient_checkpointing: bool = False
     load_in_4bit: bool = False
 
+    def epochs_for(self, n_train: int) -> float:
+        """The epochs a run trains for (``epochs``; the classifier's ``TrainSettings`` derives a
+        default from ``n_train``), as ``pipeline.training_arguments`` asks."""
+        return float(self.epochs)
+
     def __post_init__(self) -> None:
         if self.task != TASK:
             raise ConfigError(f"LMSettings is for task {TASK!r}, got {self.task!r}")
@@ -183,36 +188,6 @@ def cast_and_checkpoint(model: Any, settings: LMSettings) -> None:
         model.enable_input_require_grads()  # the frozen embeddings give no grad to checkpoint
 
 
-def training_arguments(settings: LMSettings, output_dir: Path, n_train: int, progress: bool) -> Any:
-    """AdamW at ``settings.lr``, linear decay after a 6 % warm-up, CPU unless CUDA is there."""
-    import torch
-    from transformers import TrainingArguments
-
-    steps = settings.epochs * n_train / settings.batch_size
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=settings.batch_size,
-        num_train_epochs=settings.epochs,
-        learning_rate=settings.lr,
-        lr_scheduler_type="linear",
-        warmup_steps=max(1, int(0.06 * steps)),
-        weight_decay=0.0,
-        max_grad_norm=settings.max_grad_norm,
-        logging_steps=10,
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=1,
-        save_only_model=True,
-        report_to="none",
-        seed=settings.seed,
-        data_seed=settings.seed,
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )
-
-
 def lm_metrics(
     model: Any, rows: list[dict[str, list[int]]], samples: int, seed: int, batch_size: int = 8
 ) -> dict[str, Any]:
@@ -253,6 +228,7 @@ def _train_lm(settings: LMSettings, out: Path, progress: bool, log: Any) -> dict
     from ..nn.model import inject
     from ..nn.pruning import adapter_parameter_count, ranks, shrink
     from .lm_data import CausalLMCollator, predicted_per_row, source_rows
+    from .pipeline import training_arguments
     from .trainer import BayesLoRATrainer, _is_main_process
 
     hf_logging.set_verbosity_error()
@@ -284,7 +260,7 @@ def _train_lm(settings: LMSettings, out: Path, progress: bool, log: Any) -> dict
     )
     trainer = BayesLoRATrainer(
         model=model,
-        args=training_arguments(settings, out / CHECKPOINT_TRAINER, n_train, progress),
+        args=training_arguments(settings, out / CHECKPOINT_TRAINER, n_train, progress=progress),
         train_dataset=train_rows,
         data_collator=CausalLMCollator.for_tokenizer(tokenizer),
         rank_lr=settings.rank_lr,

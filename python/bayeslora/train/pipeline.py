@@ -211,7 +211,7 @@ def check_splits(data: Any, n_eval: int | None) -> None:
 
 
 def training_arguments(
-    settings: TrainSettings,
+    settings: Any,
     output_dir: str | os.PathLike,
     n_train: int,
     progress: bool = True,
@@ -219,7 +219,8 @@ def training_arguments(
 ) -> Any:
     """The ``transformers.TrainingArguments`` of a run: AdamW at ``settings.lr`` with linear decay
     after a 6 % warm-up, no weight decay, CPU unless CUDA is there; adapter checkpoints every
-    ``save_steps`` when ``save``. Shared by :func:`train` and the baselines of ``benches/``."""
+    ``save_steps`` when ``save``. Shared by :func:`train`, ``train_lm`` (``settings`` is a
+    ``TrainSettings`` or an ``LMSettings``: what both have) and the baselines of ``benches/``."""
     import torch
     from transformers import TrainingArguments
 
