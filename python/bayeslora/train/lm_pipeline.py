@@ -8,7 +8,7 @@ The checkpoint has the layout of the classifier's (``adapter/``, ``tokenizer/``,
 The likelihood is the mean NLL per predicted token (``lm_loss="token"``) and the KL's N is the number
 of training sequences. The per-sequence ELBO, divided by N·T̄ (T̄ = the mean number of predicted
 tokens per training sequence), is ``token NLL + KL / (N·T̄)``; so ``kl_scale=None`` resolves to
-``LM_KL_TEMPER / T̄`` for the run's own T̄ (see ``LM_KL_TEMPER`` for the tempering and why it is provisional).
+``kl_temper / T̄`` for the run's own T̄ (default ``LM_KL_TEMPER``; how it was chosen: there).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class LMSettings:
     tempered by ``kl_scale``, τ passes from ``prune_start``), as ``TrainSettings``' recipe ``"vi"``;
     schedule fields are steps (int) or fractions of the run (float). ``max_length`` is the block
     size (tokens per training sequence); ``max_train`` / ``max_eval`` cap the number of blocks.
-    ``targets=None``: ``LM_TARGETS`` of the model's type. ``kl_scale=None``: ``LM_KL_TEMPER / T̄``.
+    ``targets=None``: ``LM_TARGETS`` of the model's type. ``kl_scale=None``: ``kl_temper / T̄``.
     ``bf16`` / ``fp16`` cast the base model after the adapters are injected (the adapters stay
     float32); ``gradient_checkpointing`` recomputes the activations in the backward pass.
     """
@@ -68,6 +68,7 @@ class LMSettings:
     max_length: int = 128
     seed: int = 0
     kl_scale: float | None = None
+    kl_temper: float = LM_KL_TEMPER
     kl_freeze: int | float = 0.1
     kl_warmup: int | float = 0
     sample_start: int | float | None = 0.1
@@ -105,6 +106,8 @@ class LMSettings:
             raise ConfigError(f"max_length (the block size) must be >= 2, got {self.max_length}")
         if self.kl_scale is not None and not self.kl_scale >= 0:
             raise ConfigError(f"kl_scale must be >= 0, got {self.kl_scale}")
+        if not self.kl_temper >= 0:
+            raise ConfigError(f"kl_temper must be >= 0, got {self.kl_temper}")
 
     def bayes_config(self, model_type: str, kl_scale: float) -> Any:
         from ..config import BayesLoRAConfig
@@ -245,7 +248,7 @@ def _train_lm(settings: LMSettings, out: Path, progress: bool, log: Any) -> dict
         if not rows:
             raise DataError(f"{settings.data}: no {part} sequence (of at least 2 tokens)")
     t_bar = predicted_per_row(train_rows)
-    kl_scale = LM_KL_TEMPER / t_bar if settings.kl_scale is None else float(settings.kl_scale)
+    kl_scale = settings.kl_temper / t_bar if settings.kl_scale is None else float(settings.kl_scale)
     model = load_lm(model_dir, settings)
     config = settings.bayes_config(getattr(model.config, "model_type", ""), kl_scale)
     inject(model, config)
