@@ -35,7 +35,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         ("--bf16", "causal-lm: cast the base model to bfloat16 (the adapters stay float32)"),
         ("--fp16", "causal-lm: cast the base model to float16 (the adapters stay float32)"),
         ("--gradient-checkpointing", "causal-lm: recompute activations in the backward pass"),
-        ("--load-in-4bit", "causal-lm: a 4-bit base (bitsandbytes, CUDA): refused, not supported yet"),
+        ("--load-in-4bit", "causal-lm: an NF4 4-bit base (QLoRA; bitsandbytes, extra qlora; CUDA or CPU)"),
     ):
         p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
 

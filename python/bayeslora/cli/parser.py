@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -71,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     a usage error, 130 when interrupted. Every error is one line on stderr."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # bitsandbytes (extra qlora) logs a warning on import on AVX-512-BF16 CPUs when the optional hub
+    # package `kernels` is absent; its pure-torch fallback is used. stderr stays for our one line.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()

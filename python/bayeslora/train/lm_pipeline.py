@@ -150,29 +150,54 @@ def resolve_lm_model(model: str) -> Path:
     return resolve_model(model)
 
 
-def check_load_in_4bit() -> None:
-    """``--load-in-4bit`` is refused in one line: without CUDA, bitsandbytes cannot run; with it, our
-    adapters on bitsandbytes' ``Linear4bit`` are untested, so we do not pretend to support them."""
-    import torch
+def quantization_config(settings: LMSettings) -> Any:
+    """``--load-in-4bit``: bitsandbytes' NF4 (double quantisation, compute dtype bf16, or fp16 with
+    ``--fp16``), the QLoRA setting; None without it. bitsandbytes (extra ``qlora``) runs its 4-bit
+    layers on CUDA and, since 0.48, on the CPU. A missing bitsandbytes is one ``ConfigError``."""
+    if not settings.load_in_4bit:
+        return None
+    import importlib.util
 
-    if not torch.cuda.is_available():
-        raise ConfigError("--load-in-4bit needs a CUDA GPU (bitsandbytes); there is none here")
-    raise ConfigError(
-        "--load-in-4bit: BayesLoRA adapters on bitsandbytes 4-bit layers are not supported yet "
-        "(untested); use --bf16 instead"
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("--load-in-4bit needs bitsandbytes: pip install 'bayeslora[qlora]'")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float16 if settings.fp16 else torch.bfloat16,
     )
 
 
 def load_lm(model_dir: str | os.PathLike, settings: LMSettings | None = None) -> Any:
-    """The 🤗 causal LM in ``model_dir`` (float32), in eval mode."""
+    """The 🤗 causal LM in ``model_dir`` (float32, or bitsandbytes 4-bit with ``load_in_4bit``:
+    on the first CUDA device when there is one, else the CPU), in eval mode."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # "Loading weights" bars: stderr stays for our one-line errors
-    if settings is not None and settings.load_in_4bit:
-        check_load_in_4bit()
-    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    quant = quantization_config(settings) if settings is not None else None
+    if quant is None:
+        return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    import torch
+
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quant, device_map={"": device}
+    )
+    if device == "cpu":
+        import bitsandbytes as bnb
+
+        for name, m in model.named_modules():
+            if isinstance(m, bnb.nn.Linear4bit) and m.out_features % 32:
+                raise ConfigError(
+                    f"--load-in-4bit on the CPU: {name} has out_features {m.out_features}, not a "
+                    "multiple of 32, which bitsandbytes' CPU 4-bit kernel needs (on CUDA it is not)"
+                )
+    return model.eval()
 
 
 def cast_and_checkpoint(model: Any, settings: LMSettings) -> None:
@@ -183,7 +208,7 @@ def cast_and_checkpoint(model: Any, settings: LMSettings) -> None:
     draws the same noise as the first."""
     import torch
 
-    if settings.bf16 or settings.fp16:
+    if (settings.bf16 or settings.fp16) and not settings.load_in_4bit:  # 4-bit: the compute dtype
         model.to(torch.bfloat16 if settings.bf16 else torch.float16)
     if settings.gradient_checkpointing:
         model.config.use_cache = False
@@ -235,8 +260,7 @@ def _train_lm(settings: LMSettings, out: Path, progress: bool, log: Any) -> dict
     from .trainer import BayesLoRATrainer, _is_main_process
 
     hf_logging.set_verbosity_error()
-    if settings.load_in_4bit:
-        check_load_in_4bit()
+    quantization_config(settings)  # a missing bitsandbytes fails before the data is read
     source = load_text_source(settings.data, seed=settings.seed)
     model_dir = resolve_lm_model(settings.model)
     set_seed(settings.seed)

@@ -43,10 +43,11 @@ factors training on.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,22 @@ class PruneCallback(TrainerCallback):
         self.history.append({"step": step, "refit": True, "ranks": dict(ranks(self.model))})
 
 
+@contextlib.contextmanager
+def _adapters_on_quantized_base(model: Any) -> Iterator[None]:
+    """Let ``transformers.Trainer`` accept a quantized base (``--load-in-4bit``) that carries our
+    adapters: it refuses "purely quantized models" unless PEFT's flag ``_hf_peft_config_loaded`` is
+    set. Set only while the Trainer is built, only when trainable BayesLoRA layers are present."""
+    quantized = getattr(model, "is_quantized", False) and not getattr(model, "_hf_peft_config_loaded", False)
+    if not (quantized and any(True for _ in adapted_layers(unwrap(model)))):
+        yield
+        return
+    model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        del model._hf_peft_config_loaded
+
+
 class BayesLoRATrainer(Trainer):
     """``transformers.Trainer`` with the BayesLoRA objective and prune schedule (docs/method.md §4, §5).
 
@@ -198,7 +215,9 @@ class BayesLoRATrainer(Trainer):
             # while the forward does not sample), so DDP needs no unused-parameter search; with it,
             # DDP would mark log_alpha "unused" after the forward and then see the KL's gradient.
             training_args.ddp_find_unused_parameters = False
-        super().__init__(*args, **kwargs)
+        model = kwargs.get("model", args[0] if args else None)
+        with _adapters_on_quantized_base(model):
+            super().__init__(*args, **kwargs)
         if getattr(self, "is_fsdp_enabled", False) and not getattr(self.accelerator, "is_fsdp2", False):
             # FSDP1 keeps flattened shards outside the forward: the KL, the prune pass and the
             # checkpoints, all outside it, would see pieces of the rank parameters. FSDP2 gathers them.
