@@ -33,6 +33,7 @@ RESULTS = HERE / "results" / "lm"
 CONFIGS: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora"},
     "bayes-t1": {"kl_temper": 1.0},  # the per-sequence ELBO's KL, untempered
+    "bayes-t0.3": {"kl_temper": 0.3},
     "bayes-t0.1": {"kl_temper": 0.1},
     "bayes-t0.01": {"kl_temper": 0.01},
     "bayes-t0": {"kl_temper": 0.0},  # no KL: the posterior's variance is fitted by the likelihood alone
