@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import bayeslora as bl
 from bayeslora.evaluation import evaluate, load_predictor
 from bayeslora.train.classifier import _Encoded, predict
 from bayeslora.train.pipeline import TrainSettings, load_checkpoint, train
@@ -95,6 +96,15 @@ def test_train_and_evaluate_on_pairs(tiny_model_dir, tmp_path):
     out = predictor([r["text"] for r in rows], [r["text_pair"] for r in rows])
     labels = np.array([r["label"] == "same" for r in rows], dtype=np.int64)
     assert result["in_domain"]["accuracy"] == pytest.approx(float(np.mean(out["label"] == labels)))
+    # the exported bundle, through the Rust runtime, scores the pairs as the checkpoint does
+    bundle = bl.export(model, tok, tmp_path / "bundle", max_length=24)
+    from_bundle, info = load_predictor(bundle, samples=0, seed=0)
+    assert info["engine"] == "rust"
+    got = from_bundle([r["text"] for r in rows], [r["text_pair"] for r in rows])
+    np.testing.assert_allclose(got["probs"], out["probs"], atol=1e-4, rtol=0)
+    on_bundle = evaluate(bundle, data=f"csv:{data}", ood=(), samples=0)
+    assert on_bundle["n"] == 120
+    assert on_bundle["in_domain"]["nll"] == pytest.approx(result["in_domain"]["nll"], abs=1e-4)
     res = run_cli(
         ["evaluate", str(tmp_path / "run"), "--data", f"csv:{data}", "--ood", "--samples", "0", "--json"]
     )
