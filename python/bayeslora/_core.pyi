@@ -102,19 +102,25 @@ class Runtime:
     def module_ranks(self) -> dict[str, int]: ...
     @property
     def isa(self) -> str: ...
+    @property
+    def uses_token_types(self) -> bool:
+        """Whether the model takes segment ids from its tokenizer (BERT-family)."""
     def logits(
         self,
         input_ids: NDArray[np.int64],
         attention_mask: NDArray[np.int64],
         gates: Mapping[str, NDArray[np.float32]] | None = None,
+        token_type_ids: NDArray[np.int64] | None = None,
     ) -> NDArray[np.float32]:
-        """Logits ``[N, C]`` (mean mode, or explicit gates ``{module: [N, r]}``)."""
+        """Logits ``[N, C]`` (mean mode, or explicit gates ``{module: [N, r]}``); segment ids
+        ``token_type_ids [N, T]`` (None: 0)."""
     def sample_logits(
         self,
         input_ids: NDArray[np.int64],
         attention_mask: NDArray[np.int64],
         samples: int,
         seed: int | None = None,
+        token_type_ids: NDArray[np.int64] | None = None,
     ) -> NDArray[np.float32]:
         """Per-sample logits ``[N, S, C]`` (``seed`` None: 0)."""
     def score(
@@ -124,6 +130,7 @@ class Runtime:
         samples: int | None = None,
         seed: int | None = None,
         first_index: int = 0,
+        token_type_ids: NDArray[np.int64] | None = None,
     ) -> dict[str, NDArray[Any]]:
         """docs/method.md §6 fields per input (``first_index``: row 0's index in the request, for
         error messages)."""

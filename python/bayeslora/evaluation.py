@@ -9,27 +9,35 @@ Both give the fields of docs/method.md §6 per input; the metrics (docs/method.m
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from . import metrics
+from .data.splits import Split
+from .data.tables import is_file_spec
 from .errors import BundleError
 from .files import BUNDLE_META, RUN_FILE
 
 SCORES = metrics.UNCERTAINTY_SCORES
 VADER_DOMAINS = ("vader-movies", "vader-tweets", "vader-amazon", "vader-nyt")
 
-Predictor = Callable[[Sequence[str]], dict[str, np.ndarray]]
+
+class Predictor(Protocol):
+    """(texts [N], the second segments [N] of sentence pairs or None) -> fields of docs/method.md §6."""
+
+    def __call__(
+        self, texts: Sequence[str], text_pairs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]: ...
 
 
 def load_predictor(
     path: str | os.PathLike, samples: int, seed: int, num_threads: int | None = None
 ) -> tuple[Predictor, dict[str, Any]]:
-    """A function ``texts -> fields of docs/method.md §6`` for a checkpoint (torch) or a bundle (Rust
-    runtime)."""
+    """A function ``(texts, text_pairs) -> fields of docs/method.md §6`` for a checkpoint (torch) or
+    a bundle (Rust runtime); ``text_pairs`` is None for single texts."""
     path = Path(path)
     if (path / BUNDLE_META).is_file():
         from .runtime import Scorer, read_meta
@@ -37,8 +45,11 @@ def load_predictor(
         scorer = Scorer(path, num_threads=num_threads)
         meta = read_meta(path)
 
-        def predict_bundle(texts: Sequence[str]) -> dict[str, np.ndarray]:
-            out = scorer.score(list(texts), samples=samples, seed=seed)
+        def predict_bundle(
+            texts: Sequence[str], text_pairs: Sequence[str] | None = None
+        ) -> dict[str, np.ndarray]:
+            pairs = None if text_pairs is None else list(text_pairs)
+            out = scorer.score(list(texts), samples=samples, seed=seed, text_pairs=pairs)
             return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
 
         info = {
@@ -54,8 +65,19 @@ def load_predictor(
         model, tokenizer, run = load_checkpoint(path)
         max_length = int(run["settings"]["max_length"])
 
-        def predict_ckpt(texts: Sequence[str]) -> dict[str, np.ndarray]:
-            return metrics.uncertainty(predict(model, tokenizer, list(texts), samples, seed, max_length))
+        def predict_ckpt(
+            texts: Sequence[str], text_pairs: Sequence[str] | None = None
+        ) -> dict[str, np.ndarray]:
+            probs = predict(
+                model,
+                tokenizer,
+                list(texts),
+                samples,
+                seed,
+                max_length,
+                text_pairs=None if text_pairs is None else list(text_pairs),
+            )
+            return metrics.uncertainty(probs)
 
         info = {
             "kind": "checkpoint",
@@ -70,24 +92,29 @@ def load_predictor(
 SPLITS = ("test", "all")
 
 
-def eval_set(name: str, seed: int, split: str | None = None) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
-    """(texts, labels, label names) that ``evaluate`` scores for dataset ``name``.
+def eval_set(name: str, seed: int, split: str | None = None) -> tuple[Split, tuple[str, ...]]:
+    """(examples, label names) that ``evaluate`` scores for dataset ``name``; the examples'
+    ``text_pairs`` are set for sentence-pair data.
 
     ``split``: ``"test"`` (the seed's test split), ``"all"`` (every row), or None: every row of a
-    ``csv:`` file (a file handed to evaluate is a test set), the test split of a named dataset.
+    ``csv:`` / ``jsonl:`` file (a file handed to evaluate is a test set), the test split of a named
+    dataset.
     """
-    from .data import load_dataset, read_csv_dataset
+    from .data import is_file_spec, load_dataset, read_rows
 
     if split is None:
-        split = "all" if name.startswith("csv:") else "test"
+        split = "all" if is_file_spec(name) else "test"
     if split not in SPLITS:
         raise BundleError(f"split must be one of {SPLITS}, got {split!r}")
-    if split == "all" and name.startswith("csv:"):
-        texts, labels, label_names = read_csv_dataset(Path(name[4:]).expanduser())
-        return list(texts), labels, tuple(label_names)
+    if split == "all" and is_file_spec(name):
+        rows = read_rows(name)
+        return Split(rows.texts, rows.labels, rows.text_pairs), rows.label_names
     ds = load_dataset(name, seed=seed)
-    part = ds.all if split == "all" else ds.test
-    return list(part.texts), part.labels, tuple(ds.label_names)
+    return (ds.all if split == "all" else ds.test), tuple(ds.label_names)
+
+
+def _score(predict: Predictor, part: Split) -> dict[str, np.ndarray]:
+    return predict(part.texts, part.text_pairs)
 
 
 def _in_domain(out: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
@@ -124,38 +151,39 @@ def evaluate(
         plots: directory for PNG plots (reliability, risk–coverage, score histograms).
     """
     predict, info = load_predictor(path, samples, seed, num_threads)
-    texts, labels, label_names = eval_set(data, seed, split)
+    part, label_names = eval_set(data, seed, split)
     if info.get("labels") and list(info["labels"]) != list(label_names):
         raise BundleError(
             f"{path} was trained with labels {info['labels']}, but {data} has {list(label_names)}"
         )
-    texts, labels = texts[:max_eval], labels[:max_eval]
-    out_in = predict(texts)
+    part = part.head(max_eval)
+    labels = part.labels
+    out_in = _score(predict, part)
     result: dict[str, Any] = {
         "source": str(path),
         **info,
         "data": data,
         "samples": samples,
         "seed": seed,
-        "n": len(texts),
-        "split": split or ("all" if data.startswith("csv:") else "test"),
+        "n": len(part),
+        "split": split or ("all" if is_file_spec(data) else "test"),
         "in_domain": _in_domain(out_in, labels),
     }
     if shift is None:
         shift = [d for d in VADER_DOMAINS if d != data] if data in VADER_DOMAINS else []
     result["shift"] = {}
     for name in shift:
-        s_texts, s_labels, _ = eval_set(name, seed, split)
-        result["shift"][name] = _in_domain(predict(s_texts[:max_eval]), s_labels[:max_eval])
+        s_part = eval_set(name, seed, split)[0].head(max_eval)
+        result["shift"][name] = _in_domain(_score(predict, s_part), s_part.labels)
     s_in = metrics.uncertainty_scores(out_in)
     result["ood"] = {}
     ood_scores = {}
     for name in ood:
-        o_texts = eval_set(name, seed, split)[0][:max_eval]
-        s_out = metrics.uncertainty_scores(predict(o_texts))
+        o_part = eval_set(name, seed, split)[0].head(max_eval)
+        s_out = metrics.uncertainty_scores(_score(predict, o_part))
         ood_scores[name] = s_out
         result["ood"][name] = {
-            "n": len(o_texts),
+            "n": len(o_part),
             **{f"auroc_{k}": metrics.auroc(s_in[k], s_out[k]) for k in SCORES},
             **{f"fpr95_{k}": metrics.fpr_at_95_tpr(s_in[k], s_out[k]) for k in SCORES},
         }

@@ -9,6 +9,12 @@ the little-endian uint32 bytes of the ids whose mask is 1; see ``rust/bayeslora-
 so an input's scores depend only on the bundle, the input, the seed and S: not on its
 batch-mates, its position in the batch, or the number of threads.
 
+Sentence pairs (``text_pairs=``): the bundle's tokenizer encodes each (text, text pair) as its
+model expects (``[CLS] A [SEP] B [SEP]`` with segment ids 0/1 for BERT-family models,
+``<s> A </s></s> B </s>`` for RoBERTa, whose model takes no segment ids), truncating the longer
+of the two first (``longest_first``, 🤗's default) to the bundle's ``max_length``. Segment ids
+do not enter the noise key: a pair's MC scores depend on its token ids, as a text's do.
+
 A :class:`Scorer` pickles by reference: the pickle holds the bundle path and the thread setting,
 and unpickling reopens the bundle through :func:`shared_scorer`, which keeps one Scorer per
 process for each (bundle, settings). This is how a Scorer reaches Dask workers or
@@ -80,6 +86,32 @@ def check_texts(texts: Sequence[Any]) -> list[str]:
                     "(undecodable bytes read with errors='surrogateescape'?)"
                 ) from None
     return [str(t) for t in out]
+
+
+def _looks_like_texts(x: Any) -> bool:
+    """A text, a non-empty list or tuple of them, or a numpy array of strings."""
+    if isinstance(x, np.ndarray):
+        return x.dtype.kind in "UO"
+    return isinstance(x, str) or (isinstance(x, list | tuple) and len(x) > 0 and isinstance(x[0], str))
+
+
+def _listed(x: Any) -> Any:
+    return [x] if isinstance(x, str) else x
+
+
+# token ids, attention mask and segment ids (or None: 0 throughout) of a batch, int64 [N, T]
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+
+
+def _as_types(token_type_ids: Any | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    if token_type_ids is None:
+        return None
+    types = np.ascontiguousarray(np.asarray(token_type_ids), dtype=np.int64)
+    if types.ndim == 1:
+        types = types[None, :]
+    if types.shape != shape:
+        raise ShapeError(f"token_type_ids is {types.shape} but input_ids is {shape}")
+    return types
 
 
 def _as_ids(input_ids: Any, attention_mask: Any | None) -> tuple[np.ndarray, np.ndarray]:
@@ -175,39 +207,92 @@ class Scorer:
             mask[i, : len(e.ids)] = e.attention_mask
         return ids, mask
 
-    def _inputs(self, inputs: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    @property
+    def uses_token_types(self) -> bool:
+        """Whether the model takes segment ids (BERT-family token-type embeddings): then
+        :meth:`score` passes the tokenizer's segment ids of sentence pairs to it; RoBERTa (whose
+        tokenizer gives its model none) and DistilBERT (no token-type embeddings) get none."""
+        return bool(self._rt.uses_token_types)
+
+    def encode_pairs(
+        self, texts: Sequence[str], text_pairs: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Token ids, attention mask and segment ids ``int64 [N, T]`` of the sentence pairs
+        (``texts[i]``, ``text_pairs[i]``), as the bundle's tokenizer encodes pairs (its pair
+        template, ``longest_first`` truncation to ``max_length``), right-padded with id 0."""
+        if len(texts) != len(text_pairs):
+            raise ShapeError(f"{len(texts)} texts but {len(text_pairs)} text pairs")
+        encodings = self.tokenizer.encode_batch(list(zip(texts, text_pairs, strict=True)))
+        t = max((len(e.ids) for e in encodings), default=0)
+        ids = np.zeros((len(encodings), max(t, 1)), dtype=np.int64)
+        mask, types = np.zeros_like(ids), np.zeros_like(ids)
+        for i, e in enumerate(encodings):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = e.attention_mask
+            types[i, : len(e.ids)] = e.type_ids
+        return ids, mask, types
+
+    def _encoded(self, texts: list[str], pairs: list[str] | None) -> Batch:
+        if pairs is None:
+            return (*self.encode(texts), None)
+        ids, mask, types = self.encode_pairs(texts, pairs)
+        return ids, mask, types if self.uses_token_types else None
+
+    def _inputs(self, inputs: Any, text_pairs: Any | None = None) -> list[Batch]:
         if isinstance(inputs, str):
             inputs = [inputs]
+        if isinstance(text_pairs, str):
+            text_pairs = [text_pairs]
+        ids_given = isinstance(inputs, Mapping) or (
+            isinstance(inputs, tuple) and len(inputs) == 2 and not isinstance(inputs[0], str)
+        )
+        ids_given = ids_given or (isinstance(inputs, np.ndarray) and inputs.dtype.kind not in "UO")
+        if ids_given and text_pairs is not None:
+            raise InvalidValueError("text_pairs go with texts, not with token ids (pass token_type_ids)")
         if isinstance(inputs, Mapping):
             if "input_ids" not in inputs:
                 raise InvalidValueError("a mapping of inputs needs 'input_ids' (and 'attention_mask')")
-            return [_as_ids(inputs["input_ids"], inputs.get("attention_mask"))]
-        if isinstance(inputs, tuple) and len(inputs) == 2 and not isinstance(inputs[0], str):
-            return [_as_ids(*inputs)]
-        if isinstance(inputs, np.ndarray) and inputs.dtype.kind not in "UO":
-            return [_as_ids(inputs, None)]
-        # texts: a sequence of str, or a numpy array of strings (dtype str_ or object)
-        if isinstance(inputs, np.ndarray) and inputs.ndim != 1:
-            raise ShapeError(f"an array of texts must be one-dimensional, got shape {inputs.shape}")
+            ids, mask = _as_ids(inputs["input_ids"], inputs.get("attention_mask"))
+            return [(ids, mask, _as_types(inputs.get("token_type_ids"), ids.shape))]
+        if ids_given:
+            return [
+                (*_as_ids(*inputs), None) if isinstance(inputs, tuple) else (*_as_ids(inputs, None), None)
+            ]
+        texts = self._texts(inputs, "inputs")
+        pairs = None if text_pairs is None else self._texts(text_pairs, "text_pairs")
+        if pairs is not None and len(pairs) != len(texts):
+            raise ShapeError(f"{len(texts)} texts but {len(pairs)} text pairs")
+        chunks = [
+            self._encoded(texts[i : i + _CHUNK], None if pairs is None else pairs[i : i + _CHUNK])
+            for i in range(0, len(texts), _CHUNK)
+        ]
+        return chunks or [(np.zeros((0, 1), np.int64), np.zeros((0, 1), np.int64), None)]
+
+    @staticmethod
+    def _texts(values: Any, what: str) -> list[str]:
+        """A sequence of str, or a 1-D numpy array of strings (dtype str_ or object), as a list."""
+        if isinstance(values, np.ndarray) and values.ndim != 1:
+            raise ShapeError(f"an array of texts must be one-dimensional, got shape {values.shape}")
         try:
-            texts = check_texts(inputs)
+            return check_texts(values)
         except TypeError:
             raise InvalidValueError(
-                f"inputs must be texts, (input_ids, attention_mask) or a mapping of them, "
-                f"not {type(inputs).__name__}"
+                f"{what} must be texts, (input_ids, attention_mask) or a mapping of them, "
+                f"not {type(values).__name__}"
             ) from None
-        return [self.encode(texts[i : i + _CHUNK]) for i in range(0, len(texts), _CHUNK)] or [
-            (np.zeros((0, 1), np.int64), np.zeros((0, 1), np.int64))
-        ]
 
-    def score(self, inputs: Any, samples: int = 0, seed: int = 0) -> dict[str, np.ndarray]:
+    def score(
+        self, inputs: Any, samples: int = 0, seed: int = 0, *, text_pairs: Any | None = None
+    ) -> dict[str, np.ndarray]:
         """docs/method.md §6 prediction with uncertainty.
 
         Args:
             inputs: a text, a list (or 1-D numpy array) of texts, ``(input_ids, attention_mask)``
-                (``[N, T]`` ints), or a mapping with those keys.
+                (``[N, T]`` ints), or a mapping with those keys (and ``token_type_ids``).
             samples: S posterior samples per input, 0..2^20; 0 = mean mode (one deterministic pass).
             seed: seeds the noise streams, 0..2^63-1.
+            text_pairs: for sentence pairs, the second text of each input (as many as texts);
+                tokenised as the model expects (see the module docstring).
 
         Returns:
             ``probs float32[N, C]`` (mean over samples), ``label int64[N]``, and float32 ``[N]``:
@@ -218,8 +303,8 @@ class Scorer:
         seed = check_int("seed", seed, 0, MAX_SEED)
         parts = []
         first = 0
-        for ids, mask in self._inputs(inputs):
-            parts.append(self._rt.score(ids, mask, samples, seed, first))
+        for ids, mask, types in self._inputs(inputs, text_pairs):
+            parts.append(self._rt.score(ids, mask, samples, seed, first, token_type_ids=types))
             first += len(ids)
         return {k: np.concatenate([p[k] for p in parts]) for k in FIELDS}
 
@@ -228,37 +313,76 @@ class Scorer:
         input_ids: Any,
         attention_mask: Any | None = None,
         gates: Mapping[str, Any] | None = None,
+        *,
+        token_type_ids: Any | None = None,
+        text_pairs: Any | None = None,
     ) -> np.ndarray:
         """Logits ``float32[N, C]``: mean mode, or one pass with explicit gate values
         ``gates = {module name: float32[N, r]}`` (z of each rank, one row per input; modules not
-        named use z = 1). Matches torch's ``BayesLoRALayer.fixed_gates`` with sampling off."""
-        ids, mask = _as_ids(input_ids, attention_mask)
+        named use z = 1). Matches torch's ``BayesLoRALayer.fixed_gates`` with sampling off.
+
+        ``input_ids`` ``[N, T]`` with ``attention_mask`` and segment ids ``token_type_ids``
+        (None: 0); or texts, with ``text_pairs`` for sentence pairs (tokenised as in
+        :meth:`score`)."""
+        if text_pairs is not None or _looks_like_texts(input_ids):
+            if attention_mask is not None or token_type_ids is not None:
+                raise InvalidValueError("texts come without attention_mask or token_type_ids")
+            texts = self._texts(_listed(input_ids), "input_ids")
+            pairs = None if text_pairs is None else self._texts(_listed(text_pairs), "text_pairs")
+            if pairs is not None and len(pairs) != len(texts):
+                raise ShapeError(f"{len(texts)} texts but {len(pairs)} text pairs")
+            ids, mask, types = self._encoded(texts, pairs)
+        else:
+            ids, mask = _as_ids(input_ids, attention_mask)
+            types = _as_types(token_type_ids, ids.shape)
         g = None
         if gates is not None:
             g = {k: np.ascontiguousarray(np.asarray(v), dtype=np.float32) for k, v in gates.items()}
-        return self._rt.logits(ids, mask, g)
+        return self._rt.logits(ids, mask, g, token_type_ids=types)
 
     def sample_logits(
-        self, input_ids: Any, attention_mask: Any | None = None, samples: int = 16, seed: int = 0
+        self,
+        input_ids: Any,
+        attention_mask: Any | None = None,
+        samples: int = 16,
+        seed: int = 0,
+        *,
+        token_type_ids: Any | None = None,
     ) -> np.ndarray:
         """Per-sample logits ``float32[N, S, C]`` of S ≥ 1 posterior samples (at most 2^30 values in
-        all: :meth:`score` reduces any S online instead)."""
+        all: :meth:`score` reduces any S online instead); segment ids ``token_type_ids`` [N, T]."""
         samples = check_int("samples", samples, 1, MAX_SAMPLES)
         seed = check_int("seed", seed, 0, MAX_SEED)
         ids, mask = _as_ids(input_ids, attention_mask)
-        return self._rt.sample_logits(ids, mask, samples, seed)
+        types = _as_types(token_type_ids, ids.shape)
+        return self._rt.sample_logits(ids, mask, samples, seed, token_type_ids=types)
 
     def label_name(self, label: int) -> str | int:
         """The class name of ``label`` when the bundle has names, else the index."""
         return self.labels[label] if self.labels else int(label)
 
-    def records(self, texts: Sequence[str], samples: int = 0, seed: int = 0) -> list[dict[str, Any]]:
+    def records(
+        self,
+        texts: Sequence[str],
+        samples: int = 0,
+        seed: int = 0,
+        *,
+        text_pairs: Sequence[str] | None = None,
+    ) -> list[dict[str, Any]]:
         """One JSON-ready dict per text: ``text, label, probs, confidence, entropy,
-        expected_entropy, mutual_info, variance`` (label as its name when the bundle has names)."""
+        expected_entropy, mutual_info, variance`` (label as its name when the bundle has names);
+        with ``text_pairs``, each record also has its ``text_pair``."""
         texts = check_texts(texts)
-        return self.records_of(texts, self.score(texts, samples=samples, seed=seed))
+        pairs = None if text_pairs is None else check_texts(text_pairs)
+        scores = self.score(texts, samples=samples, seed=seed, text_pairs=pairs)
+        return self.records_of(texts, scores, text_pairs=pairs)
 
-    def records_of(self, texts: Sequence[str], scores: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    def records_of(
+        self,
+        texts: Sequence[str],
+        scores: Mapping[str, np.ndarray],
+        text_pairs: Sequence[str] | None = None,
+    ) -> list[dict[str, Any]]:
         """The records of :meth:`records` from scores already computed (``scores[k][i]`` belongs
         to ``texts[i]``), e.g. those ``bayeslora.distributed.score`` gathered."""
         rows = []
@@ -266,6 +390,7 @@ class Scorer:
             rows.append(
                 {
                     "text": text,
+                    **({} if text_pairs is None else {"text_pair": text_pairs[i]}),
                     "label": self.label_name(int(scores["label"][i])),
                     "probs": [float(p) for p in scores["probs"][i]],
                     **{k: float(scores[k][i]) for k in FIELDS[2:]},

@@ -45,7 +45,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         default=None,
-        help="in-domain dataset: every row of csv:PATH (a file given here is a test set), the test "
+        help="in-domain dataset: every row of csv:PATH or jsonl:PATH (a file given here is a test set; "
+        "a text_pair column or field makes it sentence pairs), the test "
         "split of a named dataset (default: vader-movies; for a causal-LM checkpoint, a text source "
         "- text:PATH, jsonl:PATH, shakespeare - default: the one it was trained on)",
     )

@@ -18,7 +18,8 @@ def add_score(subparsers: argparse._SubParsersAction) -> None:
         "score",
         help="score texts with a bundle, with uncertainty (no torch needed)",
         description="Score texts with an exported bundle on CPU. Prints one JSON line per input, in input "
-        "order: text, label, probs, confidence, entropy, expected_entropy, mutual_info, variance. With "
+        "order: text (and text_pair for sentence pairs), label, probs, confidence, entropy, "
+        "expected_entropy, mutual_info, variance. With "
         "--workers or --scheduler the texts are scored on a Dask cluster (pip install 'bayeslora[dask]'), "
         "with the same numbers as in one process.",
     )
@@ -29,7 +30,15 @@ def add_score(subparsers: argparse._SubParsersAction) -> None:
         "--file",
         metavar="F",
         help="file with one text per line ('-' = stdin); a .jsonl file holds one JSON object per line "
-        'with the text in its "text" field',
+        'with the text in its "text" field, and for sentence pairs the second text in "text_pair"',
+    )
+    p.add_argument(
+        "--pair",
+        nargs="+",
+        action="extend",
+        metavar="B",
+        help="with --text: the second text of each sentence pair (one per --text), e.g. "
+        "--text PREMISE --pair HYPOTHESIS",
     )
     p.add_argument("--samples", type=int, default=16, help="posterior samples per input (0 = mean mode)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise streams")
@@ -71,8 +80,9 @@ class _Refused(Exception):
     """A one-line refusal of ``score``'s input: (message, exit code)."""
 
 
-def _read_texts(name: str) -> list[str]:
-    """The texts of ``--file``: non-blank lines, or the "text" fields of a .jsonl file."""
+def _read_texts(name: str) -> tuple[list[str], list[str] | None]:
+    """The texts of ``--file``: non-blank lines, or the "text" fields of a .jsonl file (with their
+    "text_pair" fields when every line has one, for sentence pairs)."""
     try:
         raw = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
     except OSError as e:
@@ -83,8 +93,10 @@ def _read_texts(name: str) -> list[str]:
         line = raw[: e.start].count(b"\n") + 1
         raise _Refused(f"{name} is not UTF-8 text (byte {e.start}, line {line})", 1) from None
     if not name.lower().endswith((".jsonl", ".ndjson")):
-        return [line for line in text.splitlines() if line.strip()]
-    texts = []
+        return [line for line in text.splitlines() if line.strip()], None
+    texts: list[str] = []
+    pairs: list[str] = []
+    with_pairs: bool | None = None
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -94,8 +106,16 @@ def _read_texts(name: str) -> list[str]:
             raise _Refused(f"{name} line {n}: not JSON ({e.msg})", 1) from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise _Refused(f'{name} line {n}: not a JSON object with a string "text" field', 1)
+        if with_pairs is None:
+            with_pairs = "text_pair" in record
+        if with_pairs != ("text_pair" in record):
+            raise _Refused(f'{name} line {n}: "text_pair" on some lines but not on others', 1)
+        if with_pairs and not isinstance(record["text_pair"], str):
+            raise _Refused(f'{name} line {n}: "text_pair" is not a string', 1)
         texts.append(record["text"])
-    return texts
+        if with_pairs:
+            pairs.append(record["text_pair"])
+    return texts, pairs if with_pairs else None
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -112,26 +132,40 @@ def _score(args: argparse.Namespace) -> int:
         return fail(str(e), 2)  # a usage error
     if args.batch_size is not None and args.batch_size < 1:
         return fail("--batch-size must be >= 1", 2)
+    pairs: list[str] | None = None
     if args.file is not None:
+        if args.pair is not None:
+            return fail('--pair goes with --text; in a --file (.jsonl) give each line a "text_pair"', 2)
         try:
-            texts = _read_texts(args.file)
+            texts, pairs = _read_texts(args.file)
         except _Refused as e:
             return fail(*e.args)
     else:
         texts = list(args.text)
-        for i, t in enumerate(texts, 1):
-            try:
-                t.encode("utf-8")
-            except UnicodeEncodeError:
-                return fail(f"--text: argument {i} is not valid UTF-8 (or not in the locale's encoding)", 2)
+        if args.pair is not None:
+            pairs = list(args.pair)
+            if len(pairs) != len(texts):
+                return fail(f"{len(texts)} --text but {len(pairs)} --pair: give one pair per text", 2)
+        for flag, values in (("--text", texts), ("--pair", pairs or [])):
+            for i, t in enumerate(values, 1):
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError:
+                    return fail(
+                        f"{flag}: argument {i} is not valid UTF-8 (or not in the locale's encoding)", 2
+                    )
     if args.workers is not None or args.scheduler is not None:
+        if pairs is not None:
+            return fail("sentence pairs are scored in one process: drop --workers / --scheduler", 2)
         return _score_on_dask(args, texts)
     try:
         scorer = Scorer(args.bundle, num_threads=args.threads)
         batch = args.batch_size or 64
         for start in range(0, len(texts), batch):
             chunk = texts[start : start + batch]
-            for record in scorer.records(chunk, samples=args.samples, seed=args.seed):
+            chunk_pairs = None if pairs is None else pairs[start : start + batch]
+            records = scorer.records(chunk, samples=args.samples, seed=args.seed, text_pairs=chunk_pairs)
+            for record in records:
                 print(json.dumps(record, ensure_ascii=False))
     except BayesLoRAError as e:
         return fail(str(e))

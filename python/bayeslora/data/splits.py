@@ -12,13 +12,23 @@ from ..errors import DataError
 
 @dataclass(frozen=True)
 class Split:
-    """Texts and their integer labels; ``labels`` is int64 of shape [len(texts)]."""
+    """Texts and their integer labels; ``labels`` is int64 of shape [len(texts)].
+
+    ``text_pairs``: for sentence-pair data (NLI, paraphrase), the second segment of every example
+    (``[len(texts)]``, tokenised as the tokenizer's pair input); None for single texts.
+    """
 
     texts: list[str]
     labels: np.ndarray
+    text_pairs: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def head(self, n: int | None) -> Split:
+        """The first ``n`` examples (all when ``n`` is None): texts, pairs and labels alike."""
+        pairs = None if self.text_pairs is None else self.text_pairs[:n]
+        return Split(self.texts[:n], self.labels[:n], pairs)
 
     def counts(self, num_labels: int) -> np.ndarray:
         """Examples per class, int64 [num_labels]."""
@@ -122,8 +132,14 @@ def stratified_split(
     return train, val, test
 
 
-def _take(texts: Sequence[str], labels: np.ndarray, idx: np.ndarray) -> Split:
-    return Split([texts[i] for i in idx], labels[idx].astype(np.int64))
+def _take(
+    texts: Sequence[str], labels: np.ndarray, idx: np.ndarray, pairs: Sequence[str] | None = None
+) -> Split:
+    return Split(
+        [texts[i] for i in idx],
+        labels[idx].astype(np.int64),
+        None if pairs is None else [pairs[i] for i in idx],
+    )
 
 
 def make_splits(
@@ -137,19 +153,23 @@ def make_splits(
     notes: Sequence[str] = (),
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
+    text_pairs: Sequence[str] | None = None,
 ) -> DatasetSplits:
-    """Wrap rows (``texts`` [N], int ``labels`` [N] in 0..len(label_names)-1) into stratified splits."""
+    """Wrap rows (``texts`` [N], int ``labels`` [N] in 0..len(label_names)-1, optional second
+    segments ``text_pairs`` [N]) into stratified splits."""
     labels = np.asarray(labels, dtype=np.int64)
     if len(texts) != len(labels):
         raise DataError(f"{name}: {len(texts)} texts but {len(labels)} labels")
+    if text_pairs is not None and len(text_pairs) != len(texts):
+        raise DataError(f"{name}: {len(texts)} texts but {len(text_pairs)} text pairs")
     train, val, test = stratified_split(labels, seed, val_fraction, test_fraction)
     return DatasetSplits(
         name=name,
         label_names=tuple(label_names),
-        train=_take(texts, labels, train),
-        validation=_take(texts, labels, val),
-        test=_take(texts, labels, test),
-        all=Split(list(texts), labels.copy()),
+        train=_take(texts, labels, train, text_pairs),
+        validation=_take(texts, labels, val, text_pairs),
+        test=_take(texts, labels, test, text_pairs),
+        all=Split(list(texts), labels.copy(), None if text_pairs is None else list(text_pairs)),
         source=source,
         seed=seed,
         notes=tuple(notes),

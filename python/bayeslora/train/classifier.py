@@ -51,11 +51,30 @@ def resolve_model(model: str) -> Path:
     return path
 
 
-class _Encoded:
-    """A list-like torch dataset of tokenised examples."""
+def encode(
+    tokenizer: Any, texts: list[str], text_pairs: list[str] | None, max_length: int, **kwargs: Any
+) -> Any:
+    """``tokenizer``'s own encoding of single texts or of sentence pairs (``text_pairs`` [N]: the
+    second segments): segment ids (``token_type_ids``) for BERT-family models, the separator
+    pattern for RoBERTa, truncated ``longest_first`` (🤗's default) to ``max_length`` tokens."""
+    pairs = None if text_pairs is None else list(text_pairs)
+    if pairs is not None and len(pairs) != len(texts):
+        raise ConfigError(f"{len(texts)} texts but {len(pairs)} text pairs")
+    return tokenizer(list(texts), pairs, truncation=True, max_length=max_length, **kwargs)
 
-    def __init__(self, tokenizer: Any, texts: list[str], labels: np.ndarray | None, max_length: int) -> None:
-        self.enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+
+class _Encoded:
+    """A list-like torch dataset of tokenised examples (single texts, or pairs with ``text_pairs``)."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        texts: list[str],
+        labels: np.ndarray | None,
+        max_length: int,
+        text_pairs: list[str] | None = None,
+    ) -> None:
+        self.enc = encode(tokenizer, texts, text_pairs, max_length)
         self.labels = None if labels is None else [int(x) for x in labels]
 
     def __len__(self) -> int:
@@ -76,18 +95,22 @@ def predict(
     seed: int = 0,
     max_length: int = 64,
     batch_size: int = 64,
+    text_pairs: list[str] | None = None,
 ) -> np.ndarray:
-    """Per-sample class probabilities ``[N, max(S, 1), C]`` (mean mode when ``samples`` = 0)."""
+    """Per-sample class probabilities ``[N, max(S, 1), C]`` (mean mode when ``samples`` = 0) of
+    ``texts`` [N], or of the sentence pairs (``texts[i]``, ``text_pairs[i]``)."""
     import torch
 
     from ..nn.prediction import mc_predict
 
     out = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            list(texts[start : start + batch_size]),
-            truncation=True,
-            max_length=max_length,
+        stop = start + batch_size
+        enc = encode(
+            tokenizer,
+            list(texts[start:stop]),
+            None if text_pairs is None else list(text_pairs[start:stop]),
+            max_length,
             padding=True,
             return_tensors="pt",
         )

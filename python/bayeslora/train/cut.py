@@ -34,9 +34,11 @@ def validation_rank_cut(
     min_benefit: float = SELECT_MIN_BENEFIT,
     fraction: float = SELECT_FRACTION,
     significance: float = SELECT_SIGNIFICANCE,
+    text_pairs: list[str] | None = None,
 ) -> dict[str, Any]:
     """Mask the noisiest ranks (by relevance score, over all modules together) as far as the
-    validation NLL (mean mode) stays near the best candidate's.
+    validation NLL (mean mode) stays near the best candidate's (on ``texts``, or on the sentence
+    pairs with ``text_pairs``).
 
     Candidates are ``cuts`` totals evenly spaced from all active ranks down to 0. The smallest total
     rank whose NLL is within ``min(tolerance, fraction · benefit)`` nats of the lowest NLL on the
@@ -81,7 +83,7 @@ def validation_rank_cut(
 
     def nll_with(removed: int) -> np.ndarray:
         cut(removed)
-        probs = predict(model, tokenizer, texts, 0, 0, max_length).mean(1)
+        probs = predict(model, tokenizer, texts, 0, 0, max_length, text_pairs=text_pairs).mean(1)
         return metrics.nll_per_example(probs, labels)
 
     total = len(entries)

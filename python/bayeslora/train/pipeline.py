@@ -113,11 +113,13 @@ def fit_noise_scale(
     seed: int = 0,
     max_length: int = 64,
     scales: tuple[float, ...] = NOISE_SCALES,
+    text_pairs: list[str] | None = None,
 ) -> dict[str, Any]:
     """Choose the posterior noise scale (see :func:`scale_noise`) with the lowest MC validation
     NLL among ``scales`` (all ≤ 1: tempering never prunes), apply it, and return ``scale``, its
-    ``nll`` and every candidate's NLL in ``curve``. The cheap counterpart of a temperature fitted
-    on validation data, for the posterior instead of the logits."""
+    ``nll`` and every candidate's NLL in ``curve`` (``text_pairs``: sentence pairs). The cheap
+    counterpart of a temperature fitted on validation data, for the posterior instead of the
+    logits."""
     if any(not 0 < c <= 1 for c in scales):
         raise ConfigError(f"noise scales must be in (0, 1], got {scales}")
     labels = np.asarray(labels)
@@ -126,7 +128,7 @@ def fit_noise_scale(
     for c in sorted(scales, reverse=True):
         scale_noise(model, c / applied)
         applied = c
-        probs = predict(model, tokenizer, texts, samples, seed, max_length).mean(1)
+        probs = predict(model, tokenizer, texts, samples, seed, max_length, text_pairs=text_pairs).mean(1)
         curve.append((c, metrics.nll(probs, labels)))
     best = min(curve, key=lambda cn: cn[1])
     scale_noise(model, best[0] / applied)
@@ -323,10 +325,10 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
     config = settings.bayes_config(_head_name(model))
     inject(model, config)
     initial = ranks(model)
-    train_split = data.train
-    n_train = len(train_split) if settings.max_train is None else min(settings.max_train, len(train_split))
+    n_train = len(data.train) if settings.max_train is None else min(settings.max_train, len(data.train))
+    train_split = data.train.head(n_train)
     train_ds = _Encoded(
-        tokenizer, train_split.texts[:n_train], train_split.labels[:n_train], settings.max_length
+        tokenizer, train_split.texts, train_split.labels, settings.max_length, train_split.text_pairs
     )
     log(
         f"[bayeslora] {settings.method}/{settings.posterior} rank {settings.rank} on {settings.data}: "
@@ -337,11 +339,17 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
     select = None
     if settings.rank_select == "validation":
         n_sel = _validation_examples(len(data.validation), settings.max_eval)
-        sel_texts, sel_labels = data.validation.texts[:n_sel], data.validation.labels[:n_sel]
+        sel = data.validation.head(n_sel)
 
         def select(m: Any) -> None:
             cut = validation_rank_cut(
-                m, tokenizer, sel_texts, sel_labels, settings.select_tolerance, settings.max_length
+                m,
+                tokenizer,
+                sel.texts,
+                sel.labels,
+                settings.select_tolerance,
+                settings.max_length,
+                text_pairs=sel.text_pairs,
             )
             log(
                 f"[bayeslora] rank cut on {n_sel} validation examples: total rank "
@@ -387,13 +395,15 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
     if config.is_bayesian and settings.noise_scale != 1.0:
         if settings.noise_scale == "fit":
             n_fit = _validation_examples(len(data.validation), settings.max_eval)
+            fit = data.validation.head(n_fit)
             noise_fit = fit_noise_scale(
                 model,
                 tokenizer,
-                data.validation.texts[:n_fit],
-                data.validation.labels[:n_fit],
+                fit.texts,
+                fit.labels,
                 seed=settings.seed,
                 max_length=settings.max_length,
+                text_pairs=fit.text_pairs,
             )
             log(
                 f"[bayeslora] posterior noise scale fitted on {n_fit} validation examples: "
@@ -403,10 +413,20 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
             scale_noise(model, float(settings.noise_scale))
     final_ranks = ranks(model)
     n_eval = settings.max_eval
-    val_texts, val_labels = data.validation.texts[:n_eval], data.validation.labels[:n_eval]
-    test_texts, test_labels = data.test.texts[:n_eval], data.test.labels[:n_eval]
-    val = predict(model, tokenizer, val_texts, 0, settings.seed, settings.max_length)
-    test = predict(model, tokenizer, test_texts, 0, settings.seed, settings.max_length)
+    val_set, test_set = data.validation.head(n_eval), data.test.head(n_eval)
+
+    def probs_of(split: Any, samples: int) -> np.ndarray:
+        return predict(
+            model,
+            tokenizer,
+            split.texts,
+            samples,
+            settings.seed,
+            settings.max_length,
+            text_pairs=split.text_pairs,
+        )
+
+    val, test = probs_of(val_set, 0), probs_of(test_set, 0)
     summary: dict[str, Any] = {
         "settings": dataclasses.asdict(settings),
         "base_model": str(model_dir),
@@ -422,8 +442,8 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
         "initial_total_rank": sum(initial.values()),
         "adapter_parameters": adapter_parameter_count(model),
         "metrics": {
-            "validation_mean": evaluate_probs(val, val_labels),
-            "test_mean": evaluate_probs(test, test_labels),
+            "validation_mean": evaluate_probs(val, val_set.labels),
+            "test_mean": evaluate_probs(test, test_set.labels),
         },
         "log_history": trainer.state.log_history,
         "prune_history": trainer.prune_callback.history,
@@ -432,10 +452,9 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
         "parallel": parallel,
     }
     if settings.method != "lora" and settings.samples > 0:
-        val_mc = predict(model, tokenizer, val_texts, settings.samples, settings.seed, settings.max_length)
-        test_mc = predict(model, tokenizer, test_texts, settings.samples, settings.seed, settings.max_length)
-        summary["metrics"]["validation_mc"] = evaluate_probs(val_mc, val_labels)
-        summary["metrics"]["test_mc"] = evaluate_probs(test_mc, test_labels)
+        val_mc, test_mc = probs_of(val_set, settings.samples), probs_of(test_set, settings.samples)
+        summary["metrics"]["validation_mc"] = evaluate_probs(val_mc, val_set.labels)
+        summary["metrics"]["test_mc"] = evaluate_probs(test_mc, test_set.labels)
     if _is_main_process():  # every process holds the same adapter; one writes it
         save_adapter(model, out / CHECKPOINT_ADAPTER)
         tokenizer.save_pretrained(out / CHECKPOINT_TOKENIZER)

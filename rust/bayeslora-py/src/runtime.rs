@@ -74,6 +74,7 @@ impl Runtime {
         &self,
         input_ids: &PyReadonlyArray2<'_, i64>,
         attention_mask: &PyReadonlyArray2<'_, i64>,
+        token_type_ids: Option<&PyReadonlyArray2<'_, i64>>,
         first_index: usize,
     ) -> BindingResult<Vec<Sequence>> {
         let (shape_i, shape_m) = (input_ids.shape(), attention_mask.shape());
@@ -82,11 +83,23 @@ impl Runtime {
                 "input_ids is {shape_i:?} but attention_mask is {shape_m:?}"
             )));
         }
+        let types = match token_type_ids {
+            None => None,
+            Some(tt) => {
+                if tt.shape() != shape_i {
+                    return Err(shape(format!(
+                        "input_ids is {shape_i:?} but token_type_ids is {:?}",
+                        tt.shape()
+                    )));
+                }
+                Some(c_slice("token_type_ids", tt)?)
+            }
+        };
         let ids = c_slice("input_ids", input_ids)?;
         let mask = c_slice("attention_mask", attention_mask)?;
         Ok(self
             .encoder
-            .prepare_at(ids, mask, shape_i[0], shape_i[1], first_index)?)
+            .prepare_typed_at(ids, mask, types, shape_i[0], shape_i[1], first_index)?)
     }
 
     fn run(&self, py: Python<'_>, seqs: &[Sequence], noise: Noise<'_>) -> BindingResult<Vec<f32>> {
@@ -189,6 +202,13 @@ impl Runtime {
         self.max_length
     }
 
+    /// Whether the model takes segment ids from its tokenizer (BERT-family token-type
+    /// embeddings; not RoBERTa, whose tokenizer gives none, nor DistilBERT, which has none).
+    #[getter]
+    fn uses_token_types(&self) -> bool {
+        self.encoder.uses_token_types()
+    }
+
     /// `{module name: current rank}` of every adapted module.
     #[getter]
     fn module_ranks(&self) -> HashMap<String, usize> {
@@ -196,16 +216,18 @@ impl Runtime {
     }
 
     /// Logits float32[N, C]: mean mode, or one pass with explicit gate values
-    /// `gates = {module name: float32[N, r]}` (modules not named use z = 1).
-    #[pyo3(signature = (input_ids, attention_mask, gates=None))]
+    /// `gates = {module name: float32[N, r]}` (modules not named use z = 1). `token_type_ids`:
+    /// segment ids `[N, T]` (None: 0 throughout).
+    #[pyo3(signature = (input_ids, attention_mask, gates=None, token_type_ids=None))]
     fn logits<'py>(
         &self,
         py: Python<'py>,
         input_ids: PyReadonlyArray2<'py, i64>,
         attention_mask: PyReadonlyArray2<'py, i64>,
         gates: Option<Bound<'py, PyDict>>,
+        token_type_ids: Option<PyReadonlyArray2<'py, i64>>,
     ) -> BindingResult<Bound<'py, PyAny>> {
-        let seqs = self.sequences(&input_ids, &attention_mask, 0)?;
+        let seqs = self.sequences(&input_ids, &attention_mask, token_type_ids.as_ref(), 0)?;
         let n = seqs.len();
         let logits = match gates {
             None => self.run(py, &seqs, Noise::Mean)?,
@@ -232,8 +254,9 @@ impl Runtime {
         Ok(PyArray1::from_vec(py, logits).reshape([n, c])?.into_any())
     }
 
-    /// Per-sample logits float32[N, S, C] of S posterior samples (S ≥ 1).
-    #[pyo3(signature = (input_ids, attention_mask, samples, seed=None))]
+    /// Per-sample logits float32[N, S, C] of S posterior samples (S ≥ 1); `token_type_ids` as
+    /// in `logits`.
+    #[pyo3(signature = (input_ids, attention_mask, samples, seed=None, token_type_ids=None))]
     fn sample_logits<'py>(
         &self,
         py: Python<'py>,
@@ -241,10 +264,11 @@ impl Runtime {
         attention_mask: PyReadonlyArray2<'py, i64>,
         samples: Bound<'py, PyAny>,
         seed: Option<Bound<'py, PyAny>>,
+        token_type_ids: Option<PyReadonlyArray2<'py, i64>>,
     ) -> BindingResult<Bound<'py, PyAny>> {
         let samples = check_samples(Some(&samples), 1)?;
         let seed = check_seed(seed.as_ref())?;
-        let seqs = self.sequences(&input_ids, &attention_mask, 0)?;
+        let seqs = self.sequences(&input_ids, &attention_mask, token_type_ids.as_ref(), 0)?;
         let n = seqs.len();
         let logits = self.run(py, &seqs, Noise::Sampled { samples, seed })?;
         let c = self.encoder.num_labels();
@@ -256,8 +280,10 @@ impl Runtime {
     /// docs/method.md §6 fields of S samples per input (S = 0: mean mode), reduced online (memory
     /// does not grow with S): dict of numpy arrays `probs [N, C]`, `label [N]` (int64),
     /// `confidence`, `entropy`, `expected_entropy`, `mutual_info`, `variance` (float32 [N]).
-    /// `first_index`: the index of row 0 in the caller's whole request, for error messages.
-    #[pyo3(signature = (input_ids, attention_mask, samples=None, seed=None, first_index=0))]
+    /// `first_index`: the index of row 0 in the caller's whole request, for error messages;
+    /// `token_type_ids` as in `logits`.
+    #[pyo3(signature = (input_ids, attention_mask, samples=None, seed=None, first_index=0, token_type_ids=None))]
+    #[allow(clippy::too_many_arguments)] // the Python signature: keyword arguments
     fn score<'py>(
         &self,
         py: Python<'py>,
@@ -266,6 +292,7 @@ impl Runtime {
         samples: Option<Bound<'py, PyAny>>,
         seed: Option<Bound<'py, PyAny>>,
         first_index: usize,
+        token_type_ids: Option<PyReadonlyArray2<'py, i64>>,
     ) -> BindingResult<Bound<'py, PyDict>> {
         let samples = check_samples(samples.as_ref(), 0)?;
         let seed = check_seed(seed.as_ref())?;
@@ -274,7 +301,12 @@ impl Runtime {
         } else {
             Noise::Sampled { samples, seed }
         };
-        let seqs = self.sequences(&input_ids, &attention_mask, first_index)?;
+        let seqs = self.sequences(
+            &input_ids,
+            &attention_mask,
+            token_type_ids.as_ref(),
+            first_index,
+        )?;
         let n = seqs.len();
         let pool = self.pool()?;
         let enc = &self.encoder;

@@ -220,9 +220,12 @@ impl Encoder {
             });
         }
         let [head_hidden, head_out] = cfg.head_linears(bundle.meta.num_labels);
-        let token_type0 = if cfg.type_vocab_size > 0 {
-            let t = bundle.tensor(&format!("{p}.embeddings.token_type_embeddings.weight"))?;
-            Some(t.data[..cfg.hidden].to_vec())
+        // the bundle checked the table's shape: [type_vocab_size, hidden]
+        let token_types = if cfg.type_vocab_size > 0 {
+            Some(copy_tensor(
+                bundle,
+                &format!("{p}.embeddings.token_type_embeddings.weight"),
+            )?)
         } else {
             None
         };
@@ -252,7 +255,8 @@ impl Encoder {
                 bundle,
                 &format!("{p}.embeddings.position_embeddings.weight"),
             )?,
-            token_type0,
+            token_types,
+            type_vocab_size: cfg.type_vocab_size,
             embedding_norm: layer_norm(bundle, &format!("{p}.embeddings.LayerNorm"))?,
             layers,
             head_hidden: build_linear(bundle, &[head_hidden.name])?,

@@ -87,6 +87,8 @@ pub enum Noise<'a> {
 pub struct Sequence {
     ids: Vec<u32>,
     positions: Vec<u32>,
+    /// Segment id of each kept token (0 for single texts; 1 on the second text of a pair).
+    types: Vec<u32>,
     hash: u64,
     /// Its index in the request (for messages).
     index: usize,
@@ -110,8 +112,10 @@ pub struct Encoder {
     word_embeddings: Vec<f32>,
     /// `[max_positions, hidden]`.
     position_embeddings: Vec<f32>,
-    /// Row 0 of the token-type embeddings (every input is segment 0); none for DistilBERT.
-    token_type0: Option<Vec<f32>>,
+    /// The token-type (segment) embeddings `[type_vocab_size, hidden]`; none for DistilBERT.
+    token_types: Option<Vec<f32>>,
+    /// Rows of `token_types` (0 without them).
+    type_vocab_size: usize,
     embedding_norm: LayerNorm,
     layers: Vec<build::Layer>,
     /// The head's hidden → hidden linear (BERT's pooler, DistilBERT's pre-classifier,
@@ -146,6 +150,66 @@ impl Encoder {
         self.prepare_at(ids, mask, n, t, 0)
     }
 
+    /// Whether the model's own tokenizer pipeline feeds it segment ids: BERT-family models with
+    /// token-type embeddings. RoBERTa's tokenizer gives its model none (segment 0 throughout,
+    /// whatever the separator pattern), DistilBERT has no token-type embeddings.
+    pub fn uses_token_types(&self) -> bool {
+        self.token_types.is_some() && self.arch != Arch::Roberta
+    }
+
+    /// [`Encoder::prepare_at`] with segment ids: `types` `[n, t]` (row-major, as `ids`), each in
+    /// `0..type_vocab_size` where the mask is 1 (a model without token-type embeddings accepts
+    /// only 0); `None` = segment 0 throughout. Segment ids do not enter the MC noise key.
+    pub fn prepare_typed_at(
+        &self,
+        ids: &[i64],
+        mask: &[i64],
+        types: Option<&[i64]>,
+        n: usize,
+        t: usize,
+        first: usize,
+    ) -> Result<Vec<Sequence>> {
+        let mut seqs = self.prepare_at(ids, mask, n, t, first)?;
+        let Some(types) = types else {
+            return Ok(seqs);
+        };
+        if Some(types.len()) != n.checked_mul(t) {
+            return Err(Error::Shape(format!(
+                "token_type_ids has {} values, expected {n}×{t}",
+                types.len()
+            )));
+        }
+        let rows = self.type_vocab_size.max(1);
+        for (seq, (row, m)) in seqs.iter_mut().zip(
+            types
+                .chunks_exact(t.max(1))
+                .zip(mask.chunks_exact(t.max(1))),
+        ) {
+            seq.types.clear();
+            for (j, (&ty, &mv)) in row.iter().zip(m).enumerate() {
+                if mv == 0 {
+                    continue;
+                }
+                let ty = u32::try_from(ty)
+                    .ok()
+                    .filter(|&v| (v as usize) < rows)
+                    .ok_or_else(|| {
+                        let allowed = if self.type_vocab_size == 0 {
+                            "only 0: the model has no token-type embeddings".to_string()
+                        } else {
+                            format!("type_vocab_size is {}", self.type_vocab_size)
+                        };
+                        Error::Value(format!(
+                            "input {}: token type {ty} at position {j} is out of range ({allowed})",
+                            seq.index
+                        ))
+                    })?;
+                seq.types.push(ty);
+            }
+        }
+        Ok(seqs)
+    }
+
     /// [`Encoder::prepare`] for rows that are inputs `first..first + n` of a larger request:
     /// errors, here and when scoring them, name an input by its index in that request.
     pub fn prepare_at(
@@ -174,6 +238,7 @@ impl Encoder {
             let mut seq = Sequence {
                 ids: Vec::new(),
                 positions: Vec::new(),
+                types: Vec::new(),
                 hash: 0,
                 index,
             };
@@ -218,6 +283,7 @@ impl Encoder {
                         })?;
                     seq.ids.push(id);
                     seq.positions.push(pos);
+                    seq.types.push(0);
                 }
             }
             if seq.ids.is_empty() {
@@ -437,13 +503,14 @@ impl Encoder {
         let mut x = pass.buffer(layout.rows() * h);
         let mut r = 0;
         for q in seqs {
-            for (&id, &pos) in q.ids.iter().zip(&q.positions) {
-                let (id, pos) = (id as usize, pos as usize);
+            for ((&id, &pos), &ty) in q.ids.iter().zip(&q.positions).zip(&q.types) {
+                let (id, pos, ty) = (id as usize, pos as usize, ty as usize);
                 let row = &mut x[r * h..(r + 1) * h];
                 row.copy_from_slice(&self.word_embeddings[id * h..(id + 1) * h]);
                 kernels::add_assign(row, &self.position_embeddings[pos * h..(pos + 1) * h]);
-                if let Some(tt) = &self.token_type0 {
-                    kernels::add_assign(row, tt);
+                if let Some(tt) = &self.token_types {
+                    // ty < type_vocab_size (prepare_typed_at), the table's rows
+                    kernels::add_assign(row, &tt[ty * h..(ty + 1) * h]);
                 }
                 r += 1;
             }

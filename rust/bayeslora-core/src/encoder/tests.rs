@@ -148,6 +148,8 @@ fn layer_norm(x: &[f64], gamma: &[f32], beta: &[f32]) -> Vec<f64> {
 struct Reference<'a> {
     bundle: &'a Bundle,
     gates: HashMap<String, Vec<f64>>,
+    /// Segment id of each token (none given: 0).
+    types: Vec<usize>,
 }
 
 impl Reference<'_> {
@@ -195,8 +197,11 @@ impl Reference<'_> {
             .iter()
             .enumerate()
             .map(|(p, &id)| {
+                let ty = self.types.get(p).copied().unwrap_or(0);
                 let e: Vec<f64> = (0..h)
-                    .map(|j| word[id * h + j] as f64 + pos[p * h + j] as f64 + tt[j] as f64)
+                    .map(|j| {
+                        word[id * h + j] as f64 + pos[p * h + j] as f64 + tt[ty * h + j] as f64
+                    })
                     .collect();
                 layer_norm(
                     &e,
@@ -273,7 +278,66 @@ impl Reference<'_> {
 }
 
 fn reference(bundle: &Bundle, ids: &[usize], gates: HashMap<String, Vec<f64>>) -> Vec<f64> {
-    Reference { bundle, gates }.logits(ids)
+    Reference {
+        bundle,
+        gates,
+        types: Vec::new(),
+    }
+    .logits(ids)
+}
+
+/// Sentence pairs: segment ids select rows of the token-type table; out-of-range ids are refused.
+#[test]
+fn segment_ids_match_the_reference_model() {
+    let b = bundle(&["query", "value"]);
+    let enc = Encoder::new(&b).expect("encoder");
+    assert!(enc.uses_token_types());
+    let (ids, mask, t) = padded(&INPUTS);
+    let segments: [&[usize]; 3] = [&[0, 0, 1, 1, 1], &[0, 1], &[0, 0, 0, 0]];
+    let mut types = vec![0i64; ids.len()];
+    for (i, s) in segments.iter().enumerate() {
+        for (j, &v) in s.iter().enumerate() {
+            types[i * t + j] = v as i64;
+        }
+    }
+    types[t + 3] = 7; // under the mask of a padded position: never read
+    let seqs = enc
+        .prepare_typed_at(&ids, &mask, Some(&types), INPUTS.len(), t, 0)
+        .expect("inputs");
+    let logits = enc.forward(&seqs, Noise::Mean).expect("mean");
+    for (i, x) in INPUTS.iter().enumerate() {
+        let want = Reference {
+            bundle: &b,
+            gates: HashMap::new(),
+            types: segments[i].to_vec(),
+        }
+        .logits(x);
+        assert_close(
+            &logits[i * LABELS..(i + 1) * LABELS],
+            &want,
+            &format!("input {i}"),
+        );
+    }
+    // segment 1 changes the logits; all-zero segment ids are the untyped pass
+    let plain = enc.prepare(&ids, &mask, INPUTS.len(), t).expect("inputs");
+    let untyped = enc.forward(&plain, Noise::Mean).expect("mean");
+    assert_eq!(untyped[2 * LABELS..], logits[2 * LABELS..]);
+    assert_ne!(untyped[..LABELS], logits[..LABELS]);
+    let mut bad = types.clone();
+    bad[1] = 2; // type_vocab_size is 2
+    assert!(matches!(
+        enc.prepare_typed_at(&ids, &mask, Some(&bad), INPUTS.len(), t, 0),
+        Err(crate::Error::Value(m)) if m.contains("token type 2")
+    ));
+    bad[1] = -1;
+    assert!(matches!(
+        enc.prepare_typed_at(&ids, &mask, Some(&bad), INPUTS.len(), t, 0),
+        Err(crate::Error::Value(_))
+    ));
+    assert!(matches!(
+        enc.prepare_typed_at(&ids, &mask, Some(&types[1..]), INPUTS.len(), t, 0),
+        Err(crate::Error::Shape(_))
+    ));
 }
 
 fn assert_close(got: &[f32], want: &[f64], what: &str) {
