@@ -137,14 +137,18 @@ def _best(r: dict) -> str:
 
 
 def chosen(results: list[dict[str, Any]]) -> str | None:
-    """The BayesLoRA configuration with the lowest validation MC NLL (mean over its seeds)."""
-    by: dict[str, list[float]] = {}
+    """The BayesLoRA configuration with the lowest validation MC NLL, compared on the seeds every
+    BayesLoRA configuration has run (mean over those seeds)."""
+    by: dict[str, dict[int, float]] = {}
     for r in results:
         if r["config"] != "lora":
-            by.setdefault(r["config"], []).append(r["scalars"]["validation"]["mc"]["nll"])
+            by.setdefault(r["config"], {})[r["seed"]] = r["scalars"]["validation"]["mc"]["nll"]
     if not by:
         return None
-    return min(by, key=lambda k: sum(by[k]) / len(by[k]))
+    common = set.intersection(*(set(v) for v in by.values()))
+    if not common:
+        return None
+    return min(by, key=lambda k: sum(by[k][s] for s in common) / len(common))
 
 
 def report(results: list[dict[str, Any]]) -> str:
@@ -178,7 +182,7 @@ def report(results: list[dict[str, Any]]) -> str:
     pick = chosen(results)
     lines += [
         "",
-        f"Chosen on validation MC NLL: **{pick}**." if pick else "",
+        f"Chosen on validation MC NLL (on the seeds all BayesLoRA rows share): **{pick}**." if pick else "",
         "",
         "Test (Macbeth, The Tempest, Richard II) and out-of-domain text (FreeBSD fortunes); BayesLoRA "
         "rows under the posterior predictive (MC), LoRA in mean mode; AUROC: the per-sequence score "

@@ -31,6 +31,13 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help="causal-lm: evaluate on at most this many validation and test blocks",
     )
+    p.add_argument(
+        "--kl-temper",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="causal-lm: kl_scale = KL_TEMPER / (predicted tokens per block) unless --kl-scale is given "
+        "(default 0, chosen on validation perplexity: benches/RESULTS_lm.md; 1 = the untempered ELBO)",
+    )
     for flag, text in (
         ("--bf16", "causal-lm: cast the base model to bfloat16 (the adapters stay float32)"),
         ("--fp16", "causal-lm: cast the base model to float16 (the adapters stay float32)"),
@@ -38,6 +45,18 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         ("--load-in-4bit", "causal-lm: an NF4 4-bit base (QLoRA; bitsandbytes, extra qlora; CUDA or CPU)"),
     ):
         p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+
+
+def refuse_lm_options(args: argparse.Namespace) -> None:
+    """A causal-LM-only option given without ``--task causal-lm`` is one ``ConfigError``."""
+    from ..train.lm_pipeline import LMSettings
+    from ..train.settings import TrainSettings
+
+    lm_only = {f.name for f in dataclasses.fields(LMSettings)} - set(TrainSettings.__dataclass_fields__)
+    given = sorted(k for k in vars(args) if k in lm_only and k not in ("task",))
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ConfigError(f"{flags}: for --task causal-lm only")
 
 
 def is_lm(args: argparse.Namespace) -> bool:

@@ -128,6 +128,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     if lm.is_lm(args):
         return lm.run_train(args, emit)
+    lm.refuse_lm_options(args)
     quiet = args.json
     summary = train(
         _settings(args),

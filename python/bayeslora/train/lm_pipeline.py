@@ -25,11 +25,13 @@ from ..errors import BundleError, ConfigError
 from ..files import CHECKPOINT_ADAPTER, CHECKPOINT_TOKENIZER, CHECKPOINT_TRAINER, RUN_FILE
 
 TASK = "causal-lm"
-# kl_scale = LM_KL_TEMPER / T̄ (module docstring): a tenth of the per-token ELBO's KL, the order
-# of the classifier's tempering (KL_SCALE_DEFAULTS: 0.02-0.01 of the per-example KL). NOT yet chosen
-# on validation perplexity: a sweep over {1, 0.1, 0.02} on SmolLM2 did not fit the CPU time we had
-# (27 s per step of 8 × 48 tokens on the loaded 2-core box); see the README's causal-LM section.
-LM_KL_TEMPER = 0.1
+# kl_scale = LM_KL_TEMPER / T̄ (module docstring; 1 = the untempered per-token ELBO). Chosen on the
+# validation plays' MC NLL (benches/bench_lm.py, SmolLM2, 384 blocks of 64 tokens, 48 steps, seed 0)
+# among {1, 0.3, 0.1, 0.01, 0}: 1 switched all 480 ranks off (NLL 4.40, the base model's), 0.3 kept 14
+# (4.16), 0.1 / 0.01 / 0 kept all (3.809 / 3.8036 / 3.8035; LoRA 3.803). No tempering learned a rank
+# that kept the likelihood: the KL either prunes nothing or everything here, and 0 won by 1e-4 nats.
+# With 0, the gates' noise is fitted by the likelihood alone; --kl-temper 0.3 prunes, at a cost.
+LM_KL_TEMPER = 0.0
 # default LoRA targets by model type; any other type gets "all-linear"
 LM_TARGETS: dict[str, list[str]] = {
     "gpt2": ["c_attn"],
