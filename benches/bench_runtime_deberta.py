@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=None, help="write RESULTS.md and raw.json here")
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--reps", type=int, default=3, help="timed runs per measurement, at least")
+    parser.add_argument("--skip", default="", help="cases to leave out, 'batch:S,...' (e.g. 8:16)")
     args = parser.parse_args(argv)
     model = build_model()
     load_before = os.getloadavg()[0]
@@ -116,16 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = bl.export(model, None, Path(tmp) / "deberta-v3-xsmall-shape")
         for threads, batch, samples in CASES:
-            if threads not in args.threads:
+            skipped = f"{batch}:{samples}" in args.skip.split(",")
+            if threads not in args.threads or batch not in args.batches or skipped:
                 continue
             torch.set_num_threads(threads)
             scorer = Scorer(bundle, num_threads=threads)
             x = inputs(batch)
             xn = {k: v.numpy() for k, v in x.items()}
             # side by side: torch, runtime, torch again (the better torch figure is kept)
-            t_torch, c_torch = timeit(lambda x=x, s=samples: run_torch(model, x, s), args.min_time)
-            t_rust, c_rust = timeit(lambda sc=scorer, xn=xn, s=samples: run_rust(sc, xn, s), args.min_time)
-            t_torch2, c_torch2 = timeit(lambda x=x, s=samples: run_torch(model, x, s), args.min_time)
+            torch_fn = lambda x=x, s=samples: run_torch(model, x, s)  # noqa: E731
+            rust_fn = lambda sc=scorer, xn=xn, s=samples: run_rust(sc, xn, s)  # noqa: E731
+            t_torch, c_torch = timeit(torch_fn, args.min_time, args.reps)
+            t_rust, c_rust = timeit(rust_fn, args.min_time, args.reps)
+            t_torch2, c_torch2 = timeit(torch_fn, args.min_time, args.reps)
             row = {
                 "threads": threads,
                 "batch": batch,
@@ -135,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 "torch_cpu_s": min(c_torch, c_torch2),
                 "runtime_cpu_s": c_rust,
                 "load_1min": os.getloadavg()[0],
+                "reps_at_least": args.reps,
             }
             raw.append(row)
             print(
