@@ -108,3 +108,56 @@ def word_tokenizer():  # -> tokenizers.Tokenizer
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
     return tok
+
+
+# DeBERTa-v2's linear layers a test may adapt (pos_*_proj exist without share_att_key only)
+DEBERTA_TARGETS = [
+    "query_proj",
+    "key_proj",
+    "value_proj",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+    "pooler.dense",
+    "classifier",
+]
+
+
+def build_deberta(
+    hidden: int = 16,
+    heads: int = 2,
+    layers: int = 2,
+    inter: int = 24,
+    labels: int = 3,
+    seed: int = 0,
+    **options: object,
+) -> torch.nn.Module:
+    """A random ``DebertaV2ForSequenceClassification`` in eval mode with dropout off; ``options``
+    are ``DebertaV2Config`` fields (relative attention, buckets, ...). Every LayerNorm gets random
+    affine parameters, so that mixing up two of them shows."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    settings = {
+        "vocab_size": VOCAB,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": inter,
+        "max_position_embeddings": 64,
+        "num_labels": labels,
+        "initializer_range": 0.2,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "pooler_dropout": 0.0,
+        "type_vocab_size": 0,
+        **options,
+    }
+    model = tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(**settings))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1.0 + 0.2 * torch.randn(module.weight.shape, generator=g))
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
+    return model.eval()

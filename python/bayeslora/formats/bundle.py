@@ -50,7 +50,9 @@ ARCHITECTURES = {
     "roberta": "roberta",
     "xlm-roberta": "roberta",
     "camembert": "roberta",
+    "deberta-v2": "deberta-v2",  # DeBERTa-v3 too
 }
+_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -70,6 +72,47 @@ def kept_ranks(layer: BayesLoRALayer, prune: bool, threshold: float, min_rank: i
             order = torch.argsort(scores[candidates])
             keep[candidates[order[:need]]] = True
     return torch.nonzero(keep).flatten()
+
+
+def check_deberta(hf_config: Any) -> None:
+    """Refuse the DeBERTa-v2 options the runtime does not implement (one line, ``ConfigError``), so
+    that an export never scores a different model than transformers does."""
+    hidden, heads = int(hf_config.hidden_size), int(hf_config.num_attention_heads)
+
+    def opt(key: str, default: Any) -> Any:
+        value = getattr(hf_config, key, default)
+        return default if value is None else value
+
+    def refuse(what: str) -> None:
+        raise ConfigError(f"cannot export this DeBERTa-v2 model: {what} is not supported by the runtime")
+
+    if int(opt("conv_kernel_size", 0)) > 0:
+        refuse(f"conv_kernel_size = {hf_config.conv_kernel_size} (the convolution layer)")
+    for key, want in (
+        ("embedding_size", hidden),
+        ("attention_head_size", hidden // heads),
+        ("pooler_hidden_size", hidden),
+    ):
+        if int(opt(key, want)) != want:
+            refuse(f"{key} = {getattr(hf_config, key)} (≠ {want})")
+    kinds = opt("pos_att_type", [])
+    kinds = [k.strip().lower() for k in (kinds.split("|") if isinstance(kinds, str) else kinds)]
+    for kind in kinds:
+        if kind not in ("c2p", "p2c"):
+            refuse(f"pos_att_type {kind!r}")
+    buckets = int(opt("position_buckets", -1))
+    max_rel = int(opt("max_relative_positions", -1))
+    max_rel = max_rel if max_rel >= 1 else int(hf_config.max_position_embeddings)
+    divides_by_zero = buckets // 2 == 0 or max_rel - 1 == buckets // 2
+    if opt("relative_attention", False) and buckets > 0 and divides_by_zero:
+        refuse(
+            f"position_buckets = {buckets} with max_relative_positions = {max_rel} "
+            "(log buckets divide by zero)"
+        )
+    for key in ("hidden_act", "pooler_hidden_act"):
+        act = opt(key, "gelu")
+        if act not in _ACTIVATIONS and not (key == "pooler_hidden_act" and act == "tanh"):
+            refuse(f"{key} {act!r}")
 
 
 def _tokenizer_json(tokenizer: Any) -> str | None:
@@ -194,7 +237,7 @@ def export(
     validate: bool = True,
     force: bool = False,
 ) -> Path:
-    """Write ``model`` (a BERT/DistilBERT/RoBERTa sequence classifier after :func:`bl.inject`) and
+    """Write ``model`` (a BERT/DistilBERT/RoBERTa/DeBERTa-v2 sequence classifier after :func:`bl.inject`) and
     ``tokenizer`` as a bundle at ``out_dir``, atomically. The caller's model is not modified.
 
     Args:
@@ -244,6 +287,8 @@ def export(
             "sequence classifiers"
         )
     arch = ARCHITECTURES[model_type]
+    if arch == "deberta-v2":
+        check_deberta(hf_config)
     tokenizer_text = _tokenizer_json(tokenizer)
     tensors, modules, extra_pruned = bundle_tensors(base, dtype, prune)
     warn_extra_pruned("export", extra_pruned, config.prune_threshold)
@@ -279,4 +324,4 @@ def export(
     return write_dir_atomically(out, write, kind="bundle", force=force, sources=sources)
 
 
-__all__ = ["bundle_tensors", "export", "kept_ranks"]
+__all__ = ["bundle_tensors", "check_deberta", "export", "kept_ranks"]

@@ -73,6 +73,7 @@ fn small_bert() -> Bundle {
         layer_norm_eps: 1e-12,
         activation: Activation::Gelu,
         pad_token_id: 0,
+        deberta: None,
     };
     let mut tensors = HashMap::new();
     let mut seed = 10;

@@ -1,11 +1,13 @@
 //! What the encoder needs from the HF `config.json`, and the names and shapes of the tensors
-//! of each architecture (the state-dict layout of BERT, DistilBERT and RoBERTa classifiers).
+//! of each architecture (the state-dict layout of BERT, DistilBERT, RoBERTa and DeBERTa-v2
+//! classifiers; DeBERTa's own options are in [`super::deberta`]).
 
 use std::path::Path;
 
 use serde_json::Value;
 
 use super::bundle_err;
+use super::deberta::{self, DebertaConfig};
 use super::tensors::TensorSpec;
 use crate::error::Result;
 
@@ -18,6 +20,8 @@ pub enum Arch {
     DistilBert,
     /// `RobertaForSequenceClassification`.
     Roberta,
+    /// `DebertaV2ForSequenceClassification` (DeBERTa-v2 and -v3).
+    DebertaV2,
 }
 
 impl Arch {
@@ -26,6 +30,7 @@ impl Arch {
             "bert" => Some(Self::Bert),
             "distilbert" => Some(Self::DistilBert),
             "roberta" => Some(Self::Roberta),
+            "deberta-v2" => Some(Self::DebertaV2),
             _ => None,
         }
     }
@@ -40,6 +45,8 @@ pub enum Activation {
     GeluTanh,
     /// `"relu"`.
     Relu,
+    /// `"tanh"` (DeBERTa's `pooler_hidden_act` may name it).
+    Tanh,
 }
 
 /// What the encoder needs from the HF `config.json`.
@@ -67,6 +74,8 @@ pub struct ModelConfig {
     pub activation: Activation,
     /// RoBERTa's padding index (positions start after it).
     pub pad_token_id: usize,
+    /// DeBERTa-v2's options (None for the other families).
+    pub deberta: Option<DebertaConfig>,
 }
 
 fn get_usize(cfg: &Value, key: &str, path: &Path, max: usize) -> Result<usize> {
@@ -99,6 +108,15 @@ fn get_str<'a>(cfg: &'a Value, key: &str, path: &Path) -> Result<Option<&'a str>
             "{}: {key:?} must be a string, got {v}",
             path.display()
         ))),
+    }
+}
+
+/// DeBERTa's `type_vocab_size`: 0 (the default) means no token-type table.
+fn type_vocab_size_or_0(cfg: &Value, path: &Path, max: usize) -> Result<usize> {
+    match cfg.get("type_vocab_size") {
+        None | Some(Value::Null) => Ok(0),
+        Some(v) if v.as_u64() == Some(0) => Ok(0),
+        Some(_) => get_usize(cfg, "type_vocab_size", path, max),
     }
 }
 
@@ -150,6 +168,7 @@ impl ModelConfig {
             Arch::Bert => model_type == "bert",
             Arch::DistilBert => model_type == "distilbert",
             Arch::Roberta => ["roberta", "xlm-roberta", "camembert"].contains(&model_type),
+            Arch::DebertaV2 => model_type == "deberta-v2",
         };
         if !family_ok {
             return Err(bundle_err(format!(
@@ -170,9 +189,11 @@ impl ModelConfig {
                     0,
                 )
             }
-            Arch::Bert | Arch::Roberta => {
+            Arch::Bert | Arch::Roberta | Arch::DebertaV2 => {
+                let deberta = arch == Arch::DebertaV2;
                 // as f32 too: the runtime adds it in f32, where 1e-50 would be 0
                 let eps = match cfg.get("layer_norm_eps") {
+                    None if deberta => 1e-7,
                     None => 1e-12,
                     Some(v) => v
                         .as_f64()
@@ -197,7 +218,11 @@ impl ModelConfig {
                     get_usize(cfg, "intermediate_size", path, 1 << 18)?,
                     get_str(cfg, "hidden_act", path)?.unwrap_or("gelu"),
                     eps,
-                    get_usize(cfg, "type_vocab_size", path, BIG)?,
+                    if deberta {
+                        type_vocab_size_or_0(cfg, path, BIG)?
+                    } else {
+                        get_usize(cfg, "type_vocab_size", path, BIG)?
+                    },
                 )
             }
         };
@@ -207,18 +232,26 @@ impl ModelConfig {
             )));
         }
         let activation = match act {
-            "gelu" => Activation::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
-            "relu" => Activation::Relu,
-            other => {
+            "tanh" => {
                 return Err(bundle_err(format!(
-                    "{p}: activation {other:?} is not supported"
+                    "{p}: activation \"tanh\" is not supported"
                 )))
             }
+            other => deberta::activation(other, path)?,
         };
         let vocab_size = get_usize(cfg, "vocab_size", path, 1 << 24)?;
         let max_positions = get_usize(cfg, "max_position_embeddings", path, BIG)?;
         let pad_token_id = pad_token_id(cfg, arch, vocab_size, max_positions, path)?;
+        let deberta = match arch {
+            Arch::DebertaV2 => Some(DebertaConfig::from_json(
+                cfg,
+                hidden,
+                heads,
+                max_positions,
+                path,
+            )?),
+            _ => None,
+        };
         Ok(Self {
             arch,
             vocab_size,
@@ -231,6 +264,7 @@ impl ModelConfig {
             layer_norm_eps: eps as f32,
             activation,
             pad_token_id,
+            deberta,
         })
     }
 
@@ -240,6 +274,7 @@ impl ModelConfig {
             Arch::Bert => "bert",
             Arch::DistilBert => "distilbert",
             Arch::Roberta => "roberta",
+            Arch::DebertaV2 => "deberta",
         }
     }
 
@@ -258,6 +293,13 @@ impl ModelConfig {
                     d_out: width(ll.output),
                 });
             }
+            for suffix in self.position_projections().into_iter().flatten() {
+                out.push(LinearSpec {
+                    name: format!("{}.{suffix}", self.layer_prefix(l)),
+                    d_in: self.hidden,
+                    d_out: self.hidden,
+                });
+            }
         }
         out.extend(self.head_linears(num_labels));
         out
@@ -268,6 +310,21 @@ impl ModelConfig {
         match self.arch {
             Arch::DistilBert => format!("distilbert.transformer.layer.{l}"),
             _ => format!("{}.encoder.layer.{l}", self.prefix()),
+        }
+    }
+
+    /// DeBERTa's per-layer position projections of its own (without `share_att_key`):
+    /// `[pos_query_proj (p2c), pos_key_proj (c2p)]`, each when the layer has it.
+    pub fn position_projections(&self) -> [Option<&'static str>; 2] {
+        match &self.deberta {
+            Some(d) => {
+                let (q, k) = d.own_position_projections();
+                [
+                    q.then_some("attention.self.pos_query_proj"),
+                    k.then_some("attention.self.pos_key_proj"),
+                ]
+            }
+            None => [None, None],
         }
     }
 
@@ -282,6 +339,14 @@ impl ModelConfig {
                 "attention.out_lin",
                 "ffn.lin1",
                 "ffn.lin2",
+            ],
+            Arch::DebertaV2 => [
+                "attention.self.query_proj",
+                "attention.self.key_proj",
+                "attention.self.value_proj",
+                "attention.output.dense",
+                "intermediate.dense",
+                "output.dense",
             ],
             _ => [
                 "attention.self.query",
@@ -322,6 +387,7 @@ impl ModelConfig {
             Arch::Bert => ["bert.pooler.dense", "classifier"],
             Arch::DistilBert => ["pre_classifier", "classifier"],
             Arch::Roberta => ["classifier.dense", "classifier.out_proj"],
+            Arch::DebertaV2 => ["pooler.dense", "classifier"],
         };
         [
             LinearSpec {
@@ -337,7 +403,15 @@ impl ModelConfig {
         ]
     }
 
-    /// Embedding tables and LayerNorm.
+    /// Whether inputs get absolute position embeddings (all but DeBERTa without
+    /// `position_biased_input`).
+    pub fn has_position_embeddings(&self) -> bool {
+        self.deberta
+            .as_ref()
+            .is_none_or(|d| d.position_biased_input)
+    }
+
+    /// Embedding tables and LayerNorm (and DeBERTa's relative-position table).
     pub fn embedding_tensors(&self) -> Vec<TensorSpec> {
         let p = self.prefix();
         let h = self.hidden;
@@ -346,13 +420,18 @@ impl ModelConfig {
                 format!("{p}.embeddings.word_embeddings.weight"),
                 vec![self.vocab_size, h],
             ),
-            TensorSpec::float(
-                format!("{p}.embeddings.position_embeddings.weight"),
-                vec![self.max_positions, h],
-            ),
             TensorSpec::float(format!("{p}.embeddings.LayerNorm.weight"), vec![h]),
             TensorSpec::float(format!("{p}.embeddings.LayerNorm.bias"), vec![h]),
         ];
+        if self.has_position_embeddings() {
+            v.push(TensorSpec::float(
+                format!("{p}.embeddings.position_embeddings.weight"),
+                vec![self.max_positions, h],
+            ));
+        }
+        if let Some(d) = &self.deberta {
+            v.extend(d.encoder_tensors(h));
+        }
         if self.type_vocab_size > 0 {
             v.push(TensorSpec::float(
                 format!("{p}.embeddings.token_type_embeddings.weight"),

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
+pub mod deberta;
 mod files;
 pub mod hf_config;
 pub mod meta;
@@ -23,6 +24,7 @@ pub mod tensors;
 #[cfg(test)]
 mod tests;
 
+pub use deberta::DebertaConfig;
 pub use hf_config::{Activation, Arch, LayerLinear, LinearSpec, ModelConfig, Width};
 pub use meta::{BundleMeta, ModuleMeta, NoiseKind};
 pub use tensors::{TensorKind, TensorSpec};

@@ -99,7 +99,7 @@ impl Encoder {
     /// Add one sample's noisy adapter term of segment `seg` (rows `x`) to `y` (row stride
     /// `ldy`).
     #[allow(clippy::too_many_arguments)]
-    fn adapter_term(
+    pub(super) fn adapter_term(
         &self,
         ad: &Adapter,
         module: &str,

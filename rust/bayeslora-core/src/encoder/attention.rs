@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use super::build::{Layer, PooledAttention};
+use super::disentangled::{CopyPositions, LayerPositions, RelativeScratch};
 use super::layout::{as_layout, split_segments, Layout, Segment};
 use super::pool::Buffer;
 use super::{Encoder, Pass};
@@ -18,6 +19,8 @@ pub(super) struct AttentionScratch {
     values: Packed,
     /// Attention scores, `queries × tokens`.
     scores: Vec<f32>,
+    /// DeBERTa's relative scores.
+    relative: RelativeScratch,
 }
 
 impl AttentionScratch {
@@ -26,15 +29,18 @@ impl AttentionScratch {
             keys: Packed::empty(),
             values: Packed::empty(),
             scores: Vec::new(),
+            relative: RelativeScratch::new(),
         }
     }
 }
 
 impl Encoder {
     /// Scaled dot-product attention per (segment, head); queries of token 0 only if
-    /// `first_only`. `qkv` holds rows of `3 · hidden` laid out as `layout`.
+    /// `first_only`. `qkv` holds rows of `3 · hidden` laid out as `layout`; `positions`: the
+    /// layer's relative-position projections (DeBERTa).
     pub(super) fn attention(
         &self,
+        positions: &LayerPositions,
         qkv: &[f32],
         layout: &Layout,
         first_only: bool,
@@ -53,21 +59,29 @@ impl Encoder {
         };
         let mut context = pass.buffer(out_layout.rows() * h);
         let parts = split_segments(&mut context, &out_layout.segments(), h);
+        let rel_rows = self.all_copy_positions(positions, &segs, pass);
+        let rel = |g: usize| {
+            rel_rows
+                .get(g)
+                .and_then(|r| pass.positions.get(segs[g].input).map(|ip| (ip, r)))
+        };
         if segs.len() >= 2 * pass.threads {
             // enough segments to keep the threads busy: one segment per task, all heads, each
             // head's output written in place into the segment's rows
-            parts.into_par_iter().zip(segs.par_iter()).for_each_init(
-                AttentionScratch::new,
-                |sc, (rows, seg)| {
+            parts
+                .into_par_iter()
+                .zip(segs.par_iter())
+                .enumerate()
+                .for_each_init(AttentionScratch::new, |sc, (g, (rows, seg))| {
                     prefetch_head(qkv, seg, h, dh, 0);
                     for hd in 0..heads {
                         if hd + 1 < heads {
                             prefetch_head(qkv, seg, h, dh, hd + 1);
                         }
-                        self.head_attention(qkv, seg, first_only, hd, sc, &mut rows[hd * dh..], h);
+                        let out = &mut rows[hd * dh..];
+                        self.head_attention(qkv, seg, first_only, hd, rel(g), sc, out, h);
                     }
-                },
-            );
+                });
             return context;
         }
         // few segments (mean mode, small batches): one (segment, head) per task, then each
@@ -81,7 +95,7 @@ impl Encoder {
                 let seg = &segs[g];
                 let nq = if first_only { 1 } else { seg.rows };
                 let mut out = vec![0.0f32; nq * dh];
-                self.head_attention(qkv, seg, first_only, hd, sc, &mut out, dh);
+                self.head_attention(qkv, seg, first_only, hd, rel(g), sc, &mut out, dh);
                 out
             })
             .collect();
@@ -97,7 +111,9 @@ impl Encoder {
     }
 
     /// One head of one segment (its rows of the fused `qkv`): `softmax(q kᵀ / √dh) v` for every
-    /// query row (token 0 only if `first_only`) into `out` (row stride `ldo`).
+    /// query row (token 0 only if `first_only`) into `out` (row stride `ldo`); with DeBERTa's
+    /// relative scores added when `rel` (the input's rows and the copy's position rows) is given,
+    /// and its scale.
     #[allow(clippy::too_many_arguments)]
     fn head_attention(
         &self,
@@ -105,6 +121,7 @@ impl Encoder {
         seg: &Segment,
         first_only: bool,
         hd: usize,
+        rel: Option<(&super::disentangled::InputPositions, &CopyPositions<'_>)>,
         sc: &mut AttentionScratch,
         out: &mut [f32],
         ldo: usize,
@@ -125,7 +142,11 @@ impl Encoder {
             n,
             Epilogue::Store,
         );
-        kernels::softmax_rows(&mut sc.scores, n, 1.0 / (dh as f32).sqrt());
+        if let Some((input, rows)) = rel {
+            let scores = &mut sc.scores;
+            self.add_relative_scores(base, nq, n, hd, input, rows, &mut sc.relative, scores);
+        }
+        kernels::softmax_rows(&mut sc.scores, n, self.score_scale);
         sc.values.refill_kn(&base[2 * h + hd * dh..], n, dh, 3 * h);
         kernels::gemm(nq, &sc.scores, n, &sc.values, out, ldo, Epilogue::Store);
     }
@@ -143,7 +164,7 @@ impl Encoder {
         let (h, heads) = (self.hidden, self.heads);
         let dh = h / heads;
         let d_in = layer.qkv.d_in;
-        let scale = 1.0 / (dh as f32).sqrt();
+        let scale = self.score_scale;
         let inputs = layout.inputs();
         // token 0's query (the fused product of one row per copy; it expands to S copies when
         // any of Q, K, V is noisy, so the copies below are those of the pooled value too)

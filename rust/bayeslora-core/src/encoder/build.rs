@@ -3,11 +3,12 @@
 
 use std::collections::HashMap;
 
+use super::disentangled::{LayerPositions, PositionProjection, Relative};
 use super::pool::BufferPool;
 use super::Encoder;
-use crate::bundle::{Bundle, NoiseKind};
+use crate::bundle::{Activation, Arch, Bundle, NoiseKind};
 use crate::error::{Error, Result};
-use crate::kernels::{Isa, Packed};
+use crate::kernels::{self, Epilogue, Isa, Packed};
 use crate::mc;
 
 /// An adapter kept apart from the merged weight, for the noisy terms.
@@ -78,8 +79,13 @@ pub(super) struct PooledAttention {
 pub(super) struct Layer {
     /// Query, key and value fused (in that order along the output).
     pub qkv: Linear,
-    /// The last layer's (only that layer computes token 0 alone).
+    /// The last layer (it computes token 0 alone).
+    pub last: bool,
+    /// The last layer's attention by linearity (not for DeBERTa, whose relative scores need
+    /// every key).
     pub pooled: Option<PooledAttention>,
+    /// DeBERTa's relative-position projections (empty otherwise).
+    pub positions: LayerPositions,
     /// The attention output projection.
     pub attn_out: Linear,
     /// LayerNorm after the attention block's residual.
@@ -183,6 +189,77 @@ fn build_linear(bundle: &Bundle, names: &[String]) -> Result<Linear> {
     })
 }
 
+/// DeBERTa's relative embeddings (after their LayerNorm when the config asks for it).
+fn relative(bundle: &Bundle) -> Result<Option<Relative>> {
+    let cfg = &bundle.config;
+    let Some(d) = cfg.deberta.as_ref().filter(|d| d.relative_attention) else {
+        return Ok(None);
+    };
+    let mut embeddings = copy_tensor(bundle, "deberta.encoder.rel_embeddings.weight")?;
+    if d.norm_rel_embeddings {
+        let norm = layer_norm(bundle, "deberta.encoder.LayerNorm")?;
+        kernels::layer_norm(&mut embeddings, &norm.gamma, &norm.beta, cfg.layer_norm_eps);
+    }
+    Ok(Some(Relative {
+        span: d.span,
+        buckets: d.position_buckets,
+        max_relative: d.max_relative_positions,
+        c2p: d.c2p,
+        p2c: d.p2c,
+        embeddings,
+    }))
+}
+
+/// Module `name` applied to every relative embedding, with its adapter kept for the noise.
+fn position_projection(bundle: &Bundle, name: &str, rel: &Relative) -> Result<PositionProjection> {
+    let lin = build_linear(bundle, &[name.to_string()])?;
+    let rows = 2 * rel.span;
+    let mut mean = vec![0.0f32; rows * lin.d_out];
+    kernels::par_gemm(
+        rows,
+        &rel.embeddings,
+        lin.d_in,
+        &lin.weight,
+        &mut mean,
+        lin.d_out,
+        Epilogue::Bias(&lin.bias),
+        rayon::current_num_threads(),
+    );
+    let part = lin
+        .parts
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Bundle(format!("internal: module {name:?} has no part")))?;
+    Ok(PositionProjection { mean, part })
+}
+
+/// Layer `lp`'s position projections: p2c queries and c2p keys, through the layer's own query
+/// and key projections (`share_att_key`) or its `pos_query_proj`/`pos_key_proj`.
+fn layer_positions(
+    bundle: &Bundle,
+    rel: Option<&Relative>,
+    lp: &str,
+    [query, key]: [&str; 2],
+) -> Result<LayerPositions> {
+    let cfg = &bundle.config;
+    let Some(rel) = rel else {
+        return Ok(LayerPositions::default());
+    };
+    let [own_query, own_key] = cfg.position_projections();
+    let name =
+        |own: Option<&str>, shared: &str| own.map_or(shared.to_string(), |s| format!("{lp}.{s}"));
+    Ok(LayerPositions {
+        query: rel
+            .p2c
+            .then(|| position_projection(bundle, &name(own_query, query), rel))
+            .transpose()?,
+        key: rel
+            .c2p
+            .then(|| position_projection(bundle, &name(own_key, key), rel))
+            .transpose()?,
+    })
+}
+
 impl Encoder {
     /// Build from a validated bundle (packs the weights, merges the adapters).
     pub fn new(bundle: &Bundle) -> Result<Self> {
@@ -190,14 +267,18 @@ impl Encoder {
         Isa::selected()?;
         let cfg = &bundle.config;
         let p = cfg.prefix();
+        let relative = relative(bundle)?;
+        let deberta = cfg.arch == Arch::DebertaV2;
         let mut layers = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {
             let lp = cfg.layer_prefix(l);
             let [query, key, value, attn_out, ffn_in, ffn_out] =
                 cfg.layer_linears().map(|ll| format!("{lp}.{}", ll.suffix));
             let [attn_norm, ffn_norm] = cfg.layer_norm_suffixes();
+            let positions = layer_positions(bundle, relative.as_ref(), &lp, [&query, &key])?;
             let qkv = build_linear(bundle, &[query, key, value.clone()])?;
-            let pooled = if l + 1 == cfg.layers {
+            let last = l + 1 == cfg.layers;
+            let pooled = if last && !deberta {
                 let dh = cfg.hidden / cfg.heads;
                 let k0 = qkv.parts[1].first_col;
                 Some(PooledAttention {
@@ -211,7 +292,9 @@ impl Encoder {
             };
             layers.push(Layer {
                 qkv,
+                last,
                 pooled,
+                positions,
                 attn_out: build_linear(bundle, &[attn_out])?,
                 attn_norm: layer_norm(bundle, &format!("{lp}.{attn_norm}"))?,
                 ffn_in: build_linear(bundle, &[ffn_in])?,
@@ -244,6 +327,20 @@ impl Encoder {
             })?,
             eps: cfg.layer_norm_eps,
             activation: cfg.activation,
+            head_activation: match (cfg.arch, &cfg.deberta) {
+                (_, Some(d)) => d.pooler_activation,
+                (Arch::DistilBert, _) => Activation::Relu,
+                _ => Activation::Tanh,
+            },
+            // transformers: √(d_head · (1 + c2p + p2c)), whether or not attention is relative
+            score_scale: {
+                let terms = cfg
+                    .deberta
+                    .as_ref()
+                    .map_or(1, |d| 1 + usize::from(d.c2p) + usize::from(d.p2c));
+                1.0 / ((cfg.hidden / cfg.heads) as f32 * terms as f32).sqrt()
+            },
+            relative,
             num_labels: bundle.meta.num_labels,
             noise: bundle.meta.noise(),
             dropout: bundle.meta.dropout as f32,
@@ -251,10 +348,14 @@ impl Encoder {
                 bundle,
                 &format!("{p}.embeddings.word_embeddings.weight"),
             )?,
-            position_embeddings: copy_tensor(
-                bundle,
-                &format!("{p}.embeddings.position_embeddings.weight"),
-            )?,
+            position_embeddings: if cfg.has_position_embeddings() {
+                Some(copy_tensor(
+                    bundle,
+                    &format!("{p}.embeddings.position_embeddings.weight"),
+                )?)
+            } else {
+                None
+            },
             token_types,
             type_vocab_size: cfg.type_vocab_size,
             embedding_norm: layer_norm(bundle, &format!("{p}.embeddings.LayerNorm"))?,

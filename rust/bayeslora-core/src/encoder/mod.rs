@@ -1,5 +1,5 @@
-//! The BERT-family encoder for sequence classification (BERT/MiniLM, DistilBERT, RoBERTa) with
-//! BayesLoRA adapters, in f32, in mean mode and in Monte-Carlo mode.
+//! The BERT-family encoder for sequence classification (BERT/MiniLM, DistilBERT, RoBERTa,
+//! DeBERTa-v2/v3) with BayesLoRA adapters, in f32, in mean mode and in Monte-Carlo mode.
 //!
 //! How the work is laid out:
 //! - Each input keeps only its attended tokens (mask = 1), with the position ids it had in the
@@ -13,6 +13,8 @@
 //! - Adapters are merged into the weights at load (`W' = W + s·B·A`): mean mode is the plain
 //!   encoder; a sample adds `s·B((z − 1) ⊙ A x)` (gate, dropout, explicit gates) or
 //!   `s·(B̃(Ã x) − B(A x))` (additive, sampled factors Ã, B̃).
+//! - DeBERTa adds relative-position scores to attention (`disentangled`); its last layer
+//!   computes keys of all tokens (the position→content scores need them).
 //! - The classifier reads token 0 only, so the last layer computes the query, attention output and
 //!   FFN for token 0 only, and no keys or values either, by linearity: with `q` token 0's query
 //!   of a head and `W_k`, `W_v` that head's rows, the scores are `(W_kᵀ q) · x_j` (the key bias
@@ -47,12 +49,14 @@ use rayon::prelude::*;
 mod adapter;
 mod attention;
 mod build;
+mod disentangled;
 mod layout;
 mod pool;
 #[cfg(test)]
 mod tests;
 
 use build::{LayerNorm, Linear};
+use disentangled::{InputPositions, Relative};
 use layout::{as_layout, Layout, Rows};
 use pool::{Buffer, BufferPool};
 
@@ -105,14 +109,22 @@ pub struct Encoder {
     pad_token_id: u32,
     eps: f32,
     activation: Activation,
+    /// The head's hidden → hidden activation (tanh, ReLU for DistilBERT, DeBERTa's
+    /// `pooler_hidden_act`).
+    head_activation: Activation,
+    /// `1/√d_head`, DeBERTa's `1/√(d_head · (1 + c2p + p2c))`.
+    score_scale: f32,
+    /// DeBERTa's relative attention.
+    relative: Option<Relative>,
     num_labels: usize,
     noise: NoiseKind,
     dropout: f32,
     /// `[vocab, hidden]`.
     word_embeddings: Vec<f32>,
-    /// `[max_positions, hidden]`.
-    position_embeddings: Vec<f32>,
-    /// The token-type (segment) embeddings `[type_vocab_size, hidden]`; none for DistilBERT.
+    /// `[max_positions, hidden]`; none for DeBERTa without `position_biased_input`.
+    position_embeddings: Option<Vec<f32>>,
+    /// The token-type (segment) embeddings `[type_vocab_size, hidden]`; none for DistilBERT and
+    /// DeBERTa with `type_vocab_size` 0.
     token_types: Option<Vec<f32>>,
     /// Rows of `token_types` (0 without them).
     type_vocab_size: usize,
@@ -486,8 +498,13 @@ impl Encoder {
         noise: Noise<'_>,
     ) -> Vec<f32> {
         let h = self.hidden;
+        let positions: Vec<InputPositions> = match &self.relative {
+            Some(rel) => seqs.par_iter().map(|q| rel.input_positions(q)).collect(),
+            None => Vec::new(),
+        };
         let pass = Pass {
             noise,
+            positions: &positions,
             samples: copies,
             first_sample,
             first_input,
@@ -507,7 +524,9 @@ impl Encoder {
                 let (id, pos, ty) = (id as usize, pos as usize, ty as usize);
                 let row = &mut x[r * h..(r + 1) * h];
                 row.copy_from_slice(&self.word_embeddings[id * h..(id + 1) * h]);
-                kernels::add_assign(row, &self.position_embeddings[pos * h..(pos + 1) * h]);
+                if let Some(table) = &self.position_embeddings {
+                    kernels::add_assign(row, &table[pos * h..(pos + 1) * h]);
+                }
                 if let Some(tt) = &self.token_types {
                     // ty < type_vocab_size (prepare_typed_at), the table's rows
                     kernels::add_assign(row, &tt[ty * h..(ty + 1) * h]);
@@ -526,10 +545,7 @@ impl Encoder {
         let (mut y, hidden_layout) = self.linear(&self.head_hidden, &x_token0, &token0, &pass);
         pass.recycle_rows(x_token0);
         pass.recycle(x);
-        match self.arch {
-            Arch::DistilBert => kernels::relu(&mut y),
-            _ => kernels::tanh(&mut y),
-        }
+        par_elementwise(&mut y, activation_fn(self.head_activation));
         let (logits, logits_layout) = self.linear(&self.head_out, &y, &hidden_layout, &pass);
         pass.recycle(y);
         let full = Layout::uniform(seqs.len(), 1, pass.samples);
@@ -552,7 +568,7 @@ impl Encoder {
         pass: &Pass<'_>,
     ) -> (Buffer, Layout) {
         let h = self.hidden;
-        let last = layer.pooled.is_some();
+        let last = layer.last;
         let key = &layer.qkv.parts[1];
         let key_noisy = key
             .adapter
@@ -562,12 +578,14 @@ impl Encoder {
             Some(pooled) if !key_noisy => self.pooled_attention(layer, pooled, &x, &layout, pass),
             _ => {
                 let (qkv, qkv_layout) = self.linear(&layer.qkv, &x, &layout, pass);
+                let (qkv, qkv_layout) =
+                    self.expand_for_positions(&layer.positions, qkv, qkv_layout, 3 * h, pass);
                 let context_layout = if last {
                     Layout::uniform(qkv_layout.inputs(), 1, qkv_layout.copies)
                 } else {
                     qkv_layout.clone()
                 };
-                let context = self.attention(&qkv, &qkv_layout, last, pass);
+                let context = self.attention(&layer.positions, &qkv, &qkv_layout, last, pass);
                 pass.recycle(qkv);
                 (context, context_layout)
             }
@@ -581,11 +599,7 @@ impl Encoder {
         pass.recycle(x);
         // feed-forward block
         let (mut inner, inner_layout) = self.linear(&layer.ffn_in, &mid, &mid_layout, pass);
-        match self.activation {
-            Activation::Gelu => par_elementwise(&mut inner, kernels::gelu),
-            Activation::GeluTanh => par_elementwise(&mut inner, kernels::gelu_tanh),
-            Activation::Relu => par_elementwise(&mut inner, kernels::relu),
-        }
+        par_elementwise(&mut inner, activation_fn(self.activation));
         let (mut out, out_layout) = self.linear(&layer.ffn_out, &inner, &inner_layout, pass);
         pass.recycle(inner);
         let resid = as_layout(&mid, &mid_layout, &out_layout, h, pass);
@@ -599,6 +613,8 @@ impl Encoder {
 /// What one forward pass over a chunk of inputs shares with every step of it.
 struct Pass<'a> {
     noise: Noise<'a>,
+    /// DeBERTa: the relative-position rows of each input of the chunk (empty otherwise).
+    positions: &'a [InputPositions],
     /// Copies per input once the samples diverge (1 unless sampling): the samples
     /// `first_sample..first_sample + samples` of each input.
     samples: usize,
@@ -628,6 +644,15 @@ impl Pass<'_> {
         if let Rows::Owned(b) = r {
             self.recycle(b);
         }
+    }
+}
+
+fn activation_fn(a: Activation) -> fn(&mut [f32]) {
+    match a {
+        Activation::Gelu => kernels::gelu,
+        Activation::GeluTanh => kernels::gelu_tanh,
+        Activation::Relu => kernels::relu,
+        Activation::Tanh => kernels::tanh,
     }
 }
 

@@ -34,6 +34,7 @@ fn config() -> ModelConfig {
         layer_norm_eps: 1e-12,
         activation: Activation::Gelu,
         pad_token_id: 0,
+        deberta: None,
     }
 }
 
