@@ -16,7 +16,9 @@
 //!   [`fma_peak_gflops`] measures.
 //! - Softmax, exact GELU and add + LayerNorm have AVX-512 versions of the portable formulas (a
 //!   row's ragged end under a lane mask, so every element of a row is computed alike); K panels
-//!   are transposed 16 × 16 in registers.
+//!   are transposed 16 × 16 in registers. They, and LayerNorm, have AVX2 versions too, written
+//!   operation for operation as the portable code (ragged ends under `maskload`/`maskstore`), so
+//!   AVX2 and portable agree bit for bit.
 
 //!
 //! Where things are:
@@ -25,7 +27,8 @@
 //! - `pack`: [`Packed`], the panel layout of the right operand;
 //! - `gemm`: the driver (cache blocks, tiles, epilogues) and [`par_gemm`];
 //! - `scalar`, `x86_avx2`, `x86_avx512`: the micro-kernels, one instruction set per file
-//!   (`x86_avx512` also holds the AVX-512 elementwise ops and panel transpose);
+//!   (`x86_avx2` and `x86_avx512` also hold their elementwise ops, `x86_avx512` the panel
+//!   transpose);
 //! - `elementwise`: the portable elementwise and row ops (with compiler-made AVX2 clones);
 //! - `peak`: the FMA-peak probe.
 
