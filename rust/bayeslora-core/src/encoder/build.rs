@@ -312,6 +312,11 @@ impl Encoder {
         } else {
             None
         };
+        // 3H: fused QKV; heads·H: the last layer's per-head key queries and pooled rows
+        let max_width = (3 * cfg.hidden)
+            .max(cfg.heads * cfg.hidden)
+            .max(cfg.intermediate)
+            .max(bundle.meta.num_labels);
         Ok(Self {
             arch: cfg.arch,
             hidden: cfg.hidden,
@@ -369,12 +374,8 @@ impl Encoder {
                 .map(|(k, m)| (k.clone(), m.rank))
                 .collect::<HashMap<_, _>>(),
             buffers: BufferPool::default(),
-            max_rows: super::MAX_ROWS,
-            // 3H: fused QKV; heads·H: the last layer's per-head key queries and pooled rows
-            max_width: (3 * cfg.hidden)
-                .max(cfg.heads * cfg.hidden)
-                .max(cfg.intermediate)
-                .max(bundle.meta.num_labels),
+            max_rows: super::default_max_rows(max_width),
+            max_width,
         })
     }
 }

