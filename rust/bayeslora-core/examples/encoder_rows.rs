@@ -52,6 +52,7 @@ fn minilm() -> Bundle {
         layer_norm_eps: 1e-12,
         activation: Activation::Gelu,
         pad_token_id: 0,
+        deberta: None,
     };
     let mut tensors = HashMap::new();
     let mut seed = 10;
