@@ -4,8 +4,10 @@
 //! The portable formulas are plain loops the compiler vectorises; [`multiversion!`] compiles
 //! each once more with AVX2 + FMA enabled and picks the clone from the [`Isa`]. Softmax, exact
 //! GELU and add + LayerNorm have hand-written AVX-512 versions of the same formulas
-//! (`x86_avx512.rs`). The public functions run on [`Isa::get`]; the `*_on` ones take the set.
+//! (`x86_avx512.rs`), and NEON ones on ARM64 (`aarch64_neon.rs`). The public functions run on [`Isa::get`]; the `*_on` ones take the set.
 
+#[cfg(target_arch = "aarch64")]
+use super::aarch64_neon;
 use super::isa::Isa;
 #[cfg(target_arch = "x86_64")]
 use super::x86_avx512;
@@ -112,6 +114,11 @@ pub(crate) fn add_layer_norm_on(
         x86_avx512::add_layer_norm(t, x, r, gamma, beta, eps);
         return;
     }
+    #[cfg(target_arch = "aarch64")]
+    if let (Some(t), false) = (isa.neon(), gamma.is_empty()) {
+        aarch64_neon::add_layer_norm(t, x, r, gamma, beta, eps);
+        return;
+    }
     add_assign_on(isa, x, r);
     layer_norm_on(isa, x, gamma, beta, eps);
 }
@@ -162,6 +169,11 @@ pub(crate) fn gelu_on(isa: Isa, x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = isa.avx512() {
         x86_avx512::gelu(t, x);
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if let Some(t) = isa.neon() {
+        aarch64_neon::gelu(t, x);
         return;
     }
     gelu_portable(isa, x);
@@ -250,6 +262,11 @@ pub(crate) fn softmax_rows_on(isa: Isa, x: &mut [f32], width: usize, scale: f32)
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = isa.avx512() {
         x86_avx512::softmax_rows(t, x, width, scale);
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if let Some(t) = isa.neon() {
+        aarch64_neon::softmax_rows(t, x, width, scale);
         return;
     }
     softmax_portable(isa, x, width, scale);
