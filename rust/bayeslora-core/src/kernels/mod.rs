@@ -257,6 +257,19 @@ mod tests {
             for (u, v) in a.iter().zip(&b) {
                 assert!(close(isa, *u, *v, 1e-6), "{name} gelu {u} vs {v}");
             }
+            // ragged ends (masked or padded lanes): every element as in a full vector
+            for len in [1, 2, 3, 5, 7, 9, 15, 17, 31, 33] {
+                let mut a: Vec<f32> = x[..len].iter().map(|v| v * 12.0).collect();
+                let mut b = a.clone();
+                gelu_on(isa, &mut a);
+                gelu_on(Isa::Scalar, &mut b);
+                for (u, v) in a.iter().zip(&b) {
+                    assert!(
+                        close(isa, *u, *v, 1e-6),
+                        "{name} gelu len {len}: {u} vs {v}"
+                    );
+                }
+            }
             let mut a: Vec<f32> = x.iter().map(|v| v * 6.0).collect();
             let mut b = a.clone();
             gelu_tanh_on(isa, &mut a);
@@ -306,6 +319,13 @@ mod tests {
     /// panel and a partial panel, K above the K block; all three epilogues.
     #[test]
     fn every_isa_computes_the_scalar_gemm_bit_for_bit() {
+        // every ARM64 CPU Linux runs on has NEON (qemu-aarch64 too): without it these tests
+        // would compare the portable path with itself
+        #[cfg(target_arch = "aarch64")]
+        assert!(
+            Isa::available().iter().any(|i| i.neon().is_some()),
+            "no NEON on this ARM64 CPU"
+        );
         for &(m, k, n) in &[
             (1, 1, 1),
             (5, 3, 15),
