@@ -23,7 +23,7 @@ from bayeslora.errors import ConfigError, IsaError
 from runtime_models import VOCAB, adapt, build, word_tokenizer
 
 PYTHON_DIR = Path(bl.__file__).resolve().parent.parent
-SETS = ("avx512", "avx2", "portable")
+SETS = ("avx512", "avx2", "neon", "portable")
 SEED = 11
 SAMPLES = 12
 
@@ -163,13 +163,13 @@ def test_an_unknown_set_is_a_one_line_error(bundles, value):
     )
     res = _run([sys.executable, "-c", code, str(bundles[0])], value)
     assert res.returncode == 0, res.stderr
-    want = f'IsaError True BAYESLORA_ISA="{value}" is not one of auto, avx512, avx2, portable'
+    want = f'IsaError True BAYESLORA_ISA="{value}" is not one of auto, avx512, avx2, neon, portable'
     assert res.stdout.strip() == want
     # the command line: one line on stderr, exit code 1, nothing scored
     res = _run([sys.executable, "-m", "bayeslora.cli", "score", str(bundles[0]), "--text", "w5"], value)
     assert res.returncode == 1 and res.stdout == ""
     assert res.stderr.strip().splitlines() == [
-        f'bayeslora: error: BAYESLORA_ISA="{value}" is not one of auto, avx512, avx2, portable'
+        f'bayeslora: error: BAYESLORA_ISA="{value}" is not one of auto, avx512, avx2, neon, portable'
     ]
     # --version still answers, and says why the kernels cannot run
     res = _run([sys.executable, "-m", "bayeslora.cli", "--version"], value)

@@ -4,10 +4,12 @@
 //! The portable formulas are plain loops the compiler vectorises; [`multiversion!`] compiles
 //! each once more with AVX2 + FMA enabled and picks the clone from the [`Isa`]. Softmax, exact
 //! GELU and (add +) LayerNorm have hand-written AVX2 versions that compute the portable numbers
-//! bit for bit (`x86_avx2.rs`), and AVX-512 versions of the same formulas with fused
-//! multiply-adds (`x86_avx512.rs`). The public functions run on [`Isa::get`]; the `*_on` ones
-//! take the set.
+//! bit for bit (`x86_avx2.rs`), AVX-512 versions of the same formulas with fused
+//! multiply-adds (`x86_avx512.rs`), and NEON ones on ARM64 (`aarch64_neon.rs`). The public
+//! functions run on [`Isa::get`]; the `*_on` ones take the set.
 
+#[cfg(target_arch = "aarch64")]
+use super::aarch64_neon;
 use super::isa::Isa;
 #[cfg(target_arch = "x86_64")]
 use super::{x86_avx2, x86_avx512};
@@ -129,6 +131,11 @@ pub(crate) fn add_layer_norm_on(
         x86_avx2::layer_norm(t, x, Some(r), gamma, beta, eps);
         return;
     }
+    #[cfg(target_arch = "aarch64")]
+    if let (Some(t), false) = (isa.neon(), gamma.is_empty()) {
+        aarch64_neon::add_layer_norm(t, x, r, gamma, beta, eps);
+        return;
+    }
     add_assign_on(isa, x, r);
     layer_norm_on(isa, x, gamma, beta, eps);
 }
@@ -184,6 +191,11 @@ pub(crate) fn gelu_on(isa: Isa, x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = isa.avx2() {
         x86_avx2::gelu(t, x);
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if let Some(t) = isa.neon() {
+        aarch64_neon::gelu(t, x);
         return;
     }
     gelu_portable(isa, x);
@@ -277,6 +289,11 @@ pub(crate) fn softmax_rows_on(isa: Isa, x: &mut [f32], width: usize, scale: f32)
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = isa.avx2() {
         x86_avx2::softmax_rows(t, x, width, scale);
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if let Some(t) = isa.neon() {
+        aarch64_neon::softmax_rows(t, x, width, scale);
         return;
     }
     softmax_portable(isa, x, width, scale);

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "aarch64")]
+use super::aarch64_neon;
 use super::isa::Isa;
 use super::pack::Packed;
 use super::scalar;
@@ -29,20 +31,24 @@ const MB: usize = 96;
 /// at 256 or 512 did not pay; it is kept for the long K of larger models.
 const KC: usize = 2048;
 
-/// Calls of [`gemm_on`] per instruction set (portable, AVX2, AVX-512) since the process started:
-/// which kernels ran, for tests that force a set through `BAYESLORA_ISA`. One relaxed add per
-/// product, not per tile.
-static GEMM_CALLS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+/// The sets this architecture has kernels for, portable first: the slots of [`GEMM_CALLS`].
+#[cfg(target_arch = "x86_64")]
+const SETS: [&str; 3] = ["portable", "avx2", "avx512"];
+#[cfg(target_arch = "aarch64")]
+const SETS: [&str; 2] = ["portable", "neon"];
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const SETS: [&str; 1] = ["portable"];
 
-/// `(set name, products run on it)` for every set, portable first: the count of [`gemm_on`]
-/// calls (through [`gemm`] and [`par_gemm`] too) on each set in this process so far.
-pub fn gemm_calls() -> [(&'static str, u64); 3] {
-    let count = |i: usize| GEMM_CALLS[i].load(Ordering::Relaxed);
-    [
-        ("portable", count(0)),
-        ("avx2", count(1)),
-        ("avx512", count(2)),
-    ]
+/// Calls of [`gemm_on`] per instruction set ([`SETS`]) since the process started: which
+/// kernels ran, for tests that force a set through `BAYESLORA_ISA`. One relaxed add per
+/// product, not per tile.
+static GEMM_CALLS: [AtomicU64; SETS.len()] = [const { AtomicU64::new(0) }; SETS.len()];
+
+/// `(set name, products run on it)` for every set of this architecture, portable first
+/// (x86-64: portable, avx2, avx512; ARM64: portable, neon): the count of [`gemm_on`] calls
+/// (through [`gemm`] and [`par_gemm`] too) on each set in this process so far.
+pub fn gemm_calls() -> [(&'static str, u64); SETS.len()] {
+    std::array::from_fn(|i| (SETS[i], GEMM_CALLS[i].load(Ordering::Relaxed)))
 }
 
 /// The accumulators of one micro-tile, spilled: up to [`MR_WIDE`] rows of one panel.
@@ -132,6 +138,8 @@ pub fn gemm_on(
         Isa::Avx2(_) => 1,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512(_) => 2,
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon(_) => 1,
     };
     GEMM_CALLS[slot].fetch_add(1, Ordering::Relaxed);
     let k = b.k;
@@ -227,6 +235,19 @@ pub fn gemm_on(
                             tile_epi,
                             !first,
                         ),
+                        #[cfg(target_arch = "aarch64")]
+                        Isa::Neon(t) if cols == NR => aarch64_neon::full_tile(
+                            t,
+                            rows,
+                            klen,
+                            &a_rows[kb..],
+                            lda,
+                            &panel[kb * NR..],
+                            c_rows,
+                            ldc,
+                            tile_epi,
+                            !first,
+                        ),
                         // a partial panel, or no full-tile kernel: the whole chain at once
                         // (same arithmetic) in the first K block
                         _ if first => {
@@ -282,6 +303,8 @@ fn edge_tile(
         ),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2(t) => x86_avx2::tile(t, rows, k, a, lda, panel, &mut tile),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon(t) => aarch64_neon::tile(t, rows, k, a, lda, panel, &mut tile),
         Isa::Scalar => scalar::tile(rows, k, a, lda, panel, &mut tile),
     }
     for (i, acc) in tile.iter().enumerate().take(rows) {

@@ -1,15 +1,15 @@
 //! The instruction set the kernels run on, chosen once per process and carried as a type.
 //!
-//! [`Avx2`] and [`Avx512`] are tokens: values that only [`Avx2::detect`] and
-//! [`Avx512::detect`] can make, and only on a CPU that has the features. A kernel that needs a
+//! [`Avx2`], [`Avx512`] (x86-64) and [`Neon`] (ARM64) are tokens: values that only their
+//! `detect` functions can make, and only on a CPU that has the features. A kernel that needs a
 //! feature takes its token, so a safe function can call its `#[target_feature]` code without
 //! trusting a flag from its caller (as the `gemm` crate's `simd` tokens and `matrixmultiply`'s
 //! one-type-per-ISA kernels). [`Isa::get`] runs the choice once ([`OnceLock`]) and hands out
 //! the set; tests and benches may pass a narrower one from [`Isa::available`].
 //!
 //! The choice is the widest set of this CPU, unless the environment variable
-//! [`ISA_ENV`] (`BAYESLORA_ISA`) names one: `avx512`, `avx2` or `portable` (`auto` or unset: the
-//! widest), so one machine can run every path of one build. A set the CPU lacks, or an unknown
+//! [`ISA_ENV`] (`BAYESLORA_ISA`) names one: `avx512`, `avx2`, `neon` or `portable` (`auto` or
+//! unset: the widest), so one machine can run every path of one build. A set the CPU lacks, or an unknown
 //! name, is never replaced by another: [`Isa::selected`] returns an [`IsaError`], which the
 //! entry points that run kernels ([`crate::encoder::Encoder::new`],
 //! [`crate::kernels::fma_peak_gflops`]) report before any kernel runs.
@@ -53,6 +53,22 @@ impl Avx512 {
     }
 }
 
+/// Proof that this CPU has NEON (Advanced SIMD; every ARM64 CPU that Linux runs on has it, but
+/// it is detected like the x86 sets all the same).
+#[cfg(target_arch = "aarch64")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Neon {
+    _detected: (),
+}
+
+#[cfg(target_arch = "aarch64")]
+impl Neon {
+    /// The token, if this CPU has NEON.
+    pub fn detect() -> Option<Self> {
+        std::arch::is_aarch64_feature_detected!("neon").then_some(Self { _detected: () })
+    }
+}
+
 /// An instruction set of the kernels, with the token that proves the CPU has it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
@@ -65,10 +81,14 @@ pub enum Isa {
     /// LayerNorm and panel transposes; AVX2 elsewhere.
     #[cfg(target_arch = "x86_64")]
     Avx512(Avx512),
+    /// 4-lane NEON micro-kernels (6 × 16 tiles), NEON softmax, GELU, add + LayerNorm and panel
+    /// transposes (ARM64; tested under emulation, not measured).
+    #[cfg(target_arch = "aarch64")]
+    Neon(Neon),
 }
 
-/// The environment variable that overrides the instruction set: `avx512`, `avx2`, `portable`,
-/// or `auto` (the default: the widest this CPU has).
+/// The environment variable that overrides the instruction set: `avx512`, `avx2`, `neon`,
+/// `portable`, or `auto` (the default: the widest this CPU has).
 pub const ISA_ENV: &str = "BAYESLORA_ISA";
 
 /// What [`ISA_ENV`] asks for.
@@ -80,6 +100,8 @@ pub enum IsaRequest {
     Avx512,
     /// AVX2 and FMA.
     Avx2,
+    /// NEON (ARM64).
+    Neon,
     /// The portable Rust kernels, on any CPU.
     Portable,
 }
@@ -88,7 +110,7 @@ pub enum IsaRequest {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum IsaError {
     /// Not one of the accepted names.
-    #[error("{ISA_ENV}={value:?} is not one of auto, avx512, avx2, portable")]
+    #[error("{ISA_ENV}={value:?} is not one of auto, avx512, avx2, neon, portable")]
     Unknown {
         /// The value as given (lossily decoded when it is not UTF-8).
         value: String,
@@ -96,7 +118,7 @@ pub enum IsaError {
     /// A set this CPU does not have: never replaced by a narrower one.
     #[error("{ISA_ENV}={requested} but this CPU lacks {missing}")]
     Unsupported {
-        /// The set asked for (`"avx512"`, `"avx2"`).
+        /// The set asked for (`"avx512"`, `"avx2"`, `"neon"`).
         requested: &'static str,
         /// The CPU features it needs that are missing, comma-separated (`"avx512f"`).
         missing: String,
@@ -114,6 +136,7 @@ impl IsaRequest {
             "" | "auto" => Ok(Self::Auto),
             "avx512" => Ok(Self::Avx512),
             "avx2" => Ok(Self::Avx2),
+            "neon" => Ok(Self::Neon),
             "portable" => Ok(Self::Portable),
             _ => Err(IsaError::Unknown {
                 value: raw.to_owned(),
@@ -145,7 +168,10 @@ pub struct Cpu<'a> {
     /// The AVX-512 token, if this CPU has AVX-512F, AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     pub avx512: Option<Avx512>,
-    /// Whether this CPU has a feature (`"avx2"`, `"fma"`, `"avx512f"`).
+    /// The NEON token, if this CPU has NEON.
+    #[cfg(target_arch = "aarch64")]
+    pub neon: Option<Neon>,
+    /// Whether this CPU has a feature (`"avx2"`, `"fma"`, `"avx512f"`, `"neon"`).
     pub has: &'a dyn Fn(&str) -> bool,
 }
 
@@ -157,12 +183,15 @@ impl Cpu<'static> {
             avx2: Avx2::detect(),
             #[cfg(target_arch = "x86_64")]
             avx512: Avx512::detect(),
+            #[cfg(target_arch = "aarch64")]
+            neon: Neon::detect(),
             has: &has_feature,
         }
     }
 }
 
-/// Whether this CPU has the named x86 feature (`false` for any other name or architecture).
+/// Whether this CPU has the named x86 or ARM64 feature (`false` for any other name, or a
+/// feature of another architecture).
 fn has_feature(name: &str) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -173,7 +202,14 @@ fn has_feature(name: &str) -> bool {
             _ => false,
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    {
+        match name {
+            "neon" => std::arch::is_aarch64_feature_detected!("neon"),
+            _ => false,
+        }
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         let _ = name;
         false
@@ -191,6 +227,10 @@ impl Isa {
             if let Some(t) = Avx2::detect() {
                 return Isa::Avx2(t);
             }
+        }
+        #[cfg(target_arch = "aarch64")]
+        if let Some(t) = Neon::detect() {
+            return Isa::Neon(t);
         }
         Isa::Scalar
     }
@@ -221,6 +261,10 @@ impl Isa {
                         return Ok(Isa::Avx2(t));
                     }
                 }
+                #[cfg(target_arch = "aarch64")]
+                if let Some(t) = cpu.neon {
+                    return Ok(Isa::Neon(t));
+                }
                 Ok(Isa::Scalar)
             }
             IsaRequest::Avx2 => {
@@ -236,6 +280,13 @@ impl Isa {
                     return Ok(Isa::Avx512(t));
                 }
                 Err(unsupported("avx512", &["avx512f", "avx2", "fma"]))
+            }
+            IsaRequest::Neon => {
+                #[cfg(target_arch = "aarch64")]
+                if let Some(t) = cpu.neon {
+                    return Ok(Isa::Neon(t));
+                }
+                Err(unsupported("neon", &["neon"]))
             }
         }
     }
@@ -273,6 +324,8 @@ impl Isa {
             out.extend(Avx2::detect().map(Isa::Avx2));
             out.extend(Avx512::detect().map(Isa::Avx512));
         }
+        #[cfg(target_arch = "aarch64")]
+        out.extend(Neon::detect().map(Isa::Neon));
         out
     }
 
@@ -297,7 +350,17 @@ impl Isa {
         }
     }
 
-    /// A short name, as [`ISA_ENV`] takes it (`"portable"`, `"avx2"`, `"avx512"`).
+    /// The NEON token, when this set is NEON.
+    #[cfg(target_arch = "aarch64")]
+    #[inline]
+    pub fn neon(self) -> Option<Neon> {
+        match self {
+            Isa::Neon(t) => Some(t),
+            Isa::Scalar => None,
+        }
+    }
+
+    /// A short name, as [`ISA_ENV`] takes it (`"portable"`, `"avx2"`, `"avx512"`, `"neon"`).
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "portable",
@@ -305,6 +368,8 @@ impl Isa {
             Isa::Avx2(_) => "avx2",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512(_) => "avx512",
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon(_) => "neon",
         }
     }
 }
@@ -323,14 +388,18 @@ mod tests {
             (" AVX2\n", IsaRequest::Avx2),
             ("portable", IsaRequest::Portable),
             ("Portable", IsaRequest::Portable),
+            ("neon", IsaRequest::Neon),
+            ("NEON ", IsaRequest::Neon),
         ] {
             assert_eq!(IsaRequest::parse(Some(value)), Ok(want), "{value:?}");
         }
-        for value in ["sse2", "avx-512", "scalar", "native", "avx2,fma", "0"] {
+        for value in [
+            "sse2", "avx-512", "scalar", "native", "avx2,fma", "0", "asimd", "sve",
+        ] {
             let err = IsaRequest::parse(Some(value)).expect_err(value);
             assert_eq!(
                 err.to_string(),
-                format!("BAYESLORA_ISA={value:?} is not one of auto, avx512, avx2, portable")
+                format!("BAYESLORA_ISA={value:?} is not one of auto, avx512, avx2, neon, portable")
             );
         }
         // every set's name is a value the variable takes
@@ -350,6 +419,8 @@ mod tests {
             avx2: None,
             #[cfg(target_arch = "x86_64")]
             avx512: None,
+            #[cfg(target_arch = "aarch64")]
+            neon: None,
             has: &|_| false,
         };
         assert_eq!(Isa::choose(IsaRequest::Auto, &none), Ok(Isa::Scalar));
@@ -364,12 +435,40 @@ mod tests {
             err.to_string(),
             "BAYESLORA_ISA=avx512 but this CPU lacks avx512f, avx2, fma"
         );
+        let err = Isa::choose(IsaRequest::Neon, &none).expect_err("no neon");
+        assert_eq!(
+            err.to_string(),
+            "BAYESLORA_ISA=neon but this CPU lacks neon"
+        );
+        // an ARM64 CPU: NEON, and an error for the x86 sets (the real token where this CPU
+        // can make one)
+        let arm = Cpu {
+            #[cfg(target_arch = "x86_64")]
+            avx2: None,
+            #[cfg(target_arch = "x86_64")]
+            avx512: None,
+            #[cfg(target_arch = "aarch64")]
+            neon: Neon::detect(),
+            has: &|f| f == "neon",
+        };
+        let err = Isa::choose(IsaRequest::Avx2, &arm).expect_err("no avx2 on ARM");
+        assert_eq!(
+            err.to_string(),
+            "BAYESLORA_ISA=avx2 but this CPU lacks avx2, fma"
+        );
+        #[cfg(target_arch = "aarch64")]
+        if let Some(t) = Neon::detect() {
+            assert_eq!(Isa::choose(IsaRequest::Auto, &arm), Ok(Isa::Neon(t)));
+            assert_eq!(Isa::choose(IsaRequest::Neon, &arm), Ok(Isa::Neon(t)));
+        }
         // AVX2 without AVX-512 (the real AVX2 token where this CPU can make one)
         let avx2_only = Cpu {
             #[cfg(target_arch = "x86_64")]
             avx2: Avx2::detect(),
             #[cfg(target_arch = "x86_64")]
             avx512: None,
+            #[cfg(target_arch = "aarch64")]
+            neon: None,
             has: &|f| f != "avx512f",
         };
         let err = Isa::choose(IsaRequest::Avx512, &avx2_only).expect_err("no avx512");
@@ -395,6 +494,8 @@ mod tests {
             avx2: None,
             #[cfg(target_arch = "x86_64")]
             avx512: None,
+            #[cfg(target_arch = "aarch64")]
+            neon: None,
             has: &|_| true,
         };
         let err = Isa::choose(IsaRequest::Avx2, &off).expect_err("no token");

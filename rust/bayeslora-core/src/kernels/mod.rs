@@ -12,7 +12,9 @@
 //! - AVX-512 (a 12 × 32 tile over two panels) or AVX2+FMA is used when the CPU has it, detected
 //!   once per process ([`Isa::get`]); otherwise a portable path with the same arithmetic
 //!   (`mul_add`) runs. `BAYESLORA_ISA=avx512|avx2|portable` forces one ([`ISA_ENV`]; a set the
-//!   CPU lacks is an error, never a fallback), so one machine runs every path. On the MiniLM shapes the AVX-512 kernel runs at 96–100 % of the FMA peak
+//!   CPU lacks is an error, never a fallback), so one machine runs every path. On ARM64 the set
+//!   is NEON (a 6 × 16 tile of 4-lane registers), else portable (`BAYESLORA_ISA=neon|portable`).
+//!   On the MiniLM shapes the AVX-512 kernel runs at 96–100 % of the FMA peak
 //!   [`fma_peak_gflops`] measures.
 //! - Softmax, exact GELU and add + LayerNorm have AVX-512 versions of the portable formulas (a
 //!   row's ragged end under a lane mask, so every element of a row is computed alike); K panels
@@ -22,18 +24,21 @@
 
 //!
 //! Where things are:
-//! - [`isa`]: the instruction set, detected once, as a type; the [`isa::Avx2`] and
-//!   [`isa::Avx512`] tokens that the safe entry points of the SIMD kernels require;
+//! - [`isa`]: the instruction set, detected once, as a type; the tokens (`Avx2`, `Avx512`,
+//!   `Neon`) that the safe entry points of the SIMD kernels require;
 //! - `pack`: [`Packed`], the panel layout of the right operand;
 //! - `gemm`: the driver (cache blocks, tiles, epilogues) and [`par_gemm`];
-//! - `scalar`, `x86_avx2`, `x86_avx512`: the micro-kernels, one instruction set per file
-//!   (`x86_avx2` and `x86_avx512` also hold their elementwise ops, `x86_avx512` the panel
-//!   transpose);
+//! - `scalar`, `x86_avx2`, `x86_avx512`, `aarch64_neon`: the micro-kernels, one instruction set
+//!   per file (`x86_avx2`, `x86_avx512` and `aarch64_neon` also hold their set's softmax, exact
+//!   GELU, (add +) LayerNorm; `x86_avx512` and `aarch64_neon` the panel transpose; NEON is tested
+//!   under qemu, not measured);
 //! - `elementwise`: the portable elementwise and row ops (with compiler-made AVX2 clones);
 //! - `peak`: the FMA-peak probe.
 
 pub mod isa;
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64_neon;
 mod elementwise;
 mod gemm;
 mod pack;
@@ -182,9 +187,12 @@ mod tests {
     fn fma_peak_is_measured() {
         let one = fma_peak_gflops(0.05, 1).expect("one thread starts");
         assert!(fma_peak_gflops(0.0, 1).is_err() && fma_peak_gflops(0.1, 0).is_err());
-        // any x86-64 CPU with AVX2 does several GFLOP/s; nothing does 10 TFLOP/s per core
+        // A rate, not a timing bound: a floor in GFLOP/s failed whenever other processes held the
+        // cores (0.44 measured at load 13), and qemu emulates NEON at well under 1 GFLOP/s. The
+        // rates themselves are benchmarks (examples/kernel_peak.rs, benches/). Positive and below
+        // what any core does (10 TFLOP/s) is what the probe must return.
         if Isa::get() != Isa::Scalar {
-            assert!(one > 1.0 && one < 10_000.0, "{one}");
+            assert!(one > 0.0 && one < 10_000.0, "{one}");
         } else {
             assert_eq!(one, 0.0);
         }
@@ -236,6 +244,8 @@ mod tests {
         let close = |isa: Isa, u: f32, v: f32, tol: f32| match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512(_) => (u - v).abs() <= tol * (1.0 + v.abs()),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon(_) => (u - v).abs() <= tol * (1.0 + v.abs()),
             _ => u.to_bits() == v.to_bits(),
         };
         for isa in Isa::available() {
@@ -246,6 +256,19 @@ mod tests {
             gelu_on(Isa::Scalar, &mut b);
             for (u, v) in a.iter().zip(&b) {
                 assert!(close(isa, *u, *v, 1e-6), "{name} gelu {u} vs {v}");
+            }
+            // ragged ends (masked or padded lanes): every element as in a full vector
+            for len in [1, 2, 3, 5, 7, 9, 15, 17, 31, 33] {
+                let mut a: Vec<f32> = x[..len].iter().map(|v| v * 12.0).collect();
+                let mut b = a.clone();
+                gelu_on(isa, &mut a);
+                gelu_on(Isa::Scalar, &mut b);
+                for (u, v) in a.iter().zip(&b) {
+                    assert!(
+                        close(isa, *u, *v, 1e-6),
+                        "{name} gelu len {len}: {u} vs {v}"
+                    );
+                }
             }
             let mut a: Vec<f32> = x.iter().map(|v| v * 6.0).collect();
             let mut b = a.clone();
@@ -296,6 +319,13 @@ mod tests {
     /// panel and a partial panel, K above the K block; all three epilogues.
     #[test]
     fn every_isa_computes_the_scalar_gemm_bit_for_bit() {
+        // every ARM64 CPU Linux runs on has NEON (qemu-aarch64 too): without it these tests
+        // would compare the portable path with itself
+        #[cfg(target_arch = "aarch64")]
+        assert!(
+            Isa::available().iter().any(|i| i.neon().is_some()),
+            "no NEON on this ARM64 CPU"
+        );
         for &(m, k, n) in &[
             (1, 1, 1),
             (5, 3, 15),

@@ -2,6 +2,8 @@
 //! of `[K][NR]` floats, zero padded. A layer's weight is packed once at load; activations that
 //! serve as right operands (keys, values, pooled rows) are re-packed into reused buffers.
 
+#[cfg(target_arch = "aarch64")]
+use super::aarch64_neon;
 use super::gemm::NR;
 use super::isa::Isa;
 #[cfg(target_arch = "x86_64")]
@@ -124,6 +126,15 @@ impl Packed {
             for (p, panel) in self.data.chunks_exact_mut(k * NR).enumerate() {
                 let (j0, cols) = (p * NR, NR.min(n - p * NR));
                 x86_avx512::transpose_panel(t, &b[j0 * ld..], ld, cols, k, panel);
+            }
+            return;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if let Some(t) = isa.neon() {
+            // 4 × 4 blocks transposed in registers
+            for (p, panel) in self.data.chunks_exact_mut(k * NR).enumerate() {
+                let (j0, cols) = (p * NR, NR.min(n - p * NR));
+                aarch64_neon::transpose_panel(t, &b[j0 * ld..], ld, cols, k, panel);
             }
             return;
         }

@@ -7,8 +7,8 @@ use crate::error::{Error, Result};
 
 /// The f32 FMA peak of this machine in GFLOP/s, measured: `threads` OS threads at once, each
 /// running independent fused multiply-add chains (12 accumulators, more than FMA latency ×
-/// FMA units) of the widest vectors the kernels use (AVX-512, else AVX2) for about `seconds`.
-/// The sum over the threads is returned; 0 when neither AVX2+FMA nor AVX-512 is available; an
+/// FMA units) of the widest vectors the kernels use (AVX-512, else AVX2; NEON on ARM64) for
+/// about `seconds`. The sum over the threads is returned; 0 on the portable set; an
 /// error for `seconds` ≤ 0 (at most 60 are run), no threads, threads the OS will not start, or
 /// an unusable `BAYESLORA_ISA` (the set it forces is the one measured).
 /// It is what a matrix kernel could at best execute at the clock the cores run now, which
@@ -48,6 +48,8 @@ fn fma_chains(seconds: f64) -> f64 {
             Isa::Avx512(t) => chains::avx512(t, 1 << 16),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2(t) => chains::avx2(t, 1 << 16),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon(t) => super::aarch64_neon::fma_chains(t, 1 << 16),
             Isa::Scalar => (0.0, 0.0),
         };
         flops += f;
