@@ -258,9 +258,10 @@ def test_cli_refuses_a_bad_jsonl_in_one_line(lm_dir, tmp_path):
 
 
 # ---- dtypes and gradient checkpointing -------------------------------------------------------------
-def test_bf16_training_keeps_the_adapters_float32(lm_dir, tmp_path):
+def _short_run(model_dir, lm_dir, out, **options):
+    """A 4-step rank-4 run on the pattern text, noise and KL from the first step; its summary."""
     settings = LMSettings(
-        model=str(lm_dir / "model"),
+        model=str(model_dir),
         data=f"text:{lm_dir / 'train.txt'}",
         rank=4,
         max_length=16,
@@ -268,11 +269,15 @@ def test_bf16_training_keeps_the_adapters_float32(lm_dir, tmp_path):
         max_train=32,
         max_eval=8,
         samples=2,
-        bf16=True,
         kl_freeze=0,
         sample_start=0,
+        **options,
     )
-    summary = train_lm(settings, tmp_path / "bf16", progress=False, log=lambda *a: None)
+    return train_lm(settings, out, progress=False, log=lambda *a: None)
+
+
+def test_bf16_training_keeps_the_adapters_float32(lm_dir, tmp_path):
+    summary = _short_run(lm_dir / "model", lm_dir, tmp_path / "bf16", bf16=True)
     model = summary["model"]
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     layers = [layer for _, layer in adapted_layers(model)]
@@ -291,20 +296,7 @@ def test_load_in_4bit_trains_float32_adapters_on_bitsandbytes_nf4_layers(lm_dir,
     model_dir = tmp_path / "m64"  # bitsandbytes' CPU kernel packs the output rows in blocks of 32
     tm.build_causal_lm("llama", hidden=64, heads=4, inter=128).save_pretrained(model_dir)
     _tokenizer().save_pretrained(model_dir)
-    settings = LMSettings(
-        model=str(model_dir),
-        data=f"text:{lm_dir / 'train.txt'}",
-        rank=4,
-        max_length=16,
-        epochs=1,
-        max_train=32,
-        max_eval=8,
-        samples=2,
-        load_in_4bit=True,
-        kl_freeze=0,
-        sample_start=0,
-    )
-    summary = train_lm(settings, tmp_path / "q", progress=False, log=lambda *a: None)
+    summary = _short_run(model_dir, lm_dir, tmp_path / "q", load_in_4bit=True)
     model = summary["model"]
     assert model.is_quantized and "_hf_peft_config_loaded" not in vars(model)  # the flag was scoped
     layers = [layer for _, layer in adapted_layers(model)]
