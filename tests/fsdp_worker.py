@@ -117,7 +117,11 @@ def run(mode: str, posterior: str, model_dir: str, out: Path, tokenizer) -> dict
             sync_rank_masks(model)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in adapter_state(model).items()}
     save_file(state, str(out / f"{posterior}-rank{rank}.safetensors"))
-    bl.save_adapter(model, out / f"{posterior}-adapter")  # every process: gathered, process 0 writes
+    if is_sharded(model) or rank == 0:
+        # FSDP2: every process calls it (the shards are gathered), process 0 writes; DDP: one
+        # process saves, as the Trainer does (two writers of one directory collide)
+        bl.save_adapter(model, out / f"{posterior}-adapter")
+    dist.barrier()
     report = {"sharded": is_sharded(model), "ranks": bl.ranks(model)}
     # what `bayeslora train` finishes on: an unsharded copy (every process gathers), which shrinks
     plain = _unsharded_copy(model, Path(model_dir), ["neg", "pos"], config)

@@ -50,7 +50,9 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, force: bool = 
     unless ``force``. A file, the current directory and the model's own directory are refused.
 
     A model sharded by FSDP2 is saved whole: every process calls ``save_adapter`` (the shards are
-    gathered), process 0 writes, and every process returns once the directory is there.
+    gathered), process 0 writes, and every process returns once the directory is there. An
+    unsharded model (one process, or DDP) is saved by the process that calls it: under DDP call it
+    on one process only (as ``BayesLoRATrainer`` does), since two writers of one directory collide.
     """
     model = unwrap(model)
     config = get_config(model)
