@@ -11,9 +11,9 @@ use bayeslora_core::encoder::{Encoder, Noise};
 use bayeslora_core::kernels::{gemm_on, Epilogue, Isa, Packed};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-#[path = "common/random_bert.rs"]
-mod random_bert;
-use random_bert::{pseudo, random_bert};
+#[path = "common/mod.rs"]
+mod common;
+use common::{pseudo, random_bert};
 
 fn bench_gemm(c: &mut Criterion) {
     let mut group = c.benchmark_group("gemm");

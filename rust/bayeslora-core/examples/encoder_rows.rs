@@ -8,23 +8,9 @@ use std::hint::black_box;
 use bayeslora_core::bundle::Bundle;
 use bayeslora_core::encoder::{Encoder, Noise};
 
-#[path = "../benches/common/random_bert.rs"]
-mod random_bert;
-use random_bert::random_bert;
-
-/// CPU time of this thread in seconds.
-fn thread_cpu() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux knows.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return f64::NAN;
-    }
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
+#[path = "../benches/common/mod.rs"]
+mod common;
+use common::{random_bert, thread_cpu};
 
 /// A random BERT of the MiniLM-L6 shape (vocabulary 2000) with gate adapters of rank 8 on
 /// query and value, as `benches/bench_runtime.py`.

@@ -12,31 +12,9 @@ use std::hint::black_box;
 
 use bayeslora_core::kernels::{self, fma_peak_gflops, gemm_on, Epilogue, Isa, Packed};
 
-fn pseudo(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5) * 0.2
-        })
-        .collect()
-}
-
-/// CPU time of this thread in seconds.
-fn thread_cpu() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux knows.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return f64::NAN;
-    }
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
+#[path = "../benches/common/mod.rs"]
+mod common;
+use common::{pseudo, thread_cpu};
 
 /// Best CPU seconds of one call of `f` over slices of about 20 ms.
 fn best_of(mut f: impl FnMut()) -> f64 {

@@ -1,7 +1,10 @@
-//! A random BERT bundle with gate adapters on query and value, built in memory: the encoder
-//! bench (`rust/bayeslora-core/benches/runtime.rs`) and
-//! `rust/bayeslora-core/examples/encoder_rows.rs` include this file with `#[path]` (a file
-//! under `benches/common/` is not a bench target of its own).
+//! What the criterion bench (`rust/bayeslora-core/benches/runtime.rs`) and the measuring examples
+//! (`rust/bayeslora-core/examples/encoder_rows.rs`, `rust/bayeslora-core/examples/kernel_peak.rs`)
+//! share: pseudo-random data, a thread's CPU time and a random BERT bundle built in memory. They
+//! include this file with `#[path]` (a `mod.rs` under `benches/common/` is not a bench target).
+
+// each includer uses a part of this file
+#![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -20,6 +23,20 @@ pub fn pseudo(n: usize, seed: u64) -> Vec<f32> {
             (((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5) * 0.2
         })
         .collect()
+}
+
+/// CPU time of this thread in seconds (NaN if the clock cannot be read).
+pub fn thread_cpu() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux knows.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return f64::NAN;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// A random BERT of the given shape (64 positions, 2 token types, GELU) with gate adapters of
