@@ -39,7 +39,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "bayes-t0": {"kl_temper": 0.0},  # no KL: the posterior's variance is fitted by the likelihood alone
 }
 OOD = "fortunes"
-SEQUENCE_SCORES = ("sequence_nll", "sequence_entropy", "sequence_mutual_info")
 
 
 def result_path(results: Path, name: str, seed: int) -> Path:
@@ -54,6 +53,7 @@ def run_one(name: str, seed: int, args: argparse.Namespace, log: Any) -> dict[st
 
     from bayeslora import metrics
     from bayeslora.data.text import load_text_source
+    from bayeslora.lm_evaluation import SEQUENCE_SCORES
     from bayeslora.train.lm_data import source_rows
     from bayeslora.train.lm_pipeline import LMSettings, lm_metrics, scalar_metrics, train_lm
 
@@ -97,7 +97,7 @@ def run_one(name: str, seed: int, args: argparse.Namespace, log: Any) -> dict[st
     return {
         "config": name,
         "seed": seed,
-        "settings": {k: v for k, v in summary["settings"].items()},
+        "settings": summary["settings"],
         "kl_scale": summary["kl_scale"],
         "tokens_per_sequence": summary["tokens_per_sequence"],
         "num_train": summary["num_train"],
@@ -113,7 +113,7 @@ def run_one(name: str, seed: int, args: argparse.Namespace, log: Any) -> dict[st
         "adapter_parameters": summary["adapter_parameters"],
         "prune_history": summary["prune_history"],
         "auroc_ood": auroc,
-        **{part: {m: v for m, v in res.items()} for part, res in out.items()},
+        **out,
         "scalars": {part: {m: scalar_metrics(v) for m, v in res.items()} for part, res in out.items()},
     }
 

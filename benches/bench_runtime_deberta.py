@@ -24,13 +24,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import bayeslora as bl
 from bayeslora.runtime import Scorer
-from bench_runtime import run_rust, run_torch, timeit
+from bench_runtime import check_against_torch, run_rust, run_torch, timeit
 
 HIDDEN, LAYERS, HEADS, INTER, VOCAB = 384, 12, 6, 1536, 128100
 SEQ, RANK = 64, 8
@@ -92,16 +91,7 @@ def setup(tmp_path_factory):
 @pytest.mark.parametrize("threads,batch,samples", [(1, 1, 0), (2, 1, 16)])
 def test_bench_runtime_deberta(benchmark, setup, threads, batch, samples):
     model, bundle = setup
-    torch.set_num_threads(threads)
-    scorer = Scorer(bundle, num_threads=threads)
-    x = inputs(batch)
-    xn = {k: v.numpy() for k, v in x.items()}
-    got = benchmark(run_rust, scorer, xn, samples)
-    want = run_torch(model, x, samples)
-    if samples == 0:
-        np.testing.assert_allclose(got["probs"], want["probs"].numpy(), atol=1e-4)
-    else:  # different noise streams: the MC means agree within sampling error of 16 samples
-        assert np.abs(got["probs"] - want["probs"].numpy()).max() < 0.2
+    check_against_torch(benchmark, model, bundle, inputs(batch), threads, samples)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,6 +85,22 @@ def batch(
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def np_inputs(inputs: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """(input ids, attention mask) of a ``batch`` as numpy, for ``Scorer.logits``."""
+    return inputs["input_ids"].numpy(), inputs["attention_mask"].numpy()
+
+
+def mask_some_ranks(model: torch.nn.Module, seed: int) -> list:
+    """Switch off about 30 % of every adapter's ranks by mask, as training's pruning does (seeded);
+    returns the adapted layers."""
+    g = torch.Generator().manual_seed(seed)
+    layers = [layer for _, layer in adapted_layers(model)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.rank_mask.copy_((torch.rand(layer.rank, generator=g) > 0.3).float())
+    return layers
+
+
 def torch_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> np.ndarray:
     with torch.no_grad():
         return model(**inputs).logits.double().numpy()

@@ -14,7 +14,17 @@ import bayeslora as bl
 from bayeslora.nn.model import adapted_layers
 from bayeslora.nn.prediction import summarize
 from bayeslora.runtime import FIELDS, Scorer, fma_peak_gflops
-from runtime_models import FAMILIES, TARGETS, adapt, batch, build, softmax, torch_logits
+from runtime_models import (
+    FAMILIES,
+    TARGETS,
+    adapt,
+    batch,
+    build,
+    mask_some_ranks,
+    np_inputs,
+    softmax,
+    torch_logits,
+)
 
 TOL = 1e-4
 
@@ -22,10 +32,6 @@ TOL = 1e-4
 def export_scorer(model, tmp_path, name="bundle", threads=1, **kw) -> Scorer:
     out = bl.export(model, None, tmp_path / name, **kw)
     return Scorer(out, num_threads=threads)
-
-
-def np_inputs(inputs):
-    return inputs["input_ids"].numpy(), inputs["attention_mask"].numpy()
 
 
 @st.composite
@@ -62,12 +68,9 @@ def test_mean_mode_matches_torch_on_random_configs(case, tmp_path_factory):
         seed=case["seed"],
     )
     adapt(model, case["targets"], rank=case["rank"], seed=case["seed"])
-    g = torch.Generator().manual_seed(case["seed"])
-    layers = [layer for _, layer in adapted_layers(model)]
-    with torch.no_grad():
-        for layer in layers:  # prune some ranks by mask (as training does)
-            layer.rank_mask.copy_((torch.rand(layer.rank, generator=g) > 0.3).float())
-        if case["zero_module"]:
+    layers = mask_some_ranks(model, case["seed"])
+    if case["zero_module"]:
+        with torch.no_grad():
             layers[0].rank_mask.zero_()
     inputs = batch(case["n"], case["t"], seed=case["seed"], pad=case["pad"], family=case["family"])
     want = torch_logits(model, inputs)

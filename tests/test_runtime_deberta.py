@@ -17,7 +17,16 @@ import bayeslora as bl
 from bayeslora.errors import BundleError, ConfigError
 from bayeslora.nn.model import adapted_layers
 from bayeslora.runtime import FIELDS, Scorer
-from runtime_models import DEBERTA_TARGETS, adapt, batch, build_deberta, softmax, torch_logits
+from runtime_models import (
+    DEBERTA_TARGETS,
+    adapt,
+    batch,
+    build_deberta,
+    mask_some_ranks,
+    np_inputs,
+    softmax,
+    torch_logits,
+)
 
 TOL = 1e-4
 # DeBERTa-v3's attention: relative, log buckets, both terms, shared keys, no absolute positions
@@ -30,10 +39,6 @@ V3 = {
     "position_biased_input": False,
     "norm_rel_ebd": "layer_norm",
 }
-
-
-def np_inputs(inputs):
-    return inputs["input_ids"].numpy(), inputs["attention_mask"].numpy()
 
 
 def holes(inputs, seed):
@@ -101,10 +106,7 @@ def test_mean_mode_matches_transformers_on_random_deberta_configs(case, tmp_path
         **case["options"],
     )
     adapt(model, case["targets"], rank=case["rank"], seed=case["seed"])
-    g = torch.Generator().manual_seed(case["seed"])
-    with torch.no_grad():
-        for _, layer in adapted_layers(model):  # prune some ranks by mask (as training does)
-            layer.rank_mask.copy_((torch.rand(layer.rank, generator=g) > 0.3).float())
+    mask_some_ranks(model, case["seed"])
     inputs = batch(case["n"], case["t"], seed=case["seed"], pad=case["pad"])
     if case["holes"]:
         inputs = holes(inputs, case["seed"])
