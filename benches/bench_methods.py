@@ -18,40 +18,97 @@ BBC News articles (labels ignored). BayesLoRA, LoRA and MC-dropout models are ex
 and scored by the Rust runtime (MC with ``--samples`` posterior samples); AdaLoRA, a PEFT model, by
 torch in its deterministic pass.
 
+Sentence pairs (issue #15, ``--data snli``): SNLI premise/hypothesis pairs, 3 classes, with the
+methods of the recipes that exist since issue #19 — ``bayeslora/select`` (the default recipe: the
+authors' training, the validation rank cut half-way, refit), ``bayeslora/gate`` (recipe ``vi``),
+``lora/select`` (LoRA with the default recipe's targets, optimiser and schedule) and its
+temperature-scaled row, and AdaLoRA at ``bayeslora/select``'s total rank. The shift is built as
+MNLI's mismatched genres are: two topics (``SNLI_TOPICS``: premises about animals, premises about
+water and snow) are taken out of training and validation, and their test pairs are the shifted
+sets; in-domain test pairs are the rest (the first ``SNLI_TEST``). OOD: pairs of consecutive
+sentences of BBC News articles (news prose, not image captions). Runs are saved one JSON per
+(method, seed) under ``--results`` and skipped when present, so a sweep resumes, and two processes
+can share one folder (each run is claimed by a lock file).
+
     python benches/bench_methods.py                 # 3 seeds, writes benches/RESULTS_methods.{md,json}
     python benches/bench_methods.py --seeds 1 --max-train 64 --epochs 1 --max-eval 40   # a smoke run
+    python benches/bench_methods.py --data snli --threads 1     # writes benches/RESULTS_methods_snli.*
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 FIDELITY_BEGIN = "<!-- bench_fidelity: begin -->"
 FIDELITY_END = "<!-- bench_fidelity: end -->"
+SNLI_BEGIN = "<!-- bench_methods snli: begin -->"
+SNLI_END = "<!-- bench_methods snli: end -->"
+SECTION = re.compile(r"<!-- (bench_[a-z_ ]+): begin -->.*?<!-- \1: end -->\n?", re.S)
 SHIFT = ("vader-tweets", "vader-amazon", "vader-nyt")
 OOD = "bbc"
 OOD_COUNT = 500
+DATASETS = ("vader-movies", "snli")
+# Held out of SNLI's training and validation, their test pairs the shifted sets (a premise naming
+# both topics counts as animals): written before any run, from the words of SNLI's captions.
+SNLI_TOPICS = {
+    "snli-animals": r"\b(?:dogs?|pupp(?:y|ies)|cats?|kittens?|horses?|birds?|cows?|cattle|sheep|"
+    r"animals?|bulls?|camels?|goats?|pigs?|ducks?|fish|elephants?|chickens?)\b",
+    "snli-water": r"\b(?:water|beach|ocean|pool|swim(?:s|ming|mers?)?|lake|river|boats?|surf(?:s|er|"
+    r"ers|ing|board)?|waves?|sea|snow|ski(?:s|er|ers|ing)?)\b",
+}
+SNLI_TEST = 2000  # in-domain SNLI test pairs scored
+SNLI_SHIFT_COUNT = 1000  # at most this many test pairs of each held-out topic
 METHODS = ("bayeslora/gate", "bayeslora/additive", "lora", "mcdropout", "adalora")
+SNLI_METHODS = ("bayeslora/select", "bayeslora/gate", "lora/select", "adalora")
+# method -> (recipe, TrainSettings overrides)
+METHOD_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "bayeslora/gate": ("vi", {"posterior": "gate"}),
+    "bayeslora/additive": ("vi", {"posterior": "additive"}),
+    "lora": ("vi", {"method": "lora"}),
+    "mcdropout": ("vi", {"method": "mcdropout"}),
+    "bayeslora/select": ("select", {}),
+    "lora/select": ("select", {"method": "lora"}),
+}
 ROWS = (
     "lora",
     "lora + temperature",
+    "lora/select",
+    "lora/select + temperature",
     "mcdropout",
+    "bayeslora/select",
+    "bayeslora/select (mean mode)",
     "bayeslora/gate",
     "bayeslora/gate (mean mode)",
     "bayeslora/additive",
     "adalora",
 )
+
+
+class EvalSet(NamedTuple):
+    """One scored set: texts [N], labels int64 [N] (None: OOD), second segments [N] of pairs."""
+
+    texts: list[str]
+    labels: np.ndarray | None
+    pairs: list[str] | None = None
+
+
+def shift_names(sets: dict[str, EvalSet]) -> list[str]:
+    return [n for n in sets if n not in ("test", "validation", OOD)]
+
+
 # Chosen on the validation split (seed 0, 2,000 examples, 3 epochs); every other setting is ours.
 # additive kl_scale: 0.02 (the gate's) kept 5 ± 6 of 96 ranks over 3 seeds (0 on seed 2; test acc
 # 0.69 ± 0.08); 0.01 kept 45 (val acc 0.823), 0.005 kept 82 (0.840), 0.001 all 96 (0.839). 0.01 is
@@ -59,7 +116,15 @@ ROWS = (
 # AdaLoRA lr: 2e-3 (ours) reached test acc 0.65 ± 0.01 over 3 seeds; at the gate's seed-0 budget of
 # 57 ranks, 5e-3 reached val acc 0.799 and 1e-2 0.840 (PEFT's init, E = 0, learns slowly).
 ADALORA_LR = 1e-2
-DETERMINISTIC = ("lora", "lora + temperature", "adalora", "bayeslora/gate (mean mode)")
+DETERMINISTIC = (
+    "lora",
+    "lora + temperature",
+    "lora/select",
+    "lora/select + temperature",
+    "adalora",
+    "bayeslora/gate (mean mode)",
+    "bayeslora/select (mean mode)",
+)
 
 
 def _fields_from_probs(probs: np.ndarray) -> dict[str, np.ndarray]:
@@ -68,9 +133,7 @@ def _fields_from_probs(probs: np.ndarray) -> dict[str, np.ndarray]:
     return metrics.uncertainty(probs[:, None, :])
 
 
-def _metrics(
-    outs: dict[str, dict[str, np.ndarray]], sets: dict[str, tuple[list[str], np.ndarray | None]]
-) -> dict[str, Any]:
+def _metrics(outs: dict[str, dict[str, np.ndarray]], sets: dict[str, EvalSet]) -> dict[str, Any]:
     """Every metric of one method from its docs/method.md §6 fields on each evaluation set."""
     from bayeslora import metrics
 
@@ -79,12 +142,13 @@ def _metrics(
         k: float(v) for k, v in metrics.summary(outs["test"]["probs"], test_labels).items()
     }
     res["shift"] = {}
-    for name in SHIFT:
+    shifted = shift_names(sets)
+    for name in shifted:
         res["shift"][name] = {
             k: float(v) for k, v in metrics.summary(outs[name]["probs"], sets[name][1]).items()
         }
-    res["shift_ece"] = float(np.mean([res["shift"][n]["ece"] for n in SHIFT]))
-    res["shift_accuracy"] = float(np.mean([res["shift"][n]["accuracy"] for n in SHIFT]))
+    res["shift_ece"] = float(np.mean([res["shift"][n]["ece"] for n in shifted]))
+    res["shift_accuracy"] = float(np.mean([res["shift"][n]["accuracy"] for n in shifted]))
     s_in, s_out = metrics.uncertainty_scores(outs["test"]), metrics.uncertainty_scores(outs[OOD])
     for k in metrics.UNCERTAINTY_SCORES:
         res[f"auroc_{k}"] = metrics.auroc(s_in[k], s_out[k])
@@ -97,8 +161,11 @@ def _score_bundle(bundle: Path, sets: dict, samples: int, seed: int, threads: in
 
     scorer = Scorer(bundle, num_threads=threads)
     return {
-        name: {k: np.asarray(v) for k, v in scorer.score(texts, samples=samples, seed=seed).items()}
-        for name, (texts, _) in sets.items()
+        name: {
+            k: np.asarray(v)
+            for k, v in scorer.score(s.texts, samples=samples, seed=seed, text_pairs=s.pairs).items()
+        }
+        for name, s in sets.items()
     }
 
 
@@ -111,27 +178,25 @@ def _alignment(model: Any) -> float | None:
 def run_ours(method: str, seed: int, args: argparse.Namespace, sets: dict, work: Path, log: Any) -> dict:
     """Train one of our methods, export its bundle, score every set with the Rust runtime."""
     from bayeslora.bundle import export
-    from bayeslora.pipeline import TrainSettings, train
+    from bayeslora.pipeline import SELECT_EXAMPLES, TrainSettings, train
 
-    family, _, posterior = method.partition("/")
-    overrides = (
-        {"kl_scale": args.additive_kl_scale}
-        if posterior == "additive" and args.additive_kl_scale is not None
-        else {}
-    )
+    recipe, overrides = METHOD_RECIPES[method]
+    if method == "bayeslora/additive" and args.additive_kl_scale is not None:
+        overrides = {**overrides, "kl_scale": args.additive_kl_scale}
     settings = TrainSettings.for_recipe(
-        "vi",
+        recipe,
         **overrides,
-        method=family,
-        posterior=posterior or "gate",
+        data=args.data,
         seed=seed,
         max_train=args.max_train,
         epochs=args.epochs,
         max_length=args.max_length,
         samples=0,  # evaluated below, by the runtime
         max_eval=64,  # train()'s own quick check; the real evaluation is below
+        select_examples=SELECT_EXAMPLES,  # ... which must not cap the rank cut's validation examples
         save_steps=10**6,
     )
+    family = settings.method
     out = work / f"{method.replace('/', '-')}-{seed}"
     run = train(settings, out, progress=False, log=log)
     bundle = out / "bundle"
@@ -154,10 +219,10 @@ def run_ours(method: str, seed: int, args: argparse.Namespace, sets: dict, work:
     }
     results = {method: {**_metrics(outs, sets), **info}}
     if family == "lora":
-        results.update(_temperature_row(outs, sets, info))
-    if method == "bayeslora/gate":
+        results[f"{method} + temperature"] = _temperature_row(outs, sets, info)["lora + temperature"]
+    if method in ("bayeslora/gate", "bayeslora/select"):
         mean_outs = _score_bundle(bundle, sets, 0, seed, args.threads)
-        results["bayeslora/gate (mean mode)"] = {**_metrics(mean_outs, sets), **info}
+        results[f"{method} (mean mode)"] = {**_metrics(mean_outs, sets), **info}
     return results
 
 
@@ -174,8 +239,11 @@ def _temperature_row(outs: dict, sets: dict, info: dict) -> dict:
     return {"lora + temperature": {**_metrics(scaled, sets), **info, "temperature": t}}
 
 
-def run_adalora(seed: int, budget: int, args: argparse.Namespace, sets: dict, data: Any, log: Any) -> dict:
-    """PEFT AdaLoRA from rank 8 down to ``budget`` total ranks, same optimiser and schedule."""
+def run_adalora(
+    seed: int, budget: int, args: argparse.Namespace, sets: dict, data: Any, log: Any, recipe: str = "vi"
+) -> dict:
+    """PEFT AdaLoRA from rank 8 down to ``budget`` total ranks, with the targets, optimiser and schedule
+    of ``recipe`` (that of the BayesLoRA run whose total rank is the budget) and ``--adalora-lr``."""
     import torch
     from peft import AdaLoraConfig, get_peft_model
     from transformers import (
@@ -189,7 +257,7 @@ def run_adalora(seed: int, budget: int, args: argparse.Namespace, sets: dict, da
 
     from bayeslora.pipeline import TrainSettings, _Encoded, predict, resolve_model, training_arguments
 
-    defaults = TrainSettings.for_recipe("vi")
+    defaults = TrainSettings.for_recipe(recipe)
     model_dir = resolve_model("default")
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -199,12 +267,21 @@ def run_adalora(seed: int, budget: int, args: argparse.Namespace, sets: dict, da
     total_steps = math.ceil(math.ceil(n_train / defaults.batch_size) * args.epochs)
     # AdaLoRA's schedule: plain training for tinit steps, cubic budget decrease, then tfinal steps at
     # the final budget. tinit = BayesLoRA's noise-free start; tfinal the last ~20 % of training.
-    tinit = min(defaults.sample_start, max(1, total_steps // 4))
+    quarter = max(1, total_steps // 4)
+    tinit = quarter if defaults.sample_start is None else min(defaults.sample_start, quarter)
     tfinal = max(1, total_steps // 5)
+    if total_steps - tinit - tfinal <= 0:
+        raise SystemExit(f"adalora: {total_steps} steps leave its schedule no budgeting phase (train longer)")
+    n_modules = sum(
+        1
+        for name, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and any(name == t or name.endswith("." + t) for t in defaults.targets)
+    )  # PEFT's suffix match of target_modules
     config = AdaLoraConfig(
         task_type="SEQ_CLS",
         init_r=defaults.rank,
-        target_r=max(1, round(budget / 12)),
+        target_r=max(1, round(budget / n_modules)),
         lora_alpha=defaults.alpha,
         lora_dropout=0.0,
         target_modules=list(defaults.targets),
@@ -223,9 +300,10 @@ def run_adalora(seed: int, budget: int, args: argparse.Namespace, sets: dict, da
         def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             model.base_model.update_and_allocate(state.global_step)  # grads still present here
 
-    train_ds = _Encoded(tokenizer, data.train.texts[:n_train], data.train.labels[:n_train], args.max_length)
+    part = data.train.head(n_train)
+    train_ds = _Encoded(tokenizer, part.texts, part.labels, args.max_length, part.text_pairs)
     settings = TrainSettings.for_recipe(
-        "vi", seed=seed, epochs=args.epochs, max_length=args.max_length, lr=args.adalora_lr or defaults.lr
+        recipe, seed=seed, epochs=args.epochs, max_length=args.max_length, lr=args.adalora_lr or defaults.lr
     )
     with tempfile.TemporaryDirectory() as tmp:
         targs = training_arguments(settings, tmp, n_train, progress=False, save=False)
@@ -251,14 +329,16 @@ def run_adalora(seed: int, budget: int, args: argparse.Namespace, sets: dict, da
     sets = {k: v for k, v in sets.items() if k != "validation"}
     t0 = time.perf_counter()
     outs = {
-        name: _fields_from_probs(predict(model, tokenizer, texts, 0, seed, args.max_length).mean(1))
-        for name, (texts, _) in sets.items()
+        name: _fields_from_probs(
+            predict(model, tokenizer, s.texts, 0, seed, args.max_length, text_pairs=s.pairs).mean(1)
+        )
+        for name, s in sets.items()
     }
     eval_seconds = time.perf_counter() - t0
     log(f"[adalora] seed {seed}: final total rank {final_rank} (budget {budget}), {train_seconds:.0f} s")
     info = {
         "total_rank": final_rank,
-        "initial_total_rank": defaults.rank * 12,
+        "initial_total_rank": defaults.rank * n_modules,
         "adapter_parameters": params,
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
@@ -269,20 +349,99 @@ def run_adalora(seed: int, budget: int, args: argparse.Namespace, sets: dict, da
     return {"adalora": {**_metrics(outs, sets), **info}}
 
 
-def eval_sets(seed: int, max_eval: int | None) -> tuple[Any, dict[str, tuple[list[str], np.ndarray | None]]]:
+def _eval_set(split: Any, n: int | None) -> EvalSet:
+    part = split.head(n)
+    return EvalSet(list(part.texts), part.labels, None if part.text_pairs is None else list(part.text_pairs))
+
+
+def _topic_masks(premises: list[str]) -> dict[str, np.ndarray]:
+    """Which premises belong to each held-out topic (disjoint: the first topic named wins)."""
+    taken = np.zeros(len(premises), bool)
+    masks = {}
+    for name, pattern in SNLI_TOPICS.items():
+        rx = re.compile(pattern, re.I)
+        m = np.array([bool(rx.search(t)) for t in premises], bool) & ~taken
+        masks[name], taken = m, taken | m
+    return masks
+
+
+def _subset(split: Any, keep: np.ndarray) -> Any:
+    idx = np.flatnonzero(keep)
+    pairs = None if split.text_pairs is None else [split.text_pairs[i] for i in idx]
+    return dataclasses.replace(
+        split, texts=[split.texts[i] for i in idx], labels=split.labels[idx], text_pairs=pairs
+    )
+
+
+def snli_topics_held_out(data: Any) -> tuple[Any, dict[str, Any]]:
+    """SNLI without the ``SNLI_TOPICS`` premises in train, validation and test, and the topics' test
+    pairs (the shifted sets)."""
+    out, shifted = {}, {}
+    for split in ("train", "validation", "test"):
+        s = getattr(data, split)
+        masks = _topic_masks(s.texts)
+        out[split] = _subset(s, ~np.any(list(masks.values()), axis=0))
+        if split == "test":
+            shifted = {name: _subset(s, m) for name, m in masks.items()}
+    note = "topics held out for the shift: " + ", ".join(SNLI_TOPICS)
+    return dataclasses.replace(data, **out, notes=(*data.notes, note)), shifted
+
+
+def hold_out_snli_topics() -> None:
+    """Make ``bayeslora.data.load_dataset("snli")`` (which ``train()`` calls) return SNLI with the
+    held-out topics removed, for this process: the benchmark's training data, not a product option."""
+    import bayeslora.data as bd
+
+    if getattr(bd.load_dataset, "_topics_held_out", False):
+        return
+    original = bd.load_dataset
+
+    def load(name: str, *a: Any, **kw: Any) -> Any:
+        data = original(name, *a, **kw)
+        return snli_topics_held_out(data)[0] if name == "snli" else data
+
+    load._topics_held_out = True  # type: ignore[attr-defined]
+    bd.load_dataset = load
+
+
+def bbc_sentence_pairs(seed: int, n: int) -> EvalSet:
+    """OOD pairs for an NLI model: the first two sentences of each of ``n`` BBC News articles."""
     from bayeslora.data import load_dataset
 
-    data = load_dataset("vader-movies", seed=seed)
-    sets: dict[str, tuple[list[str], np.ndarray | None]] = {
-        "test": (list(data.test.texts[:max_eval]), data.test.labels[:max_eval]),
-        "validation": (list(data.validation.texts[:max_eval]), data.validation.labels[:max_eval]),
-    }
-    for name in SHIFT:
-        ds = load_dataset(name, seed=seed)
-        sets[name] = (list(ds.test.texts[:max_eval]), ds.test.labels[:max_eval])
-    ood = load_dataset(OOD, seed=seed)
+    texts, pairs = [], []
+    for article in load_dataset(OOD, seed=seed).train.texts:
+        sentences = [t for t in re.split(r"(?<=[.!?])\s+", article.strip()) if len(t.split()) >= 3]
+        if len(sentences) >= 2:
+            texts.append(sentences[0])
+            pairs.append(sentences[1])
+        if len(texts) == n:
+            break
+    return EvalSet(texts, None, pairs)
+
+
+def eval_sets(
+    seed: int, max_eval: int | None, data_name: str = "vader-movies"
+) -> tuple[Any, dict[str, EvalSet]]:
+    from bayeslora.data import load_dataset
+
     n_ood = OOD_COUNT if max_eval is None else min(OOD_COUNT, max_eval)
-    sets[OOD] = (list(ood.train.texts[:n_ood]), None)  # shuffled, all five topics; labels unused
+    if data_name == "snli":
+        from bayeslora.data.sources import load_dataset as load_whole  # never the patched one
+
+        hold_out_snli_topics()  # for train(), in this process
+        data, shifted = snli_topics_held_out(load_whole("snli", seed=seed))
+        cap = SNLI_TEST if max_eval is None else min(SNLI_TEST, max_eval)
+        shift_cap = SNLI_SHIFT_COUNT if max_eval is None else min(SNLI_SHIFT_COUNT, max_eval)
+        sets = {"test": _eval_set(data.test, cap), "validation": _eval_set(data.validation, cap)}
+        sets.update({name: _eval_set(split, shift_cap) for name, split in shifted.items()})
+        sets[OOD] = bbc_sentence_pairs(seed, n_ood)
+        return data, sets
+    data = load_dataset(data_name, seed=seed)
+    sets = {"test": _eval_set(data.test, max_eval), "validation": _eval_set(data.validation, max_eval)}
+    for name in SHIFT:
+        sets[name] = _eval_set(load_dataset(name, seed=seed).test, max_eval)
+    ood = load_dataset(OOD, seed=seed)
+    sets[OOD] = EvalSet(list(ood.train.texts[:n_ood]), None)  # shuffled, all five topics; labels unused
     return data, sets
 
 
@@ -351,7 +510,10 @@ def _noise(a: tuple[float, float], b: tuple[float, float], n: int) -> float:
 def claims(table: dict, n_seeds: int) -> list[str]:
     """docs/method.md §9 claims, each stated as held or not with the numbers behind it."""
     out = []
-    g, lo = table.get("bayeslora/gate"), table.get("lora")
+    ours, base = (
+        ("bayeslora/select", "lora/select") if "bayeslora/select" in table else ("bayeslora/gate", "lora")
+    )
+    g, lo = table.get(ours), table.get(base)
     if g is None or lo is None:
         return out
     rank, init = g["total_rank"][0], g["initial_total_rank"][0]
@@ -359,9 +521,9 @@ def claims(table: dict, n_seeds: int) -> list[str]:
     tol = _noise(g["accuracy"], lo["accuracy"], n_seeds)
     rank_ok, acc_ok = rank <= 0.5 * init, abs(d_acc) <= tol
     out.append(
-        f"1. Learned rank — **{'held' if rank_ok and acc_ok else 'did not hold'}**: bayeslora/gate keeps "
+        f"1. Learned rank — **{'held' if rank_ok and acc_ok else 'did not hold'}**: {ours} keeps "
         f"{rank:.1f} of {init:.0f} ranks ({100 * rank / init:.0f} %; 'well below' read as ≤ 50 %: "
-        f"{'yes' if rank_ok else 'no'}); accuracy {d_acc:+.3f} vs LoRA (noise: ±{tol:.3f}, two standard "
+        f"{'yes' if rank_ok else 'no'}); accuracy {d_acc:+.3f} vs {base} (noise: ±{tol:.3f}, two standard "
         f"errors of the difference over {n_seeds} seeds: {'within' if acc_ok else 'outside'})."
     )
     ga, la = g.get("alignment"), lo.get("alignment")
@@ -370,16 +532,16 @@ def claims(table: dict, n_seeds: int) -> list[str]:
         out.append(
             f"2. Alignment — **{'held' if al_ok else 'did not hold'}** on this data: gap-weighted cos of "
             f"the largest principal angle between the top-j relevant a_k and the top-j right singular "
-            f"vectors, bayeslora/gate {ga[0]:.3f} ± {ga[1]:.3f} vs LoRA in index order (the control) "
+            f"vectors, {ours} {ga[0]:.3f} ± {ga[1]:.3f} vs LoRA in index order (the control) "
             f"{la[0]:.3f} ± {la[1]:.3f}. (The planted-task control is in `benches/RESULTS_analysis.md`.)"
         )
     md = table.get("mcdropout")
-    lt = table.get("lora + temperature")
+    lt = table.get(f"{base} + temperature")
     ece_ok = g["ece"][0] < lo["ece"][0] and g["nll"][0] < lo["nll"][0]
     mc_ok = md is None or g["ece"][0] <= md["ece"][0]
     cost = g["train_cpu_seconds"][0] / lo["train_cpu_seconds"][0]
     text = (
-        f"3. Calibration — **{'held' if ece_ok and mc_ok else 'did not hold'}**: bayeslora/gate (MC) ECE "
+        f"3. Calibration — **{'held' if ece_ok and mc_ok else 'did not hold'}**: {ours} (MC) ECE "
         f"{g['ece'][0]:.3f} / NLL {g['nll'][0]:.3f} vs LoRA {lo['ece'][0]:.3f} / {lo['nll'][0]:.3f} "
         f"(lower than LoRA: {'yes' if ece_ok else 'no'})"
     )
@@ -392,12 +554,112 @@ def claims(table: dict, n_seeds: int) -> list[str]:
     return out
 
 
+def _slug(method: str) -> str:
+    return method.replace("/", "-")
+
+
+def _run_path(results: Path, method: str, seed: int) -> Path:
+    return results / f"{_slug(method)}__s{seed}.json"
+
+
+def _claim(path: Path) -> bool:
+    """Take the run whose result goes to ``path``: a lock file beside it, created exclusively (a lock
+    whose process is gone is taken over)."""
+    lock = path.with_suffix(".lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or "0")
+                os.kill(pid, 0)
+                return False  # another process runs it
+            except (ValueError, ProcessLookupError):
+                lock.unlink(missing_ok=True)  # stale: its process ended without a result
+                continue
+            except PermissionError:
+                return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def _budget_method(methods: list[str]) -> str:
+    return "bayeslora/select" if "bayeslora/select" in methods else "bayeslora/gate"
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a saved run must share with this invocation to be counted in its table."""
+    keys = (
+        "data",
+        "max_train",
+        "epochs",
+        "max_length",
+        "samples",
+        "max_eval",
+        "adalora_lr",
+        "additive_kl_scale",
+    )
+    return {k: getattr(args, k) for k in keys}
+
+
+def run_all(args: argparse.Namespace, results: Path, work: Path, log: Any, t_start: float) -> None:
+    """Every (seed, method) run not in ``results`` yet; AdaLoRA waits for its budget's run."""
+    pending = [(seed, m) for seed in args.seeds for m in args.methods]
+    sets_of: dict[int, tuple[Any, dict]] = {}
+    while pending:
+        progressed = waiting = False
+        for seed, method in list(pending):
+            path = _run_path(results, method, seed)
+            if path.exists():
+                pending.remove((seed, method))
+                continue
+            budget_path = _run_path(results, _budget_method(args.methods), seed)
+            if method == "adalora" and not budget_path.exists():
+                waiting = True
+                continue
+            if not _claim(path):
+                pending.remove((seed, method))  # another process has it
+                continue
+            try:
+                if seed not in sets_of:
+                    sets_of[seed] = eval_sets(seed, args.max_eval, args.data)
+                data, sets = sets_of[seed]
+                t0 = time.perf_counter()
+                if method == "adalora":
+                    budget = json.loads(budget_path.read_text())[_budget_method(args.methods)]["total_rank"]
+                    recipe = METHOD_RECIPES[_budget_method(args.methods)][0]
+                    rows = run_adalora(seed, budget, args, sets, data, log, recipe)
+                else:
+                    rows = run_ours(method, seed, args, sets, work, log)
+                tmp = path.with_suffix(".tmp")
+                rows = {**rows, "_settings": run_settings(args)}
+                tmp.write_text(json.dumps(rows, indent=2, default=str))
+                tmp.replace(path)
+            finally:
+                path.with_suffix(".lock").unlink(missing_ok=True)
+            pending.remove((seed, method))
+            progressed = True
+            r = rows[method]
+            log(
+                f"seed {seed} {method:20} acc {r['accuracy']:.3f} NLL {r['nll']:.3f} ECE {r['ece']:.3f} "
+                f"AUROC(H) {r['auroc_entropy']:.3f} rank {r['total_rank']} "
+                f"({time.perf_counter() - t0:.0f} s; {time.perf_counter() - t_start:.0f} s so far)"
+            )
+        if waiting and not progressed:
+            time.sleep(20)  # AdaLoRA's budget is being trained by another process
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    ap.add_argument("--max-train", type=int, default=2000)
-    ap.add_argument("--epochs", type=float, default=3.0)
-    ap.add_argument("--max-length", type=int, default=48)
+    ap.add_argument("--data", default="vader-movies", choices=DATASETS)
+    ap.add_argument(
+        "--seeds", type=int, nargs="+", default=[3], help="N: seeds 0..N-1, or the seeds themselves"
+    )
+    ap.add_argument("--max-train", type=int, default=None, help="default: 2000 (VADER), 6000 (SNLI)")
+    ap.add_argument("--epochs", type=float, default=None, help="default: 3 (VADER), 2 (SNLI)")
+    ap.add_argument("--max-length", type=int, default=None, help="default: 48 (VADER), 64 (SNLI)")
     ap.add_argument("--samples", type=int, default=8, help="posterior samples for MC methods")
     ap.add_argument("--max-eval", type=int, default=None, help="cap every evaluation set (smoke runs)")
     ap.add_argument("--threads", type=int, default=2, help="torch and runtime threads")
@@ -408,12 +670,38 @@ def main(argv: list[str] | None = None) -> int:
         help="kl_scale of bayeslora/additive (default: TrainSettings' additive default, 0.01)",
     )
     ap.add_argument("--adalora-lr", type=float, default=ADALORA_LR, help="learning rate of AdaLoRA")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=sorted({*METHODS, *SNLI_METHODS}),
+        help="default: per --data",
+    )
     ap.add_argument("--work", default=None, help="where checkpoints go (default: a temporary dir)")
-    ap.add_argument("--out", default=str(HERE / "RESULTS_methods"), help="writes OUT.md and OUT.json")
+    ap.add_argument(
+        "--results",
+        default=None,
+        help="folder of per-run JSON files: finished runs are skipped (resumable; SNLI default "
+        "benches/results/methods-snli)",
+    )
+    ap.add_argument("--report", action="store_true", help="only write the table from --results")
+    ap.add_argument(
+        "--out", default=None, help="writes OUT.md and OUT.json (default benches/RESULTS_methods[_snli])"
+    )
     args = ap.parse_args(argv)
-    if "adalora" in args.methods and "bayeslora/gate" not in args.methods:
-        ap.error("adalora takes its budget from bayeslora/gate: keep both in --methods")
+    snli = args.data == "snli"
+    args.seeds = list(range(args.seeds[0])) if len(args.seeds) == 1 else args.seeds
+    args.methods = args.methods or list(SNLI_METHODS if snli else METHODS)
+    args.max_train = args.max_train or (6000 if snli else 2000)
+    args.epochs = args.epochs or (2.0 if snli else 3.0)
+    args.max_length = args.max_length or (64 if snli else 48)
+    args.out = args.out or str(HERE / ("RESULTS_methods_snli" if snli else "RESULTS_methods"))
+    if args.results is None and snli:
+        args.results = str(HERE / "results" / "methods-snli")
+    if "adalora" in args.methods and _budget_method(args.methods) not in args.methods:
+        ap.error("adalora takes its budget from bayeslora/select or bayeslora/gate: keep one in --methods")
+    if args.report and args.results is None:
+        ap.error("--report reads --results")
 
     import torch
     from transformers.utils import logging as hf_logging
@@ -425,52 +713,95 @@ def main(argv: list[str] | None = None) -> int:
         print(*a, file=sys.stderr, flush=True)
 
     t_start = time.perf_counter()
-    per_seed: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
-        for seed in range(args.seeds):
-            data, sets = eval_sets(seed, args.max_eval)
+        results = Path(args.results) if args.results else Path(tmp) / "results"
+        results.mkdir(parents=True, exist_ok=True)
+        if not args.report:
+            run_all(args, results, work, log, t_start)
+        per_seed = []
+        for seed in args.seeds:
             rows: dict[str, Any] = {}
             for method in args.methods:
-                t0 = time.perf_counter()
-                if method == "adalora":
-                    budget = rows["bayeslora/gate"]["total_rank"]
-                    rows.update(run_adalora(seed, budget, args, sets, data, log))
-                else:
-                    rows.update(run_ours(method, seed, args, sets, work, log))
-                r = rows[method]
-                log(
-                    f"seed {seed} {method:20} acc {r['accuracy']:.3f} NLL {r['nll']:.3f} ECE {r['ece']:.3f} "
-                    f"AUROC(H) {r['auroc_entropy']:.3f} rank {r['total_rank']} "
-                    f"({time.perf_counter() - t0:.0f} s; {time.perf_counter() - t_start:.0f} s so far)"
-                )
-            per_seed.append(rows)
+                path = _run_path(results, method, seed)
+                if path.exists():
+                    saved = json.loads(path.read_text())
+                    if saved.pop("_settings", None) != run_settings(args):
+                        raise SystemExit(f"{path} was run with other settings: use another --results")
+                    rows.update(saved)
+            if rows:
+                per_seed.append(rows)
+        _, sets = eval_sets(args.seeds[0], args.max_eval, args.data)
     total = time.perf_counter() - t_start
     table = aggregate(per_seed)
-    stated = claims(table, args.seeds)
+    stated = claims(table, len(per_seed))
     cmd = " ".join(["python benches/bench_methods.py", *(sys.argv[1:] if argv is None else argv)])
-    md = (
-        f"# Method comparison (docs/method.md §9), {args.seeds} seed(s), mean ± std\n\n"
-        f"`{cmd}` — {total / 60:.1f} min on {args.threads} threads ({os.cpu_count()} cores); "
-        f"{args.max_train} training examples of VADER movies, {args.epochs:g} epochs, max length "
-        f"{args.max_length}, rank 8 on query/value, {args.samples} posterior samples for MC methods; "
-        f"shift ECE = mean over VADER tweets/amazon/nyt test splits; OOD = {len(sets[OOD][0])} BBC "
-        f"articles vs the movies test split, scored by predictive entropy (H) or mutual information (MI).\n\n"
-        f"{markdown_table(table)}\n\n" + "\n".join(stated) + "\n"
+    md = f"# Method comparison (docs/method.md §9), {len(per_seed)} seed(s), mean ± std\n\n" + describe(
+        args, cmd, total, sets
     )
+    md += f"{markdown_table(table)}\n\n" + "\n".join(stated) + "\n"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     md_path = out.with_suffix(".md")
-    if md_path.exists():  # keep the section bench_fidelity.py writes (issue #19), between its markers
-        old = md_path.read_text()
-        if FIDELITY_BEGIN in old and FIDELITY_END in old:
-            md = md.rstrip("\n") + "\n\n" + old[old.index(FIDELITY_BEGIN) : old.index(FIDELITY_END)]
-            md += FIDELITY_END + "\n"
-    md_path.write_text(md)
+    keep_sections(md_path, md)
     payload = {"args": vars(args), "seconds": total, "per_seed": per_seed, "table": table, "claims": stated}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
+    if snli and out == HERE / "RESULTS_methods_snli":  # a section in RESULTS_methods.md too, between markers
+        section = f"{SNLI_BEGIN}\n## Sentence pairs: SNLI (issue #15)\n\n" + md.split("\n\n", 1)[1]
+        write_marked(
+            HERE / "RESULTS_methods.md", SNLI_BEGIN, SNLI_END, section.rstrip("\n") + "\n" + SNLI_END + "\n"
+        )
     print(md)
     return 0
+
+
+def describe(args: argparse.Namespace, cmd: str, total: float, sets: dict[str, EvalSet]) -> str:
+    if args.data == "snli":
+        sizes = ", ".join(f"{n} {len(s.texts)}" for n, s in sets.items() if n != "validation")
+        return (
+            f"`{cmd}` — {total / 60:.1f} min in this process on {args.threads} thread(s) "
+            f"({os.cpu_count()} cores); {args.max_train} training pairs of SNLI without the held-out "
+            f"topics ({', '.join(SNLI_TOPICS)}), {args.epochs:g} epochs, max length {args.max_length}, "
+            f"rank 8 on {', '.join(_targets('select'))} for the default recipe's rows and AdaLoRA, "
+            f"on {', '.join(_targets('vi'))} for bayeslora/gate (recipe vi), "
+            f"{args.samples} posterior samples for MC methods, scored pairs: {sizes}. "
+            "shift ECE = mean over the held-out topics' test pairs; OOD = consecutive BBC News sentences "
+            "vs the in-domain test pairs, scored by predictive entropy (H) or mutual information (MI). "
+            "`lora/select` trains LoRA with the default recipe's targets, optimiser and schedule; "
+            "AdaLoRA's final budget is bayeslora/select's total rank on the same seed.\n\n"
+        )
+    return (
+        f"`{cmd}` — {total / 60:.1f} min on {args.threads} threads ({os.cpu_count()} cores); "
+        f"{args.max_train} training examples of VADER movies, {args.epochs:g} epochs, max length "
+        f"{args.max_length}, rank 8 on query/value, {args.samples} posterior samples for MC methods; "
+        f"shift ECE = mean over VADER tweets/amazon/nyt test splits; OOD = {len(sets[OOD].texts)} BBC "
+        f"articles vs the movies test split, scored by predictive entropy (H) or mutual information (MI).\n\n"
+    )
+
+
+def _targets(recipe: str) -> list[str]:
+    from bayeslora.pipeline import TrainSettings
+
+    return list(TrainSettings.for_recipe(recipe).targets)
+
+
+def keep_sections(md_path: Path, md: str) -> None:
+    """Write ``md`` to ``md_path``, keeping the marked sections other benches wrote there."""
+    old = md_path.read_text() if md_path.exists() else ""
+    kept = [m.group(0) for m in SECTION.finditer(old) if m.group(0) not in md]
+    md_path.write_text(md.rstrip("\n") + "".join("\n\n" + k.rstrip("\n") + "\n" for k in kept))
+
+
+def write_marked(path: Path, begin: str, end: str, section: str) -> None:
+    """Replace the section between ``begin`` and ``end`` of ``path`` (or append it)."""
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,15 @@ def test_bench_runtime(benchmark, setup, threads, batch, samples):
     check_against_torch(benchmark, model, bundle, inputs(batch), threads, samples)
 
 
+ISA_VARIABLES = ("BAYESLORA_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
+def isa_setting() -> str:
+    """How the instruction sets were chosen: the restricting variables that are set, or 'auto'."""
+    set_ = [f"{k}={os.environ[k]}" for k in ISA_VARIABLES if os.environ.get(k)]
+    return "restricted by " + ", ".join(set_) if set_ else "auto: the widest this CPU has"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write the markdown table here")
@@ -202,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"Measured by `python benches/bench_runtime.py --out benches/RESULTS_runtime.md` on "
             f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs), torch "
-            f"{torch.__version__}, Python {sys.version.split()[0]}.",
+            f"{torch.__version__}, Python {sys.version.split()[0]}; instruction sets: the runtime's "
+            f"kernels `{bl.runtime.isa()}`, torch's `{torch.backends.cpu.get_cpu_capability()}` "
+            f"({isa_setting()}).",
             f"BERT hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, intermediate {INTER}, vocab {VOCAB}, "
             f"random weights; gate adapters rank {RANK} on query/value; sequence {SEQ}, all tokens "
             "attended. S = 0: mean mode; S = 16: "

@@ -445,3 +445,14 @@ def test_max_eval_caps_the_validation_examples_of_the_rank_cut(tiny_model_dir, s
     whole = train(_tiny_settings(tiny_model_dir, sentiment_csv, recipe="select"), tmp_path / "b", **quiet)
     (cut,) = whole["rank_selection"]
     assert cut["examples"] == min(len(whole["data"].validation), SELECT_EXAMPLES) > 5
+    # select_examples sets the cut's examples whatever max_eval says (benchmarks cap only the report)
+    chosen = train(
+        _tiny_settings(tiny_model_dir, sentiment_csv, recipe="select", max_eval=5, select_examples=7),
+        tmp_path / "c",
+        **quiet,
+    )
+    (cut,) = chosen["rank_selection"]
+    assert cut["examples"] == 7
+    assert len(chosen["data"].validation) > 7  # so 7 is the setting, not the split's size
+    with pytest.raises(ConfigError, match="select_examples"):
+        TrainSettings(select_examples=0)

@@ -252,9 +252,12 @@ def training_arguments(
     )
 
 
-def _validation_examples(available: int, max_eval: int | None) -> int:
-    """Validation examples the rank cut and the noise fit use: ``SELECT_EXAMPLES``, or fewer when the
-    split is smaller or ``max_eval`` caps every evaluation (smoke runs)."""
+def _validation_examples(available: int, settings: TrainSettings) -> int:
+    """Validation examples the rank cut and the noise fit use: ``settings.select_examples`` when set,
+    else ``SELECT_EXAMPLES`` capped by ``max_eval`` (smoke runs); never more than the split holds."""
+    if settings.select_examples is not None:
+        return min(available, settings.select_examples)
+    max_eval = settings.max_eval
     return min(available, SELECT_EXAMPLES, max_eval if max_eval is not None else available)
 
 
@@ -338,7 +341,7 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
     args = training_arguments(settings, out / CHECKPOINT_TRAINER, n_train, progress=progress)
     select = None
     if settings.rank_select == "validation":
-        n_sel = _validation_examples(len(data.validation), settings.max_eval)
+        n_sel = _validation_examples(len(data.validation), settings)
         sel = data.validation.head(n_sel)
 
         def select(m: Any) -> None:
@@ -394,7 +397,7 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
     noise_fit = None
     if config.is_bayesian and settings.noise_scale != 1.0:
         if settings.noise_scale == "fit":
-            n_fit = _validation_examples(len(data.validation), settings.max_eval)
+            n_fit = _validation_examples(len(data.validation), settings)
             fit = data.validation.head(n_fit)
             noise_fit = fit_noise_scale(
                 model,

@@ -112,7 +112,9 @@ class TrainSettings:
     ``bayeslora.training``). ``rank_budget`` steers the KL's weight towards that total rank (int, or a
     fraction of the initial total; ``bayeslora.train.budget``). ``max_eval`` caps every evaluation
     set of the run, the validation examples of the rank cut and of the noise fit included (smoke
-    runs; by default the cut uses ``SELECT_EXAMPLES``).
+    runs; by default the cut uses ``SELECT_EXAMPLES``). ``select_examples`` sets how many validation
+    examples the cut and the noise fit use whatever ``max_eval`` says (benchmarks that cap only the
+    run's own report); None: ``SELECT_EXAMPLES``, capped by ``max_eval``.
     """
 
     recipe: str = DEFAULT_RECIPE
@@ -159,8 +161,17 @@ class TrainSettings:
     samples: int = 16
     save_steps: int = 50
     max_eval: int | None = None
+    select_examples: int | None = None
 
     def __post_init__(self) -> None:
+        if self.select_examples is not None and not (
+            isinstance(self.select_examples, int)
+            and not isinstance(self.select_examples, bool)
+            and self.select_examples >= 1
+        ):
+            raise ConfigError(
+                f"select_examples must be an integer >= 1 (or None), got {self.select_examples!r}"
+            )
         if self.epochs is not None and not (isinstance(self.epochs, int | float) and 0 < self.epochs < 1e6):
             raise ConfigError(
                 f"epochs must be a number > 0 (or None: the default length), got {self.epochs!r}"
