@@ -121,7 +121,7 @@ TESTS = {
 
 def run_one(name: str, n_train: int, seed: int, args: argparse.Namespace, log: Any) -> dict[str, Any]:
     from bayeslora.bundle import export
-    from bayeslora.pipeline import TrainSettings, train
+    from bayeslora.pipeline import SELECT_EXAMPLES, TrainSettings, train
     from bench_methods import _metrics, _score_bundle, _temperature_row, eval_sets
 
     recipe, overrides = CONFIGS[name]
@@ -134,7 +134,8 @@ def run_one(name: str, n_train: int, seed: int, args: argparse.Namespace, log: A
             "epochs": args.epochs,
             "max_length": args.max_length,
             "samples": 0,  # evaluated below, by the runtime
-            "max_eval": 64,
+            "max_eval": 64,  # train()'s own report; the evaluation is below
+            "select_examples": SELECT_EXAMPLES,  # ... and not the rank cut's validation examples
             "save_steps": 10**6,
         },
     )

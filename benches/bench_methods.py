@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--seeds", type=int, nargs="+", default=[3], help="N: seeds 0..N-1, or the seeds themselves"
     )
-    ap.add_argument("--max-train", type=int, default=None, help="default: 2000 (VADER), 6000 (SNLI)")
+    ap.add_argument("--max-train", type=int, default=None, help="training examples (default 2000)")
     ap.add_argument("--epochs", type=float, default=None, help="default: 3 (VADER), 2 (SNLI)")
     ap.add_argument("--max-length", type=int, default=None, help="default: 48 (VADER), 64 (SNLI)")
     ap.add_argument("--samples", type=int, default=8, help="posterior samples for MC methods")
@@ -692,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     snli = args.data == "snli"
     args.seeds = list(range(args.seeds[0])) if len(args.seeds) == 1 else args.seeds
     args.methods = args.methods or list(SNLI_METHODS if snli else METHODS)
-    args.max_train = args.max_train or (6000 if snli else 2000)
+    args.max_train = args.max_train or 2000
     args.epochs = args.epochs or (2.0 if snli else 3.0)
     args.max_length = args.max_length or (64 if snli else 48)
     args.out = args.out or str(HERE / ("RESULTS_methods_snli" if snli else "RESULTS_methods"))

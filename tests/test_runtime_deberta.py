@@ -171,6 +171,92 @@ def test_explicit_gates_match_transformers_fixed_gates(options, targets, method,
     assert np.abs(got - mean).max() > 100 * TOL  # the gates matter
 
 
+@pytest.mark.parametrize(
+    "method,posterior", [("bayeslora", "gate"), ("mcdropout", "gate"), ("bayeslora", "additive")]
+)
+def test_shared_key_position_rows_take_each_sequences_gate_row_in_a_batch(method, posterior, tmp_path):
+    # with share_att_key, query_proj/key_proj also project the relative embeddings, which
+    # transformers passes as one batch of one: a batch of 4 with fixed_gates [4, r] must equal each
+    # sequence run alone with its row (content and position rows through the same gated weights)
+    model = build_deberta(16, 2, 2, 24, 3, seed=21, **V3)
+    adapt(
+        model, ["query_proj", "key_proj", "value_proj"], rank=4, method=method, posterior=posterior, seed=21
+    )
+    assert (
+        type(model.deberta.encoder.layer[0].attention.self).__name__ == "PerSequenceDisentangledSelfAttention"
+    )
+    layers = dict(adapted_layers(model))
+    inputs = holes(batch(4, 11, seed=22), 23)
+    g = torch.Generator().manual_seed(24)
+    gates = {name: 1.0 + torch.randn(4, layer.rank, generator=g) for name, layer in layers.items()}
+    for name, layer in layers.items():
+        layer.fixed_gates = gates[name]
+    try:
+        batched = torch_logits(model, inputs)
+    finally:
+        for layer in layers.values():
+            layer.fixed_gates = None
+    alone = per_sequence_logits(model, inputs, gates)
+    np.testing.assert_allclose(batched, alone, atol=1e-5, rtol=0)
+    scorer = Scorer(bl.export(model, None, tmp_path / "b", prune=False), num_threads=1)
+    got = scorer.logits(*np_inputs(inputs), gates={k: v.numpy() for k, v in gates.items()})
+    np.testing.assert_allclose(got, batched, atol=TOL, rtol=0)
+    assert np.abs(got - scorer.logits(*np_inputs(inputs))).max() > 100 * TOL  # the gates matter
+
+
+@pytest.mark.parametrize(
+    "method,posterior", [("bayeslora", "gate"), ("mcdropout", "gate"), ("bayeslora", "additive")]
+)
+def test_shared_key_samples_from_per_sequence_streams_do_not_depend_on_batch_mates(method, posterior):
+    # with one noise stream per sequence (layer.generators, as bl.lm uses them), a sequence's
+    # sample — position rows included — is the same alone and in a batch (transformers' shared
+    # call on the position rows had one row for N streams and raised)
+    model = build_deberta(16, 2, 2, 24, 3, seed=25, **V3)
+    adapt(
+        model,
+        ["query_proj", "key_proj"],
+        rank=4,
+        method=method,
+        posterior=posterior,
+        seed=25,
+        log_alpha=(-1.0, 0.5),
+    )
+    layers = [layer for _, layer in adapted_layers(model)]
+    inputs = batch(3, 9, seed=26)
+
+    def sampled(rows):
+        for index, layer in enumerate(layers):
+            layer.generators = [torch.Generator().manual_seed(1000 * index + r) for r in rows]
+        try:
+            with bl.sampling(model, True):
+                return torch_logits(model, {k: v[rows] for k, v in inputs.items()})
+        finally:
+            for layer in layers:
+                layer.generators = None
+
+    both = sampled([0, 1, 2])
+    for r in range(3):
+        np.testing.assert_allclose(both[r], sampled([r])[0], atol=1e-5, rtol=0)
+    assert np.abs(both - torch_logits(model, inputs)).max() > 1e-3  # the noise matters
+
+
+def test_shared_key_mc_matches_the_runtime_within_sampling_error(tmp_path):
+    # DeBERTa-v3's own layout (shared keys) with noisy query/key adapters: torch's mc_predict and
+    # the runtime sample the same model
+    model = build_deberta(16, 2, 2, 24, 3, seed=28, **V3)
+    adapt(model, ["query_proj", "key_proj", "value_proj"], rank=4, seed=28, log_alpha=(-1.0, 0.5))
+    inputs = batch(3, 10, seed=29)
+    s = 400
+    torch_p = bl.mc_predict(model, inputs, samples=s, seed=30, return_samples=True)["sample_probs"]
+    torch_p = torch_p.double().numpy()
+    scorer = Scorer(bl.export(model, None, tmp_path / "b", prune=False), num_threads=2)
+    rust_p = softmax(scorer.sample_logits(*np_inputs(inputs), samples=s, seed=30).astype(np.float64))
+    se = np.sqrt(torch_p.var(1) / s + rust_p.var(1) / s)
+    assert (rust_p.std(1) > 1e-3).any(), "the posterior noise must matter in this test"
+    assert np.all(np.abs(torch_p.mean(1) - rust_p.mean(1)) <= 5 * se + 1e-6)
+    assert 0.7 < rust_p.var(1).sum() / torch_p.var(1).sum() < 1.4
+
+
 def test_mc_mean_matches_transformers_mc_predict_within_sampling_error(tmp_path):
     # the position projections are pos_*_proj without adapters: torch's mc_predict and the runtime
     # then sample the same model

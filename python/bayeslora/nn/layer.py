@@ -142,6 +142,12 @@ class BayesLoRALayer(nn.Module):
         # Explicit gate values [batch, r] (one row per sequence) that replace the sampled z of
         # gate/mcdropout when set; for exact parity tests against the Rust runtime.
         self.fixed_gates: torch.Tensor | None = None
+        # Per-sequence samples kept for a second call on rows shared by the batch (DeBERTa's relative
+        # position embeddings, see bayeslora.nn.deberta): while ``_held`` is a dict, every
+        # per-sequence draw is stored there; while ``_row`` is set, a one-row input takes row
+        # ``_row`` of the held draw (or of ``fixed_gates``) instead of drawing.
+        self._held: dict[str, torch.Tensor] | None = None
+        self._row: int | None = None
 
         r = config.rank
         device = base_layer.weight.device
@@ -253,6 +259,34 @@ class BayesLoRALayer(nn.Module):
             u = torch.rand((batch, self.initial_rank), device=like.device, generator=self.generator)
         return u.index_select(1, self.rank_index)
 
+    def _per_sequence(self, key: str, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A per-sequence draw ``[N, ...]``: row ``_row`` of the held one (a ``[1, ...]``) when set,
+        else a fresh ``draw()``, kept in ``_held`` while holding."""
+        if self._row is not None:
+            held = None if self._held is None else self._held.get(key)
+            if held is None or self._row >= held.shape[0]:
+                raise RuntimeError(
+                    f"no per-sequence {key} sample for row {self._row}: the content rows come first"
+                )
+            return held[self._row : self._row + 1]
+        value = draw()
+        if self._held is not None:
+            self._held[key] = value
+        return value
+
+    @property
+    def draws_per_sequence(self) -> bool:
+        """Whether the next forward applies one sample (or explicit gate row) per sequence."""
+        if self.fixed_gates is not None:
+            return True
+        if not self.sampling or self.method == "lora":
+            return False
+        if self.uses_additive:
+            return not self.training  # training: per-token local reparameterisation
+        if self.uses_gate:
+            return not (self.training and self.gate_lrt)
+        return self.method == "mcdropout" and self.dropout_p > 0
+
     def _seq_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         # One draw per sequence: broadcast over every axis between the batch and the features.
         return (x.shape[0],) + (1,) * (x.dim() - 2)
@@ -279,6 +313,8 @@ class BayesLoRALayer(nn.Module):
         h = F.linear(x, A) * mask  # [..., r]
         if self.fixed_gates is not None:
             gates = self.fixed_gates.to(device=x.device, dtype=dtype)
+            if self._row is not None and x.shape[0] == 1 and self._row < gates.shape[0]:
+                gates = gates[self._row : self._row + 1]  # a row shared by the batch, for sequence _row
             if gates.shape != (x.shape[0], self.rank):
                 raise ValueError(f"fixed_gates must be [{x.shape[0]}, {self.rank}], got {list(gates.shape)}")
             return self.scale * F.linear(h * gates.view(*self._seq_shape(x), self.rank), B)
@@ -287,12 +323,12 @@ class BayesLoRALayer(nn.Module):
         if noisy:
             seq = self._seq_shape(x)
             if self.uses_gate:
-                eps = self._rank_noise(x.shape[0], x).view(*seq, self.rank)
+                eps = self._per_sequence("gate", lambda: self._rank_noise(x.shape[0], x))
                 std = torch.exp(0.5 * self.log_alpha.clamp(*LOG_ALPHA_CLAMP))
-                z = 1.0 + std * eps
+                z = 1.0 + std * eps.view(*seq, self.rank)
                 h = h * z.to(dtype)
             elif self.method == "mcdropout" and self.dropout_p > 0:
-                u = self._rank_uniform(x.shape[0], x)
+                u = self._per_sequence("dropout", lambda: self._rank_uniform(x.shape[0], x))
                 keep = (u >= self.dropout_p).to(dtype) / (1.0 - self.dropout_p)
                 h = h * keep.view(*seq, self.rank)
         return self.scale * F.linear(h, B)
@@ -336,8 +372,8 @@ class BayesLoRALayer(nn.Module):
         """One posterior sample of (A, B) per sequence: ``A_b = M_A + σ ⊙ ε``, ``B_b = M_B + σ ⊙ ε'``."""
         n = x.shape[0]
         sigma = torch.sqrt(self._sigma2())  # [r]
-        eps_a = self._rank_noise(n, x, (self.d_in,))  # [n, r, d_in]
-        eps_b = self._rank_noise(n, x, (self.d_out,))  # [n, r, d_out]
+        eps_a = self._per_sequence("factor_a", lambda: self._rank_noise(n, x, (self.d_in,)))  # [n, r, d_in]
+        eps_b = self._per_sequence("factor_b", lambda: self._rank_noise(n, x, (self.d_out,)))  # [n, r, d_out]
         sigma = sigma.float()
         A_s = self.lora_A.float().unsqueeze(0) + sigma.view(1, -1, 1) * eps_a  # [n, r, d_in]
         Bt_s = self.lora_B.float().t().unsqueeze(0) + sigma.view(1, -1, 1) * eps_b  # [n, r, d_out]

@@ -120,6 +120,9 @@ def inject(model: nn.Module, config: BayesLoRAConfig) -> nn.Module:
     for _, layer in adapted_layers(model):
         for p in layer.parameters(recurse=False):
             p.requires_grad_(True)
+    from .deberta import per_sequence_positions
+
+    per_sequence_positions(model)  # DeBERTa-v2's shared-key position rows: each sequence's sample
     model.bayeslora_config = config  # type: ignore[assignment]
     return model
 
