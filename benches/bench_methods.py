@@ -806,3 +806,51 @@ def write_marked(path: Path, begin: str, end: str, section: str) -> None:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ---- tests (pytest collects benches/bench_*.py) -------------------------------------------------------
+def test_snli_shift_holds_the_topics_out_of_training_and_validation(monkeypatch):
+    import bayeslora.data as bd
+    from bayeslora.data.sources import load_dataset as load_whole
+
+    whole = load_whole("snli", seed=0)
+    data, shifted = snli_topics_held_out(whole)
+    topic = {name: re.compile(p, re.I) for name, p in SNLI_TOPICS.items()}
+    for split in (data.train, data.validation, data.test):
+        assert not any(rx.search(t) for t in split.texts for rx in topic.values())
+        assert len(split.texts) == len(split.labels) == len(split.text_pairs)
+    animals, water = shifted["snli-animals"], shifted["snli-water"]
+    assert all(topic["snli-animals"].search(t) for t in animals.texts)
+    assert all(topic["snli-water"].search(t) and not topic["snli-animals"].search(t) for t in water.texts)
+    assert len(data.test) + len(animals) + len(water) == len(whole.test)
+    assert min(len(animals), len(water)) > 500  # enough pairs for a shift ECE
+    assert len(data.train) > 0.75 * len(whole.train)
+    # train() loads "snli" through bayeslora.data.load_dataset: the bench's process sees the held-out
+    # version (restored after this test by monkeypatch)
+    monkeypatch.setattr(bd, "load_dataset", bd.load_dataset)
+    hold_out_snli_topics()
+    assert bd.load_dataset("snli", seed=0).train.texts == data.train.texts
+    assert len(bd.load_dataset("vader-movies", seed=0).train) == len(load_whole("vader-movies", seed=0).train)
+
+
+def test_bbc_sentence_pairs_are_news_sentence_pairs():
+    ood = bbc_sentence_pairs(0, 30)
+    assert len(ood.texts) == len(ood.pairs) == 30 and ood.labels is None
+    assert all(
+        a != b and len(a.split()) >= 3 and len(b.split()) >= 3
+        for a, b in zip(ood.texts, ood.pairs, strict=True)
+    )
+
+
+def test_sections_of_other_benches_survive_a_rewrite(tmp_path):
+    md = tmp_path / "R.md"
+    fidelity = f"{FIDELITY_BEGIN}\n## fidelity\n{FIDELITY_END}\n"
+    md.write_text("# old table\n\n" + fidelity)
+    write_marked(md, SNLI_BEGIN, SNLI_END, f"{SNLI_BEGIN}\n## snli v1\n{SNLI_END}\n")
+    keep_sections(md, "# new table\n")
+    text = md.read_text()
+    assert text.startswith("# new table\n") and "old table" not in text
+    assert text.count("## fidelity") == 1 and text.count("## snli v1") == 1
+    write_marked(md, SNLI_BEGIN, SNLI_END, f"{SNLI_BEGIN}\n## snli v2\n{SNLI_END}\n")
+    text = md.read_text()
+    assert "## snli v2" in text and "v1" not in text and text.count("## fidelity") == 1
