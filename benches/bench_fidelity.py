@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bench_methods import FIDELITY_BEGIN, FIDELITY_END  # the section bench_methods keeps
+from bench_methods import FIDELITY_BEGIN, FIDELITY_END, write_marked  # the section bench_methods keeps
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "fidelity"
@@ -532,18 +532,6 @@ def methods_section(results: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the marked section of ``path`` (or append it)."""
-    text = path.read_text() if path.exists() else ""
-    if FIDELITY_BEGIN in text and FIDELITY_END in text:
-        head, rest = text.split(FIDELITY_BEGIN, 1)
-        tail = rest.split(FIDELITY_END, 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["lora", "gate"], choices=sorted(CONFIGS))
@@ -597,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.write).write_text(out)
         if args.methods:
             section = methods_section(load_all(Path(args.results)))
-            write_section(Path(args.methods), section)
+            write_marked(Path(args.methods), FIDELITY_BEGIN, FIDELITY_END, section)
             print(section)
         return 0
 
