@@ -765,8 +765,14 @@ def describe(args: argparse.Namespace, cmd: str, total: float, sets: dict[str, E
     if args.data == "snli":
         sizes = ", ".join(f"{n} {len(s.texts)}" for n, s in sets.items() if n != "validation")
         return (
-            f"`{cmd}` — {total / 60:.1f} min in this process on {args.threads} thread(s) "
-            f"({os.cpu_count()} cores); {args.max_train} training pairs of SNLI without the held-out "
+            f"`{cmd}` — "
+            + (
+                f"tables of the saved runs in `{_shown(args.results)}`"
+                if args.report
+                else f"{total / 60:.1f} min in this process on {args.threads} thread(s) "
+                f"({os.cpu_count()} cores)"
+            )
+            + f"; {args.max_train} training pairs of SNLI without the held-out "
             f"topics ({', '.join(SNLI_TOPICS)}), {args.epochs:g} epochs, max length {args.max_length}, "
             f"rank 8 on {', '.join(_targets('select'))} for the default recipe's rows and AdaLoRA, "
             f"on {', '.join(_targets('vi'))} for bayeslora/gate (recipe vi), "
@@ -783,6 +789,14 @@ def describe(args: argparse.Namespace, cmd: str, total: float, sets: dict[str, E
         f"shift ECE = mean over VADER tweets/amazon/nyt test splits; OOD = {len(sets[OOD].texts)} BBC "
         f"articles vs the movies test split, scored by predictive entropy (H) or mutual information (MI).\n\n"
     )
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the repository when it is inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(HERE.parent))
+    except ValueError:
+        return path
 
 
 def _targets(recipe: str) -> list[str]:
