@@ -10,10 +10,10 @@ would draw a separate sample for the position rows (or refuse explicit ``fixed_g
 
 :func:`per_sequence_positions` turns such attention modules into
 :class:`PerSequenceDisentangledSelfAttention`, which holds the samples its content projections drew
-and, when a per-sequence draw is active, computes the relative-position bias sequence by sequence
+and, when they drew one sample per sequence, computes the relative-position bias sequence by sequence
 with that sequence's sample (transformers' own function on a one-sequence slice, so every other
-detail stays transformers'). Without sampling, explicit gates or adapters it is transformers'
-forward unchanged.
+detail stays transformers'). Without per-sequence draws or explicit gates the bias is transformers'
+call unchanged.
 """
 
 from __future__ import annotations
@@ -24,13 +24,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention
 
 from .layer import BayesLoRALayer
-
-try:  # transformers is a dependency of the torch side; DeBERTa-v2 exists in every supported release
-    from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention
-except ImportError:  # pragma: no cover - an old or trimmed transformers: nothing to patch
-    DisentangledSelfAttention = None  # type: ignore[assignment,misc]
 
 
 def _shared_key_layers(module: nn.Module) -> list[BayesLoRALayer]:
@@ -59,60 +55,51 @@ def _row(layers: list[BayesLoRALayer], i: int) -> Iterator[None]:
             layer._row = None
 
 
-if DisentangledSelfAttention is not None:
+class PerSequenceDisentangledSelfAttention(DisentangledSelfAttention):
+    """transformers' DeBERTa-v2 attention whose shared-key position rows take each sequence's own
+    posterior sample (see the module docstring); the weights and config are unchanged."""
 
-    class PerSequenceDisentangledSelfAttention(DisentangledSelfAttention):  # type: ignore[misc,valid-type]
-        """transformers' DeBERTa-v2 attention whose shared-key position rows take each sequence's
-        own posterior sample (see the module docstring); the weights and config are unchanged."""
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with _holding(_shared_key_layers(self)):
+            return super().forward(*args, **kwargs)
 
-        def forward(self, *args: Any, **kwargs: Any) -> Any:
-            layers = [m for m in _shared_key_layers(self) if m.draws_per_sequence]
-            if not layers:
-                return super().forward(*args, **kwargs)
-            with _holding(layers):
-                return super().forward(*args, **kwargs)
-
-        def disentangled_attention_bias(
-            self,
-            query_layer: torch.Tensor,
-            key_layer: torch.Tensor,
-            relative_pos: torch.Tensor | None,
-            rel_embeddings: torch.Tensor,
-            scale_factor: int,
-        ) -> torch.Tensor:
-            """``[N·heads, Tq, Tk]``; for a per-sequence draw, sequence n's bias is transformers'
-            bias of its slice ``[heads, T, d]`` with its projections' row n."""
-            layers = [m for m in _shared_key_layers(self) if m._held is not None]
-            heads = self.num_attention_heads
-            n = query_layer.size(0) // heads
-            if not layers:
-                return super().disentangled_attention_bias(
-                    query_layer, key_layer, relative_pos, rel_embeddings, scale_factor
-                )
-            out = []
-            for i in range(n):
-                rows = slice(i * heads, (i + 1) * heads)
-                pos = relative_pos
-                if pos is not None and pos.dim() >= 3 and pos.size(0) == n:  # per-sequence positions
-                    pos = pos[i : i + 1]
-                with _row(layers, i):
-                    out.append(
-                        super().disentangled_attention_bias(
-                            query_layer[rows], key_layer[rows], pos, rel_embeddings, scale_factor
-                        )
+    def disentangled_attention_bias(
+        self,
+        query_layer: torch.Tensor,
+        key_layer: torch.Tensor,
+        relative_pos: torch.Tensor | None,
+        rel_embeddings: torch.Tensor,
+        scale_factor: int,
+    ) -> torch.Tensor:
+        """``[N·heads, Tq, Tk]``; when the content rows drew one sample per sequence (or explicit
+        gate rows are set), sequence n's bias is transformers' bias of its slice ``[heads, T, d]``
+        with its projections' row n."""
+        layers = [m for m in _shared_key_layers(self) if m._held or m.fixed_gates is not None]
+        if not layers:  # mean mode, LoRA, per-token noise: transformers' shared call is right
+            return super().disentangled_attention_bias(
+                query_layer, key_layer, relative_pos, rel_embeddings, scale_factor
+            )
+        heads = self.num_attention_heads
+        n = query_layer.size(0) // heads
+        out = []
+        for i in range(n):
+            rows = slice(i * heads, (i + 1) * heads)
+            pos = relative_pos
+            if pos is not None and pos.dim() >= 3 and pos.size(0) == n:  # per-sequence positions
+                pos = pos[i : i + 1]
+            with _row(layers, i):
+                out.append(
+                    super().disentangled_attention_bias(
+                        query_layer[rows], key_layer[rows], pos, rel_embeddings, scale_factor
                     )
-            return torch.cat(out, 0)
-
-else:  # pragma: no cover
-    PerSequenceDisentangledSelfAttention = None  # type: ignore[assignment,misc]
+                )
+        return torch.cat(out, 0)
 
 
 def per_sequence_positions(model: nn.Module) -> int:
     """Make every DeBERTa-v2 attention of ``model`` whose shared-key ``query_proj`` / ``key_proj``
     carry BayesLoRA layers apply each sequence's sample to its position rows (in place; the class
     becomes :class:`PerSequenceDisentangledSelfAttention`, a subclass). Returns how many changed."""
-    if PerSequenceDisentangledSelfAttention is None:
-        return 0
     changed = 0
     for module in model.modules():
         if (

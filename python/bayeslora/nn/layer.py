@@ -274,19 +274,6 @@ class BayesLoRALayer(nn.Module):
             self._held[key] = value
         return value
 
-    @property
-    def draws_per_sequence(self) -> bool:
-        """Whether the next forward applies one sample (or explicit gate row) per sequence."""
-        if self.fixed_gates is not None:
-            return True
-        if not self.sampling or self.method == "lora":
-            return False
-        if self.uses_additive:
-            return not self.training  # training: per-token local reparameterisation
-        if self.uses_gate:
-            return not (self.training and self.gate_lrt)
-        return self.method == "mcdropout" and self.dropout_p > 0
-
     def _seq_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         # One draw per sequence: broadcast over every axis between the batch and the features.
         return (x.shape[0],) + (1,) * (x.dim() - 2)
