@@ -175,8 +175,11 @@ def _alignment(model: Any) -> float | None:
     return analyze_model(model, num_threads=1).totals["gap_weighted_cos_v"]
 
 
-def run_ours(method: str, seed: int, args: argparse.Namespace, sets: dict, work: Path, log: Any) -> dict:
-    """Train one of our methods, export its bundle, score every set with the Rust runtime."""
+def run_ours(
+    method: str, seed: int, args: argparse.Namespace, data: Any, sets: dict, work: Path, log: Any
+) -> dict:
+    """Train one of our methods on ``data`` (``eval_sets``' splits), export its bundle, score every
+    set with the Rust runtime."""
     from bayeslora.bundle import export
     from bayeslora.pipeline import SELECT_EXAMPLES, TrainSettings, train
 
@@ -198,7 +201,7 @@ def run_ours(method: str, seed: int, args: argparse.Namespace, sets: dict, work:
     )
     family = settings.method
     out = work / f"{method.replace('/', '-')}-{seed}"
-    run = train(settings, out, progress=False, log=log)
+    run = train(settings, out, progress=False, log=log, data=data)
     bundle = out / "bundle"
     export(run["model"], run["tokenizer"], bundle, max_length=args.max_length)
     samples = 0 if family == "lora" else args.samples
@@ -255,6 +258,7 @@ def run_adalora(
         set_seed,
     )
 
+    from bayeslora.nn.model import matches_any
     from bayeslora.pipeline import TrainSettings, _Encoded, predict, resolve_model, training_arguments
 
     defaults = TrainSettings.for_recipe(recipe)
@@ -273,11 +277,9 @@ def run_adalora(
     if total_steps - tinit - tfinal <= 0:
         raise SystemExit(f"adalora: {total_steps} steps leave its schedule no budgeting phase (train longer)")
     n_modules = sum(
-        1
+        isinstance(m, torch.nn.Linear) and matches_any(name, list(defaults.targets))
         for name, m in base.named_modules()
-        if isinstance(m, torch.nn.Linear)
-        and any(name == t or name.endswith("." + t) for t in defaults.targets)
-    )  # PEFT's suffix match of target_modules
+    )
     config = AdaLoraConfig(
         task_type="SEQ_CLS",
         init_r=defaults.rank,
@@ -365,14 +367,6 @@ def _topic_masks(premises: list[str]) -> dict[str, np.ndarray]:
     return masks
 
 
-def _subset(split: Any, keep: np.ndarray) -> Any:
-    idx = np.flatnonzero(keep)
-    pairs = None if split.text_pairs is None else [split.text_pairs[i] for i in idx]
-    return dataclasses.replace(
-        split, texts=[split.texts[i] for i in idx], labels=split.labels[idx], text_pairs=pairs
-    )
-
-
 def snli_topics_held_out(data: Any) -> tuple[Any, dict[str, Any]]:
     """SNLI without the ``SNLI_TOPICS`` premises in train, validation and test, and the topics' test
     pairs (the shifted sets)."""
@@ -380,28 +374,11 @@ def snli_topics_held_out(data: Any) -> tuple[Any, dict[str, Any]]:
     for split in ("train", "validation", "test"):
         s = getattr(data, split)
         masks = _topic_masks(s.texts)
-        out[split] = _subset(s, ~np.any(list(masks.values()), axis=0))
+        out[split] = s.take(np.flatnonzero(~np.any(list(masks.values()), axis=0)))
         if split == "test":
-            shifted = {name: _subset(s, m) for name, m in masks.items()}
+            shifted = {name: s.take(np.flatnonzero(m)) for name, m in masks.items()}
     note = "topics held out for the shift: " + ", ".join(SNLI_TOPICS)
     return dataclasses.replace(data, **out, notes=(*data.notes, note)), shifted
-
-
-def hold_out_snli_topics() -> None:
-    """Make ``bayeslora.data.load_dataset("snli")`` (which ``train()`` calls) return SNLI with the
-    held-out topics removed, for this process: the benchmark's training data, not a product option."""
-    import bayeslora.data as bd
-
-    if getattr(bd.load_dataset, "_topics_held_out", False):
-        return
-    original = bd.load_dataset
-
-    def load(name: str, *a: Any, **kw: Any) -> Any:
-        data = original(name, *a, **kw)
-        return snli_topics_held_out(data)[0] if name == "snli" else data
-
-    load._topics_held_out = True  # type: ignore[attr-defined]
-    bd.load_dataset = load
 
 
 def bbc_sentence_pairs(seed: int, n: int) -> EvalSet:
@@ -425,11 +402,8 @@ def eval_sets(
     from bayeslora.data import load_dataset
 
     n_ood = OOD_COUNT if max_eval is None else min(OOD_COUNT, max_eval)
-    if data_name == "snli":
-        from bayeslora.data.sources import load_dataset as load_whole  # never the patched one
-
-        hold_out_snli_topics()  # for train(), in this process
-        data, shifted = snli_topics_held_out(load_whole("snli", seed=seed))
+    if data_name == "snli":  # train() gets these splits (run_ours), the topics held out
+        data, shifted = snli_topics_held_out(load_dataset("snli", seed=seed))
         cap = SNLI_TEST if max_eval is None else min(SNLI_TEST, max_eval)
         shift_cap = SNLI_SHIFT_COUNT if max_eval is None else min(SNLI_SHIFT_COUNT, max_eval)
         sets = {"test": _eval_set(data.test, cap), "validation": _eval_set(data.validation, cap)}
@@ -604,9 +578,13 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys}
 
 
-def run_all(args: argparse.Namespace, results: Path, work: Path, log: Any, t_start: float) -> None:
-    """Every (seed, method) run not in ``results`` yet; AdaLoRA waits for its budget's run."""
+def run_all(
+    args: argparse.Namespace, results: Path, work: Path, log: Any, t_start: float
+) -> dict[int, tuple[Any, dict[str, EvalSet]]]:
+    """Every (seed, method) run not in ``results`` yet; AdaLoRA waits for its budget's run. Returns
+    the ``eval_sets`` it loaded, by seed."""
     pending = [(seed, m) for seed in args.seeds for m in args.methods]
+    budget_method = _budget_method(args.methods)
     sets_of: dict[int, tuple[Any, dict]] = {}
     while pending:
         progressed = waiting = False
@@ -615,7 +593,7 @@ def run_all(args: argparse.Namespace, results: Path, work: Path, log: Any, t_sta
             if path.exists():
                 pending.remove((seed, method))
                 continue
-            budget_path = _run_path(results, _budget_method(args.methods), seed)
+            budget_path = _run_path(results, budget_method, seed)
             if method == "adalora" and not budget_path.exists():
                 waiting = True
                 continue
@@ -628,11 +606,10 @@ def run_all(args: argparse.Namespace, results: Path, work: Path, log: Any, t_sta
                 data, sets = sets_of[seed]
                 t0 = time.perf_counter()
                 if method == "adalora":
-                    budget = json.loads(budget_path.read_text())[_budget_method(args.methods)]["total_rank"]
-                    recipe = METHOD_RECIPES[_budget_method(args.methods)][0]
-                    rows = run_adalora(seed, budget, args, sets, data, log, recipe)
+                    budget = json.loads(budget_path.read_text())[budget_method]["total_rank"]
+                    rows = run_adalora(seed, budget, args, sets, data, log, METHOD_RECIPES[budget_method][0])
                 else:
-                    rows = run_ours(method, seed, args, sets, work, log)
+                    rows = run_ours(method, seed, args, data, sets, work, log)
                 tmp = path.with_suffix(".tmp")
                 rows = {**rows, "_settings": run_settings(args)}
                 tmp.write_text(json.dumps(rows, indent=2, default=str))
@@ -649,6 +626,7 @@ def run_all(args: argparse.Namespace, results: Path, work: Path, log: Any, t_sta
             )
         if waiting and not progressed:
             time.sleep(20)  # AdaLoRA's budget is being trained by another process
+    return sets_of
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -717,8 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work) if args.work else Path(tmp)
         results = Path(args.results) if args.results else Path(tmp) / "results"
         results.mkdir(parents=True, exist_ok=True)
-        if not args.report:
-            run_all(args, results, work, log, t_start)
+        loaded = {} if args.report else run_all(args, results, work, log, t_start)
         per_seed = []
         for seed in args.seeds:
             rows: dict[str, Any] = {}
@@ -731,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.update(saved)
             if rows:
                 per_seed.append(rows)
-        _, sets = eval_sets(args.seeds[0], args.max_eval, args.data)
+        seed0 = args.seeds[0]  # the sizes of the scored sets, for the description
+        _, sets = loaded[seed0] if seed0 in loaded else eval_sets(seed0, args.max_eval, args.data)
     total = time.perf_counter() - t_start
     table = aggregate(per_seed)
     stated = claims(table, len(per_seed))
@@ -829,9 +807,8 @@ if __name__ == "__main__":
 
 
 # ---- tests (pytest collects benches/bench_*.py) -------------------------------------------------------
-def test_snli_shift_holds_the_topics_out_of_training_and_validation(monkeypatch):
-    import bayeslora.data as bd
-    from bayeslora.data.sources import load_dataset as load_whole
+def test_snli_shift_holds_the_topics_out_of_training_and_validation():
+    from bayeslora.data import load_dataset as load_whole
 
     whole = load_whole("snli", seed=0)
     data, shifted = snli_topics_held_out(whole)
@@ -845,12 +822,6 @@ def test_snli_shift_holds_the_topics_out_of_training_and_validation(monkeypatch)
     assert len(data.test) + len(animals) + len(water) == len(whole.test)
     assert min(len(animals), len(water)) > 500  # enough pairs for a shift ECE
     assert len(data.train) > 0.75 * len(whole.train)
-    # train() loads "snli" through bayeslora.data.load_dataset: the bench's process sees the held-out
-    # version (restored after this test by monkeypatch)
-    monkeypatch.setattr(bd, "load_dataset", bd.load_dataset)
-    hold_out_snli_topics()
-    assert bd.load_dataset("snli", seed=0).train.texts == data.train.texts
-    assert len(bd.load_dataset("vader-movies", seed=0).train) == len(load_whole("vader-movies", seed=0).train)
 
 
 def test_bbc_sentence_pairs_are_news_sentence_pairs():

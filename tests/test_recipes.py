@@ -456,3 +456,18 @@ def test_max_eval_caps_the_validation_examples_of_the_rank_cut(tiny_model_dir, s
     assert len(chosen["data"].validation) > 7  # so 7 is the setting, not the split's size
     with pytest.raises(ConfigError, match="select_examples"):
         TrainSettings(select_examples=0)
+
+
+def test_train_on_given_splits_instead_of_loading_settings_data(tiny_model_dir, sentiment_csv, tmp_path):
+    # benchmarks that derive their own splits (bench_methods' SNLI with topics held out) hand them
+    # to train(): it trains and reports on those, not on what settings.data would load
+    import dataclasses
+
+    from bayeslora.data import load_dataset
+
+    whole = load_dataset(f"csv:{sentiment_csv}", seed=0)
+    fewer = dataclasses.replace(whole, train=whole.train.take(range(0, len(whole.train), 2)))
+    quiet = {"progress": False, "log": lambda *a: None}
+    run = train(_tiny_settings(tiny_model_dir, sentiment_csv), tmp_path / "a", data=fewer, **quiet)
+    assert run["data"] is fewer
+    assert run["num_train"] == len(fewer.train) == (len(whole.train) + 1) // 2

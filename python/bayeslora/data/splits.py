@@ -30,6 +30,10 @@ class Split:
         pairs = None if self.text_pairs is None else self.text_pairs[:n]
         return Split(self.texts[:n], self.labels[:n], pairs)
 
+    def take(self, idx: Sequence[int] | np.ndarray) -> Split:
+        """The examples at positions ``idx`` [M], in that order: texts, pairs and labels alike."""
+        return _take(self.texts, self.labels, np.asarray(idx, dtype=np.int64), self.text_pairs)
+
     def counts(self, num_labels: int) -> np.ndarray:
         """Examples per class, int64 [num_labels]."""
         return np.bincount(self.labels, minlength=num_labels)

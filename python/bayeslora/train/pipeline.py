@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,6 +45,9 @@ from .settings import (
     VI_RECIPE,
     TrainSettings,
 )
+
+if TYPE_CHECKING:
+    from ..data.splits import DatasetSplits
 
 # This module is also the old ``bayeslora.pipeline``: what moved to settings.py, classifier.py and
 # cut.py stays importable from here.
@@ -295,15 +298,25 @@ def _unsharded_copy(model: Any, model_dir: Path, labels: list[str], config: Any)
     return plain
 
 
-def train(settings: TrainSettings, out: str | os.PathLike, progress: bool = True, log: Any = print) -> dict:
+def train(
+    settings: TrainSettings,
+    out: str | os.PathLike,
+    progress: bool = True,
+    log: Any = print,
+    data: DatasetSplits | None = None,
+) -> dict:
     """Fine-tune per ``settings``, write the checkpoint to ``out``, return the run summary.
 
+    ``data``: splits to train and report on instead of loading ``settings.data`` (benchmarks that
+    derive their own splits, e.g. with topics held out; the summary's ``data_source`` is theirs).
     A run that fails before it saved anything (bad data, model or targets) leaves no ``out``
     directory behind that it created."""
-    return run_into(Path(out), lambda o: _train(settings, o, progress, log))
+    return run_into(Path(out), lambda o: _train(settings, o, progress, log, data))
 
 
-def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict:
+def _train(
+    settings: TrainSettings, out: Path, progress: bool, log: Any, data: DatasetSplits | None = None
+) -> dict:
     from transformers import (
         AutoTokenizer,
         DataCollatorWithPadding,
@@ -318,7 +331,8 @@ def _train(settings: TrainSettings, out: Path, progress: bool, log: Any) -> dict
     from .trainer import BayesLoRATrainer, _is_main_process
 
     hf_logging.set_verbosity_error()
-    data = load_dataset(settings.data, seed=settings.seed)
+    if data is None:
+        data = load_dataset(settings.data, seed=settings.seed)
     check_splits(data, settings.max_eval)
     model_dir = resolve_model(settings.model)
     set_seed(settings.seed)
