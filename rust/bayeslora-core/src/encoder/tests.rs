@@ -668,3 +668,92 @@ fn default_pieces_keep_the_widest_activation_near_piece_bytes() {
     let enc = Encoder::new(&b).expect("encoder");
     assert_eq!(enc.max_rows(), default_max_rows(enc.max_width));
 }
+
+/// `f` on a fresh rayon pool of `threads` threads.
+fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("pool")
+        .install(f)
+}
+
+#[test]
+fn results_do_not_depend_on_threads_or_on_pieces_run_side_by_side() {
+    let b = bundle(&["query", "value", "intermediate.dense"]);
+    let mut enc = Encoder::new(&b).expect("encoder");
+    let (ids, mask, t) = padded(&INPUTS);
+    let seqs = enc.prepare(&ids, &mask, INPUTS.len(), t).expect("inputs");
+    for noise in [
+        Noise::Mean,
+        Noise::Sampled {
+            samples: 9,
+            seed: 4,
+        },
+    ] {
+        let logits = on_threads(1, || enc.forward(&seqs, noise)).expect("one thread");
+        let summary = on_threads(1, || enc.score(&seqs, noise)).expect("one thread");
+        for rows in [1, 4, 7, 30, enc.max_rows()] {
+            enc.set_max_rows(rows);
+            for threads in [2, 3, 5] {
+                let pieces = enc.plan_pieces(&seqs, 9, threads).expect("plan");
+                assert!(
+                    pieces.len() >= 2,
+                    "{rows} rows, {threads} threads: one piece"
+                );
+                let got = on_threads(threads, || enc.forward(&seqs, noise)).expect("forward");
+                assert_eq!(got, logits, "{noise:?}, max_rows {rows}, {threads} threads");
+                let got = on_threads(threads, || enc.score(&seqs, noise)).expect("score");
+                assert_eq!(
+                    got, summary,
+                    "{noise:?}, max_rows {rows}, {threads} threads"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn pieces_cover_every_input_and_sample_once_and_share_the_rows_between_threads() {
+    let enc = Encoder::new(&bundle(&["query"])).expect("encoder");
+    let (ids, mask, t) = padded(&INPUTS);
+    let seqs = enc.prepare(&ids, &mask, INPUTS.len(), t).expect("inputs");
+    let lens: Vec<usize> = seqs.iter().map(|q| q.ids.len()).collect();
+    let total: usize = lens.iter().sum();
+    for s in [1, 2, 9, 64] {
+        for threads in [1, 2, 3, 8] {
+            let pieces = enc.plan_pieces(&seqs, s, threads).expect("plan");
+            let mut seen = vec![0usize; seqs.len()];
+            let mut next = (0, 0);
+            for p in &pieces {
+                // in order of inputs, then of samples, with no gap and no overlap
+                assert_eq!((p.start, p.first_sample), next, "s {s}, threads {threads}");
+                assert!(p.copies >= 1 && p.end > p.start);
+                let rows: usize = lens[p.start..p.end].iter().sum::<usize>() * p.copies;
+                let share = (total * s).div_ceil(threads);
+                // a piece is at most max_rows and a thread's share, unless it is one sample
+                // of one input
+                assert!(
+                    rows <= enc.max_rows().min(share) || (p.copies == 1 && p.end == p.start + 1),
+                    "s {s}, threads {threads}: {rows} rows"
+                );
+                for count in &mut seen[p.start..p.end] {
+                    *count += p.copies;
+                }
+                next = if p.first_sample + p.copies == s {
+                    (p.end, 0)
+                } else {
+                    (p.start, p.first_sample + p.copies)
+                };
+            }
+            assert_eq!(next, (seqs.len(), 0));
+            assert!(seen.iter().all(|&c| c == s), "s {s}, threads {threads}");
+            if threads == 1 {
+                // one thread: as few pieces as the budget allows
+                assert_eq!(pieces.len(), 1, "s {s}");
+            } else if s >= threads {
+                assert!(pieces.len() >= threads, "s {s}, threads {threads}");
+            }
+        }
+    }
+}

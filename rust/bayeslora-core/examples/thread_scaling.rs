@@ -1,0 +1,81 @@
+//! `cargo run --release -p bayeslora-core --example thread_scaling [reps] [batch] [samples]
+//! [threads]`:
+//! wall-clock time of one MiniLM-shaped forward pass (batch × 64 tokens, `samples` posterior
+//! samples, 0 = mean mode) on pools of one and of two threads, alternating, best of `reps`; the
+//! speedup, and the FMA peak measured on one and two cores. With `threads` (1 or 2), only that
+//! pool runs (for a profiler).
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use bayeslora_core::bundle::Bundle;
+use bayeslora_core::encoder::{Encoder, Noise};
+use bayeslora_core::kernels;
+
+#[path = "../benches/common/mod.rs"]
+mod common;
+use common::random_bert;
+
+fn minilm() -> Bundle {
+    random_bert(2000, 384, 6, 12, 1536, 8)
+}
+
+fn main() {
+    let arg = |i: usize, d: usize| -> usize {
+        std::env::args()
+            .nth(i)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(d)
+    };
+    let (reps, n, s) = (arg(1, 5), arg(2, 8), arg(3, 16));
+    let t = 64;
+    let enc = Encoder::new(&minilm()).expect("encoder");
+    let ids: Vec<i64> = (0..n * t).map(|i| (i * 7 % 1999) as i64 + 1).collect();
+    let seqs = enc.prepare(&ids, &vec![1; n * t], n, t).expect("inputs");
+    let noise = if s == 0 {
+        Noise::Mean
+    } else {
+        Noise::Sampled {
+            samples: s,
+            seed: 0,
+        }
+    };
+    let only = arg(4, 0);
+    let counts: Vec<usize> = if only == 0 { vec![1, 2] } else { vec![only] };
+    let pools: Vec<rayon::ThreadPool> = counts
+        .iter()
+        .map(|&k| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(k)
+                .build()
+                .expect("pool")
+        })
+        .collect();
+    let mut best = vec![f64::INFINITY; counts.len()];
+    for _ in 0..reps {
+        for (i, pool) in pools.iter().enumerate() {
+            let secs = pool.install(|| {
+                let t0 = Instant::now();
+                black_box(enc.forward(&seqs, noise).expect("forward"));
+                t0.elapsed().as_secs_f64()
+            });
+            best[i] = best[i].min(secs);
+        }
+    }
+    if only != 0 {
+        println!("batch {n} S {s}: {only} threads {:.1} ms", best[0] * 1e3);
+        return;
+    }
+    let peaks: Vec<f64> = [1, 2]
+        .iter()
+        .map(|&k| kernels::fma_peak_gflops(0.3, k).unwrap_or(f64::NAN))
+        .collect();
+    println!(
+        "batch {n} S {s}: 1 thread {:.1} ms, 2 threads {:.1} ms, speedup {:.2}x; peak {:.1} / {:.1} GFLOP/s",
+        best[0] * 1e3,
+        best[1] * 1e3,
+        best[0] / best[1],
+        peaks[0],
+        peaks[1]
+    );
+}
