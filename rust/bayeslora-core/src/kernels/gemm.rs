@@ -129,9 +129,30 @@ pub fn gemm_on(
     ldc: usize,
     epi: Epilogue<'_>,
 ) {
-    if m == 0 || b.n == 0 {
+    gemm_panels(isa, m, a, lda, b, 0..b.panels(), c, ldc, epi);
+}
+
+/// [`gemm_on`] for the output columns of `b`'s panels `panels` only: `c` holds those columns
+/// (column 0 of `c` is column `panels.start · NR` of the product), `epi` is indexed by the
+/// product's columns. An element's FMA chain is the same as in the whole product.
+#[allow(clippy::too_many_arguments)]
+fn gemm_panels(
+    isa: Isa,
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    b: &Packed,
+    panels: std::ops::Range<usize>,
+    c: &mut [f32],
+    ldc: usize,
+    epi: Epilogue<'_>,
+) {
+    let n_end = (panels.end * NR).min(b.n);
+    let col0 = panels.start * NR;
+    if m == 0 || n_end <= col0 {
         return;
     }
+    let width = n_end - col0;
     let slot = match isa {
         Isa::Scalar => 0,
         #[cfg(target_arch = "x86_64")]
@@ -143,9 +164,12 @@ pub fn gemm_on(
     };
     GEMM_CALLS[slot].fetch_add(1, Ordering::Relaxed);
     let k = b.k;
-    assert!(lda >= k && ldc >= b.n, "gemm: leading dimensions too small");
+    assert!(
+        lda >= k && ldc >= width,
+        "gemm: leading dimensions too small"
+    );
     assert!(a.len() >= (m - 1) * lda + k, "gemm: left operand too short");
-    assert!(c.len() >= (m - 1) * ldc + b.n, "gemm: output too short");
+    assert!(c.len() >= (m - 1) * ldc + width, "gemm: output too short");
     assert!(epi.covers(b.n), "gemm: bias too short");
     let mr = match isa {
         #[cfg(target_arch = "x86_64")]
@@ -160,7 +184,6 @@ pub fn gemm_on(
     } else {
         KC
     };
-    let panels = b.panels();
     for i_block in (0..m).step_by(MB) {
         let i_end = (i_block + MB).min(m);
         let mut kb = 0;
@@ -169,13 +192,15 @@ pub fn gemm_on(
             let (first, last) = (kb == 0, kb + klen >= k);
             // the full-tile kernels store partial sums until the last K block
             let block_epi = if last { epi } else { Epilogue::Store };
-            let mut p = 0;
-            while p < panels {
+            let mut p = panels.start;
+            while p < panels.end {
                 let j0 = p * NR;
+                // this panel's first column in `c`
+                let cj = j0 - col0;
                 // AVX-512: two full panels at once (12 × 32 tile, 24 accumulators): half the
                 // broadcasts of A per FMA, and the A block is read half as often.
                 #[cfg(target_arch = "x86_64")]
-                if let (Isa::Avx512(t), true) = (isa, j0 + 2 * NR <= b.n) {
+                if let (Isa::Avx512(t), true) = (isa, j0 + 2 * NR <= b.n && p + 2 <= panels.end) {
                     let pair = &b.data[p * k * NR..(p + 2) * k * NR];
                     let tile_epi = block_epi.columns(j0, 2 * NR);
                     let mut i0 = i_block;
@@ -189,7 +214,7 @@ pub fn gemm_on(
                             lda,
                             &pair[kb * NR..],
                             k * NR,
-                            &mut c[i0 * ldc + j0..],
+                            &mut c[i0 * ldc + cj..],
                             ldc,
                             tile_epi,
                             !first,
@@ -207,7 +232,7 @@ pub fn gemm_on(
                 while i0 < i_end {
                     let rows = mr.min(i_end - i0);
                     let a_rows = &a[i0 * lda..];
-                    let c_rows = &mut c[i0 * ldc + j0..];
+                    let c_rows = &mut c[i0 * ldc + cj..];
                     match isa {
                         #[cfg(target_arch = "x86_64")]
                         Isa::Avx512(t) if cols == NR => x86_avx512::full_tile(
@@ -328,6 +353,10 @@ pub fn par_gemm(
     if m == 0 || b.n == 0 {
         return;
     }
+    if threads > 1 && m <= MB && b.panels() >= 2 * threads {
+        par_gemm_columns(m, a, lda, b, c, ldc, epi, threads);
+        return;
+    }
     // Enough chunks to balance two threads with uneven speed; chunks of whole micro-tiles.
     let target = (threads.max(1) * 2).max(1);
     let chunk = m.div_ceil(target).div_ceil(MR_WIDE).max(1) * MR_WIDE;
@@ -345,4 +374,55 @@ pub fn par_gemm(
             let rows = chunk.min(m - i0);
             gemm(rows, &a[i0 * lda..], lda, b, c_chunk, ldc, epi);
         });
+}
+
+/// [`par_gemm`] for few rows (one sequence, or token 0 of a few): the threads share the columns
+/// instead of the rows, so each reads only its part of the weights (split by rows, every thread
+/// would stream all of them for a few rows' work). Each part is computed into a block of its
+/// own (holding the old values of `c` under [`Epilogue::Accumulate`]) and copied into `c`.
+#[allow(clippy::too_many_arguments)]
+fn par_gemm_columns(
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    b: &Packed,
+    c: &mut [f32],
+    ldc: usize,
+    epi: Epilogue<'_>,
+    threads: usize,
+) {
+    let isa = Isa::get();
+    let k = b.k;
+    assert!(lda >= k && ldc >= b.n, "gemm: leading dimensions too small");
+    assert!(c.len() >= (m - 1) * ldc + b.n, "gemm: output too short");
+    let panels = b.panels();
+    // an even number of panels per part (AVX-512 tiles take them in pairs), two parts per thread
+    let per = panels.div_ceil(2 * threads).next_multiple_of(2);
+    let parts: Vec<std::ops::Range<usize>> = (0..panels)
+        .step_by(per)
+        .map(|p| p..(p + per).min(panels))
+        .collect();
+    let blocks: Vec<Vec<f32>> = parts
+        .par_iter()
+        .with_max_len(1)
+        .map(|range| {
+            let col0 = range.start * NR;
+            let width = (range.end * NR).min(b.n) - col0;
+            let mut block = vec![0.0f32; m * width];
+            if matches!(epi, Epilogue::Accumulate) {
+                for (dst, src) in block.chunks_exact_mut(width).zip(c.chunks(ldc)) {
+                    dst.copy_from_slice(&src[col0..col0 + width]);
+                }
+            }
+            gemm_panels(isa, m, a, lda, b, range.clone(), &mut block, width, epi);
+            block
+        })
+        .collect();
+    for (range, block) in parts.iter().zip(&blocks) {
+        let col0 = range.start * NR;
+        let width = block.len() / m;
+        for (src, dst) in block.chunks_exact(width).zip(c.chunks_mut(ldc)) {
+            dst[col0..col0 + width].copy_from_slice(src);
+        }
+    }
 }

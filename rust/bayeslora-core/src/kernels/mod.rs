@@ -160,6 +160,38 @@ mod tests {
     }
 
     #[test]
+    fn few_rows_split_by_columns_give_the_serial_product_bit_for_bit() {
+        // m ≤ MB rows with enough panels: the threads share the columns (par_gemm_columns);
+        // every epilogue, ragged widths, a strided output whose padding must stay untouched,
+        // and K past the K block (partial sums through the output)
+        for &(m, k, n) in &[(1, 50, 100), (5, 33, 100), (37, 384, 1152), (96, 2100, 113)] {
+            let a = pseudo(m * k, 6);
+            let b = Packed::from_weight(&pseudo(n * k, 7), n, k);
+            let bias = pseudo(n, 8);
+            let ldc = n + 3;
+            let old = pseudo(m * ldc, 9);
+            for epi in [Epilogue::Store, Epilogue::Bias(&bias), Epilogue::Accumulate] {
+                let mut want = old.clone();
+                gemm(m, &a, k, &b, &mut want, ldc, epi);
+                for threads in [2, 3] {
+                    assert!(b.panels() >= 2 * threads && m <= 96);
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .expect("pool");
+                    let mut got = old.clone();
+                    pool.install(|| par_gemm(m, &a, k, &b, &mut got, ldc, epi, threads));
+                    let same = want
+                        .iter()
+                        .zip(&got)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{m}x{k}x{n}, {epi:?}, {threads} threads");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn exp_and_erf_are_accurate() {
         let mut x = -20.0f32;
         while x < 20.0 {
