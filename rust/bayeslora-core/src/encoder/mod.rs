@@ -495,8 +495,8 @@ impl Encoder {
     /// [`Encoder::max_rows`] rows each, and on `threads` > 1 threads at most half of an even
     /// share of all the rows, so that every thread has two pieces when the request allows (one
     /// piece per thread left the second core idle for a fifth of the time at batch 1, S = 16;
-    /// measured on a 2-core Xeon, `examples/thread_scaling.rs`: 91 ms with two pieces, 71–74 ms
-    /// with four, 81–86 ms with eight).
+    /// measured on a 2-core Xeon with `rust/bayeslora-core/examples/thread_scaling.rs`: 91 ms
+    /// with two pieces, 71–74 ms with four, 81–86 ms with eight).
     fn plan_pieces(&self, seqs: &[Sequence], s: usize, threads: usize) -> Result<Vec<Piece>> {
         let total = seqs.iter().fold(0usize, |acc, q| {
             acc.saturating_add(q.ids.len().saturating_mul(s))
