@@ -337,8 +337,9 @@ fn edge_tile(
     }
 }
 
-/// [`gemm`] with the rows split into chunks run on the current rayon pool. The split never
-/// changes a result (see the module docs).
+/// [`gemm`] with the rows split into chunks run on the current rayon pool (at most one row
+/// block of rows: the columns, see `par_gemm_columns`). The split never changes a result (see
+/// the module docs).
 #[allow(clippy::too_many_arguments)]
 pub fn par_gemm(
     m: usize,
