@@ -30,11 +30,11 @@
 //!   pieces (tested: chunked and unchunked results are bit-identical). Logits that are not finite
 //!   are refused, naming the input.
 //! - Threads: on a pool of several threads a request is cut into pieces of at most half an even
-//!   share of its rows, and whole pieces run side by side, one per thread, products unsplit (a piece's
-//!   activations stay in the cache of the core that made them, and no thread waits at the end of
-//!   every product for the other); only a request that is one piece (a single sequence in mean
-//!   mode) splits each product's rows between the threads. Results do not depend on the threads
-//!   (tested on pools of 1, 2, 3 and 5).
+//!   share of its rows, and whole pieces run side by side, one per thread, products unsplit (a
+//!   piece's activations stay in the cache of the core that made them, and no thread waits at the
+//!   end of every product for the other); only a request that is one piece (a single sequence in
+//!   mean mode) splits each product between the threads (by columns when it has few rows).
+//!   Results do not depend on the threads (tested on pools of 1, 2, 3 and 5).
 //! - Activation buffers come from a pool kept between calls (initialised once to their
 //!   capacity, never zeroed again); with enough inputs × samples, attention runs one task per
 //!   sequence copy and writes every head in place.
@@ -445,8 +445,8 @@ impl Encoder {
     /// is keyed by its index in 0..S, and rows are computed independently of their neighbours).
     ///
     /// On a pool of several threads the pieces are no larger than half an even share of the
-    /// rows, and when there are at least two, whole pieces run side by side, each on one thread (its
-    /// products unsplit, its smaller parallel loops left to idle threads to steal): a piece's
+    /// rows, and when there are at least two, whole pieces run side by side, each on one thread
+    /// (its products unsplit, its smaller parallel loops left to idle threads to steal): a piece's
     /// activations stay in the cache of the core that made them, and no thread waits for the
     /// other at the end of every product, softmax or LayerNorm. One piece (a single sequence in
     /// mean mode, or a tiny request) is split inside instead, product by product.
