@@ -1,11 +1,11 @@
 //! The instruction set the kernels run on, chosen once per process and carried as a type.
 //!
-//! [`Avx2`], [`Avx512`] (x86-64) and `Neon` (ARM64, compiled there only) are tokens: values
-//! that only their `detect` functions can make, and only on a CPU that has the features. A
-//! kernel that needs a feature takes its token, so a safe function can call its `#[target_feature]` code without
-//! trusting a flag from its caller (as the `gemm` crate's `simd` tokens and `matrixmultiply`'s
-//! one-type-per-ISA kernels). [`Isa::get`] runs the choice once ([`OnceLock`]) and hands out
-//! the set; tests and benches may pass a narrower one from [`Isa::available`].
+//! [`Avx2`], [`Avx512`] (x86-64) and `Neon` (ARM64, compiled there only) are tokens: values that
+//! only their `detect` functions can make, and only on a CPU that has the features. A kernel that
+//! needs a feature takes its token, so a safe function can call its `#[target_feature]` code
+//! without trusting a flag from its caller (as the `gemm` crate's `simd` tokens and
+//! `matrixmultiply`'s one-type-per-ISA kernels). [`Isa::get`] runs the choice once ([`OnceLock`])
+//! and hands out the set; tests and benches may pass a narrower one from [`Isa::available`].
 //!
 //! The choice is the widest set of this CPU, unless the environment variable
 //! [`ISA_ENV`] (`BAYESLORA_ISA`) names one: `avx512`, `avx2`, `neon` or `portable` (`auto` or
