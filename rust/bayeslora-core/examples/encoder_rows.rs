@@ -5,18 +5,11 @@
 
 use std::hint::black_box;
 
-use bayeslora_core::bundle::Bundle;
 use bayeslora_core::encoder::{Encoder, Noise};
 
 #[path = "../benches/common/mod.rs"]
 mod common;
-use common::{random_bert, thread_cpu};
-
-/// A random BERT of the MiniLM-L6 shape (vocabulary 2000) with gate adapters of rank 8 on
-/// query and value, as `benches/bench_runtime.py`.
-fn minilm() -> Bundle {
-    random_bert(2000, 384, 6, 12, 1536, 8)
-}
+use common::{random_minilm, thread_cpu};
 
 fn main() {
     let reps: usize = std::env::args()
@@ -32,7 +25,7 @@ fn main() {
     } else {
         rows
     };
-    let mut enc = Encoder::new(&minilm()).expect("encoder");
+    let mut enc = Encoder::new(&random_minilm()).expect("encoder");
     let (n, t) = (8, 64);
     let ids: Vec<i64> = (0..n * t).map(|i| (i * 7 % 1999) as i64 + 1).collect();
     let seqs = enc.prepare(&ids, &vec![1; n * t], n, t).expect("inputs");

@@ -8,17 +8,12 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use bayeslora_core::bundle::Bundle;
 use bayeslora_core::encoder::{Encoder, Noise};
 use bayeslora_core::kernels;
 
 #[path = "../benches/common/mod.rs"]
 mod common;
-use common::random_bert;
-
-fn minilm() -> Bundle {
-    random_bert(2000, 384, 6, 12, 1536, 8)
-}
+use common::random_minilm;
 
 fn main() {
     let arg = |i: usize, d: usize| -> usize {
@@ -29,7 +24,7 @@ fn main() {
     };
     let (reps, n, s) = (arg(1, 5), arg(2, 8), arg(3, 16));
     let t = 64;
-    let enc = Encoder::new(&minilm()).expect("encoder");
+    let enc = Encoder::new(&random_minilm()).expect("encoder");
     let ids: Vec<i64> = (0..n * t).map(|i| (i * 7 % 1999) as i64 + 1).collect();
     let seqs = enc.prepare(&ids, &vec![1; n * t], n, t).expect("inputs");
     let noise = if s == 0 {

@@ -39,6 +39,12 @@ pub fn thread_cpu() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
+/// A random BERT of the MiniLM-L6 shape (vocabulary 2000) with gate adapters of rank 8 on
+/// query and value, as `benches/bench_runtime.py`.
+pub fn random_minilm() -> Bundle {
+    random_bert(2000, 384, 6, 12, 1536, 8)
+}
+
 /// A random BERT of the given shape (64 positions, 2 token types, GELU) with gate adapters of
 /// rank `rank` on query and value.
 pub fn random_bert(

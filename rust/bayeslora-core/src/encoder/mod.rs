@@ -469,12 +469,12 @@ impl Encoder {
                 group
                     .par_iter()
                     .with_max_len(1)
-                    .map(|p| self.forward_chunk(&seqs[p.start..p.end], p, noise, 1))
+                    .map(|p| self.forward_chunk(seqs, p, noise, 1))
                     .collect()
             } else {
                 group
                     .iter()
-                    .map(|p| self.forward_chunk(&seqs[p.start..p.end], p, noise, threads))
+                    .map(|p| self.forward_chunk(seqs, p, noise, threads))
                     .collect()
             };
             for (p, logits) in group.iter().zip(&logits) {
@@ -562,16 +562,17 @@ impl Encoder {
         }
     }
 
-    /// Logits `[inputs, copies, C]` of samples `first_sample..first_sample + copies` of `seqs`
-    /// (the inputs `start..end` of the call that `piece` names), its products split for
+    /// Logits `[inputs, copies, C]` of `piece` of the call's sequences `all` (its inputs
+    /// `start..end`, samples `first_sample..first_sample + copies`), its products split for
     /// `threads` threads.
     fn forward_chunk(
         &self,
-        seqs: &[Sequence],
+        all: &[Sequence],
         piece: &Piece,
         noise: Noise<'_>,
         threads: usize,
     ) -> Vec<f32> {
+        let seqs = &all[piece.start..piece.end];
         let h = self.hidden;
         let positions: Vec<InputPositions> = match &self.relative {
             Some(rel) => seqs.par_iter().map(|q| rel.input_positions(q)).collect(),

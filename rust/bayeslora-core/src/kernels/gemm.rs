@@ -393,22 +393,27 @@ fn par_gemm_columns(
     threads: usize,
 ) {
     let isa = Isa::get();
-    let k = b.k;
-    assert!(lda >= k && ldc >= b.n, "gemm: leading dimensions too small");
+    assert!(
+        lda >= b.k && ldc >= b.n,
+        "gemm: leading dimensions too small"
+    );
     assert!(c.len() >= (m - 1) * ldc + b.n, "gemm: output too short");
     let panels = b.panels();
-    // an even number of panels per part (AVX-512 tiles take them in pairs), two parts per thread
+    // an even number of panels per part (AVX-512 tiles take them in pairs), two parts per thread;
+    // a part: its panels, its first column, its width
     let per = panels.div_ceil(2 * threads).next_multiple_of(2);
-    let parts: Vec<std::ops::Range<usize>> = (0..panels)
+    let parts: Vec<(std::ops::Range<usize>, usize, usize)> = (0..panels)
         .step_by(per)
-        .map(|p| p..(p + per).min(panels))
+        .map(|p| {
+            let end = (p + per).min(panels);
+            (p..end, p * NR, (end * NR).min(b.n) - p * NR)
+        })
         .collect();
     let blocks: Vec<Vec<f32>> = parts
         .par_iter()
         .with_max_len(1)
-        .map(|range| {
-            let col0 = range.start * NR;
-            let width = (range.end * NR).min(b.n) - col0;
+        .map(|(range, col0, width)| {
+            let (col0, width) = (*col0, *width);
             let mut block = vec![0.0f32; m * width];
             if matches!(epi, Epilogue::Accumulate) {
                 for (dst, src) in block.chunks_exact_mut(width).zip(c.chunks(ldc)) {
@@ -419,11 +424,9 @@ fn par_gemm_columns(
             block
         })
         .collect();
-    for (range, block) in parts.iter().zip(&blocks) {
-        let col0 = range.start * NR;
-        let width = block.len() / m;
-        for (src, dst) in block.chunks_exact(width).zip(c.chunks_mut(ldc)) {
-            dst[col0..col0 + width].copy_from_slice(src);
+    for ((_, col0, width), block) in parts.iter().zip(&blocks) {
+        for (src, dst) in block.chunks_exact(*width).zip(c.chunks_mut(ldc)) {
+            dst[*col0..*col0 + *width].copy_from_slice(src);
         }
     }
 }
