@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::gemm::{Epilogue, Tile, MR, NR};
+use super::gemm::{Epilogue, Tile, MR, NR, PREFETCH};
 use super::isa::Avx2;
 
 /// A full 16-column tile of `rows` rows over `k` terms straight into `c` (row stride `ldc`),
@@ -109,6 +109,8 @@ unsafe fn kernel_out<const R: usize>(
         // SAFETY: kk < k, so both 8-float loads stay inside the panel and every broadcast
         // reads element (i, kk) of a row the caller guarantees.
         unsafe {
+            // a hint, never a fault: past the panel's end it reads nothing
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PREFETCH).cast());
             let b0 = _mm256_loadu_ps(bp);
             let b1 = _mm256_loadu_ps(bp.add(8));
             for i in 0..R {

@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::gemm::{Epilogue, MR_WIDE, NR};
+use super::gemm::{Epilogue, MR_WIDE, NR, PREFETCH};
 use super::isa::Avx512;
 
 /// A full 16-column tile of up to 12 rows over `k` terms straight into `c` (row stride `ldc`),
@@ -149,6 +149,8 @@ unsafe fn kernel_out<const R: usize>(
         // SAFETY: kk < k: the 16-float load stays in the panel, each scalar read is
         // element (i, kk) of a row the caller guarantees.
         unsafe {
+            // a hint, never a fault: past the panel's end it reads nothing
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PREFETCH).cast());
             let b = _mm512_loadu_ps(bp);
             for (i, v) in acc.iter_mut().enumerate() {
                 let av = _mm512_set1_ps(*a.add(i * lda + kk));
@@ -212,6 +214,9 @@ unsafe fn kernel_pair<const R: usize>(
         // SAFETY: kk < k: both 16-float loads stay in their panels, each scalar read is
         // element (i, kk) of a row the caller guarantees.
         unsafe {
+            // hints, never faults: past a panel's end they read nothing
+            _mm_prefetch::<_MM_HINT_T0>(b0p.wrapping_add(PREFETCH).cast());
+            _mm_prefetch::<_MM_HINT_T0>(b1p.wrapping_add(PREFETCH).cast());
             let b0 = _mm512_loadu_ps(b0p);
             let b1 = _mm512_loadu_ps(b1p);
             for i in 0..R {
