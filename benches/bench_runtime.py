@@ -165,7 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write the markdown table here")
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="alternating rounds of torch and the runtime per case, --min-time shared among them "
+        "(more rounds: more chances to catch a quiet spell of a shared host)",
+    )
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     model = build_model()
     load_before = os.getloadavg()[0]
     command = " ".join(["python benches/bench_runtime.py", *(sys.argv[1:] if argv is None else argv)])
@@ -182,12 +191,13 @@ def main(argv: list[str] | None = None) -> int:
             x = inputs(batch)
             xn = {k: v.numpy() for k, v in x.items()}
             peak = peak_gflops(threads)
-            # two alternating rounds of each side, the best of each: a slow spell of the host
-            # hits both sides instead of one
+            # alternating rounds of each side, the best of each: a slow spell of the host hits
+            # both sides instead of one
             t_torch = c_torch = t_rust = c_rust = float("inf")
-            for _ in range(2):
-                tw, tc = timeit(lambda x=x, s=samples: run_torch(model, x, s), args.min_time / 2)
-                rw, rc = timeit(lambda sc=scorer, xn=xn, s=samples: run_rust(sc, xn, s), args.min_time / 2)
+            per_round = args.min_time / args.rounds
+            for _ in range(args.rounds):
+                tw, tc = timeit(lambda x=x, s=samples: run_torch(model, x, s), per_round)
+                rw, rc = timeit(lambda sc=scorer, xn=xn, s=samples: run_rust(sc, xn, s), per_round)
                 t_torch, c_torch = min(t_torch, tw), min(c_torch, tc)
                 t_rust, c_rust = min(t_rust, rw), min(c_rust, rc)
             peak = max(peak, peak_gflops(threads))
@@ -258,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             "and right after each case (the larger of the two) by independent FMA chains of the widest "
             "vectors the kernels use on as many cores as the case (`bl.runtime.fma_peak_gflops`), i.e. "
             f"at the clock the cores actually ran: {peak_range(case_peaks, rows, 1)} GFLOP/s on 1 core, "
-            f"{peak_range(case_peaks, rows, 2)} on 2. Torch and the runtime are timed in two "
-            "alternating rounds per case, the best of each.",
+            f"{peak_range(case_peaks, rows, 2)} on 2. Torch and the runtime are timed in "
+            f"{args.rounds} alternating rounds per case, the best of each.",
         ]
     )
     print()

@@ -13,6 +13,13 @@ use crate::kernels::{self, Epilogue, Packed};
 use crate::mc::Stream;
 
 impl Encoder {
+    /// Whether this part of a product has an adapter that adds noise in this pass.
+    pub(super) fn part_noisy(&self, part: &LinearPart, pass: &Pass<'_>) -> bool {
+        part.adapter
+            .as_ref()
+            .is_some_and(|a| self.noisy(a, &part.module, pass))
+    }
+
     /// Whether `adapter` (of module `module`) adds noise in this pass.
     pub(super) fn noisy(&self, adapter: &Adapter, module: &str, pass: &Pass<'_>) -> bool {
         if adapter.rank == 0 {
@@ -53,11 +60,7 @@ impl Encoder {
         let noisy: Vec<&LinearPart> = lin
             .parts
             .iter()
-            .filter(|p| {
-                p.adapter
-                    .as_ref()
-                    .is_some_and(|a| self.noisy(a, &p.module, pass))
-            })
+            .filter(|p| self.part_noisy(p, pass))
             .collect();
         if noisy.is_empty() {
             return (y, layout.clone());

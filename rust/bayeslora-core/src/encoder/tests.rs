@@ -760,3 +760,44 @@ fn pieces_cover_every_input_and_sample_once_and_share_the_rows_between_threads()
         }
     }
 }
+
+thread_local! {
+    /// Set on a thread: `Encoder::feed_forward` takes its whole-layer path there.
+    static WHOLE_FFN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread asked for the whole-layer feed-forward path.
+pub(super) fn whole_ffn() -> bool {
+    WHOLE_FFN.with(|c| c.get())
+}
+
+#[test]
+fn the_feed_forward_block_by_row_blocks_gives_the_whole_layer_numbers_bit_for_bit() {
+    // adapters outside the FFN, so its products keep the layout and one thread blocks the rows
+    let b = bundle(&["query", "value"]);
+    let mut enc = Encoder::new(&b).expect("encoder");
+    enc.set_max_rows(super::MAX_ROWS);
+    let (ids, mask, t) = padded(&INPUTS);
+    let seqs = enc.prepare(&ids, &mask, INPUTS.len(), t).expect("inputs");
+    let tokens: usize = INPUTS.iter().map(|x| x.len()).sum();
+    let samples = 20;
+    // several row blocks and a ragged last one
+    assert!(
+        tokens * samples > 2 * super::FFN_ROWS
+            && !(tokens * samples).is_multiple_of(super::FFN_ROWS)
+    );
+    for noise in [Noise::Mean, Noise::Sampled { samples, seed: 3 }] {
+        let (blocked, whole) = on_threads(1, || {
+            let blocked = enc.forward(&seqs, noise);
+            WHOLE_FFN.with(|c| c.set(true));
+            let whole = enc.forward(&seqs, noise);
+            WHOLE_FFN.with(|c| c.set(false));
+            (blocked, whole)
+        });
+        assert_eq!(
+            blocked.expect("blocked"),
+            whole.expect("whole"),
+            "{noise:?}"
+        );
+    }
+}
