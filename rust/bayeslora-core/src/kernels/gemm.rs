@@ -32,6 +32,7 @@ pub(super) const MR_WIDE: usize = 12;
 /// neighbours, MiniLM, 8 inputs × 16 samples, one thread: 14–16 % less time per pass on AVX-512
 /// and AVX2 than without, alternating within one process; 3–6 % less as the best of four
 /// alternating runs of the two builds. 256, 384, 768 and 1024 floats gave less than 512.
+#[cfg(target_arch = "x86_64")]
 pub(super) const PREFETCH: usize = 512;
 /// Rows per cache block: the left block (`MB × K`) stays in L2 while the panels stream past it.
 const MB: usize = 96;
