@@ -56,6 +56,7 @@ mod adapter;
 mod attention;
 mod build;
 mod disentangled;
+mod ffn;
 mod layout;
 mod pool;
 #[cfg(test)]
@@ -87,10 +88,6 @@ pub fn default_max_rows(max_width: usize) -> usize {
 /// The most per-sample logits one [`Encoder::forward`] returns (4 GiB of f32): more is refused
 /// ([`Encoder::score`] reduces any number of samples online instead).
 pub const MAX_LOGITS: usize = 1 << 30;
-/// Rows per block of the one-thread feed-forward block (`Encoder::feed_forward`): one row block
-/// of the products, whose intermediate activations (96 rows × 4·H: 576 KiB for MiniLM) stay in
-/// L2.
-const FFN_ROWS: usize = 96;
 /// Elementwise work below this many floats runs on the calling thread.
 const PAR_MIN: usize = 1 << 14;
 
@@ -679,59 +676,6 @@ impl Encoder {
         pass.recycle(x);
         self.feed_forward(layer, mid, mid_layout, pass)
     }
-
-    /// The feed-forward block of `layer` on `mid` (laid out as `mid_layout`): both products, the
-    /// activation, the residual and the LayerNorm.
-    ///
-    /// On one thread with no noisy adapter in either product (so the rows keep their layout), the
-    /// whole block runs [`FFN_ROWS`] rows at a time: those rows' intermediate activations (4·H
-    /// wide) stay in L2 between the two products instead of going out to memory and back, and the
-    /// output rows are normalised while they are still in cache. The weights stream past each
-    /// block of rows either way (the products block their rows the same), and every row's
-    /// arithmetic is the same as in the whole-layer path, so the results are identical.
-    fn feed_forward(
-        &self,
-        layer: &build::Layer,
-        mid: Buffer,
-        mid_layout: Layout,
-        pass: &Pass<'_>,
-    ) -> (Buffer, Layout) {
-        let h = self.hidden;
-        let (ffn_in, ffn_out) = (&layer.ffn_in, &layer.ffn_out);
-        let noisy = |lin: &Linear| lin.parts.iter().any(|p| self.part_noisy(p, pass));
-        if pass.threads > 1 || noisy(ffn_in) || noisy(ffn_out) || whole_ffn_asked() {
-            let (mut inner, inner_layout) = self.linear(ffn_in, &mid, &mid_layout, pass);
-            par_elementwise(&mut inner, activation_fn(self.activation));
-            let (mut out, out_layout) = self.linear(ffn_out, &inner, &inner_layout, pass);
-            pass.recycle(inner);
-            let resid = as_layout(&mid, &mid_layout, &out_layout, h, pass);
-            par_add_layer_norm(&mut out, &resid, &layer.ffn_norm, self.eps);
-            pass.recycle_rows(resid);
-            pass.recycle(mid);
-            return (out, out_layout);
-        }
-        let rows = mid_layout.rows();
-        let (d_in, d_mid, d_out) = (ffn_in.d_in, ffn_in.d_out, ffn_out.d_out);
-        let mut out = pass.buffer(rows * d_out);
-        let mut inner = pass.buffer(FFN_ROWS.min(rows) * d_mid);
-        let activation = activation_fn(self.activation);
-        let norm = &layer.ffn_norm;
-        for r0 in (0..rows).step_by(FFN_ROWS) {
-            let n = FFN_ROWS.min(rows - r0);
-            let x = &mid[r0 * d_in..(r0 + n) * d_in];
-            let inner = &mut inner[..n * d_mid];
-            let y = &mut out[r0 * d_out..(r0 + n) * d_out];
-            let (w_in, b_in) = (&ffn_in.weight, kernels::Epilogue::Bias(&ffn_in.bias));
-            kernels::gemm(n, x, d_in, w_in, inner, d_mid, b_in);
-            activation(inner);
-            let (w_out, b_out) = (&ffn_out.weight, kernels::Epilogue::Bias(&ffn_out.bias));
-            kernels::gemm(n, inner, d_mid, w_out, y, d_out, b_out);
-            kernels::add_layer_norm(y, x, &norm.gamma, &norm.beta, self.eps);
-        }
-        pass.recycle(inner);
-        pass.recycle(mid);
-        (out, mid_layout)
-    }
 }
 
 /// One piece of a request: samples `first_sample..first_sample + copies` of the inputs
@@ -779,16 +723,6 @@ impl Pass<'_> {
             self.recycle(b);
         }
     }
-}
-
-/// Tests: whether the calling thread asked `Encoder::feed_forward` for its whole-layer path
-/// (always false outside tests).
-#[inline]
-fn whole_ffn_asked() -> bool {
-    #[cfg(test)]
-    return tests::whole_ffn();
-    #[cfg(not(test))]
-    false
 }
 
 fn activation_fn(a: Activation) -> fn(&mut [f32]) {

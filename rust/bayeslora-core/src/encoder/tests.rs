@@ -39,7 +39,7 @@ fn config() -> ModelConfig {
 }
 
 /// A bundle in memory with random weights; gate adapters of rank 2 on `adapted` modules.
-fn bundle(adapted: &[&str]) -> Bundle {
+pub(super) fn bundle(adapted: &[&str]) -> Bundle {
     let config = config();
     let mut tensors = HashMap::new();
     let mut seed = 1;
@@ -349,7 +349,7 @@ fn assert_close(got: &[f32], want: &[f64], what: &str) {
 }
 
 /// `[n, t]` ids and mask of right-padded inputs.
-fn padded(inputs: &[&[usize]]) -> (Vec<i64>, Vec<i64>, usize) {
+pub(super) fn padded(inputs: &[&[usize]]) -> (Vec<i64>, Vec<i64>, usize) {
     let t = inputs.iter().map(|x| x.len()).max().unwrap_or(0);
     let (mut ids, mut mask) = (vec![0; inputs.len() * t], vec![0; inputs.len() * t]);
     for (i, x) in inputs.iter().enumerate() {
@@ -361,7 +361,7 @@ fn padded(inputs: &[&[usize]]) -> (Vec<i64>, Vec<i64>, usize) {
     (ids, mask, t)
 }
 
-const INPUTS: [&[usize]; 3] = [&[1, 4, 2, 8, 3], &[5, 2], &[7, 7, 6, 0]];
+pub(super) const INPUTS: [&[usize]; 3] = [&[1, 4, 2, 8, 3], &[5, 2], &[7, 7, 6, 0]];
 
 #[test]
 fn mean_mode_matches_the_reference_model() {
@@ -670,7 +670,7 @@ fn default_pieces_keep_the_widest_activation_near_piece_bytes() {
 }
 
 /// `f` on a fresh rayon pool of `threads` threads.
-fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+pub(super) fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -758,46 +758,5 @@ fn pieces_cover_every_input_and_sample_once_and_share_the_rows_between_threads()
                 assert!(pieces.len() >= threads, "s {s}, threads {threads}");
             }
         }
-    }
-}
-
-thread_local! {
-    /// Set on a thread: `Encoder::feed_forward` takes its whole-layer path there.
-    static WHOLE_FFN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Whether the calling thread asked for the whole-layer feed-forward path.
-pub(super) fn whole_ffn() -> bool {
-    WHOLE_FFN.with(|c| c.get())
-}
-
-#[test]
-fn the_feed_forward_block_by_row_blocks_gives_the_whole_layer_numbers_bit_for_bit() {
-    // adapters outside the FFN, so its products keep the layout and one thread blocks the rows
-    let b = bundle(&["query", "value"]);
-    let mut enc = Encoder::new(&b).expect("encoder");
-    enc.set_max_rows(super::MAX_ROWS);
-    let (ids, mask, t) = padded(&INPUTS);
-    let seqs = enc.prepare(&ids, &mask, INPUTS.len(), t).expect("inputs");
-    let tokens: usize = INPUTS.iter().map(|x| x.len()).sum();
-    let samples = 20;
-    // several row blocks and a ragged last one
-    assert!(
-        tokens * samples > 2 * super::FFN_ROWS
-            && !(tokens * samples).is_multiple_of(super::FFN_ROWS)
-    );
-    for noise in [Noise::Mean, Noise::Sampled { samples, seed: 3 }] {
-        let (blocked, whole) = on_threads(1, || {
-            let blocked = enc.forward(&seqs, noise);
-            WHOLE_FFN.with(|c| c.set(true));
-            let whole = enc.forward(&seqs, noise);
-            WHOLE_FFN.with(|c| c.set(false));
-            (blocked, whole)
-        });
-        assert_eq!(
-            blocked.expect("blocked"),
-            whole.expect("whole"),
-            "{noise:?}"
-        );
     }
 }
