@@ -8,9 +8,9 @@ use super::{activation_fn, par_add_layer_norm, par_elementwise, Encoder, Pass};
 use crate::kernels;
 
 /// Rows per block of the one-thread feed-forward block (`Encoder::feed_forward`): one row block
-/// of the products, whose intermediate activations (96 rows × 4·H: 576 KiB for MiniLM) stay in
-/// L2.
-const FFN_ROWS: usize = 96;
+/// of the products (`kernels::MB`), whose intermediate activations (96 rows × 4·H: 576 KiB for
+/// MiniLM) stay in L2.
+const FFN_ROWS: usize = kernels::MB;
 
 impl Encoder {
     /// The feed-forward block of `layer` on `mid` (laid out as `mid_layout`): both products, the

@@ -35,7 +35,7 @@ pub(super) const MR_WIDE: usize = 12;
 #[cfg(target_arch = "x86_64")]
 pub(super) const PREFETCH: usize = 512;
 /// Rows per cache block: the left block (`MB × K`) stays in L2 while the panels stream past it.
-const MB: usize = 96;
+pub(crate) const MB: usize = 96;
 /// K block of the full-tile path. Measured on Zen 4 with the MiniLM shapes (K ≤ 1536), blocking
 /// at 256 or 512 did not pay; it is kept for the long K of larger models.
 const KC: usize = 2048;

@@ -52,6 +52,7 @@ mod x86_avx512;
 pub use elementwise::{
     add_assign, add_layer_norm, gelu, gelu_tanh, layer_norm, relu, softmax_rows, tanh,
 };
+pub(crate) use gemm::MB;
 pub use gemm::{gemm, gemm_calls, gemm_on, par_gemm, Epilogue, MR, NR};
 pub use isa::{Isa, IsaError, ISA_ENV};
 pub use pack::Packed;
