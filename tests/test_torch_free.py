@@ -43,6 +43,7 @@ def test_the_walk_finds_both_sides():
         "bayeslora.analysis",
         "bayeslora.analysis.plots",
         "bayeslora.analysis.report",
+        "bayeslora.benchmark",
         "bayeslora.calibration",
         "bayeslora.cli",
         "bayeslora.config",

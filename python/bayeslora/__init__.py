@@ -63,6 +63,7 @@ _SUBMODULES = (
     "plots",
     "analysis",
     "runtime",
+    "benchmark",
     "distributed",
     "training",
     "data",

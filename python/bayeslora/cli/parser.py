@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import BayesLoRAError
+from .bench import add_bench
 from .evaluate import add_analyze, add_evaluate
 from .export import add_export, add_export_peft, add_import_peft
 from .output import one_line
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate(sub)
     add_export(sub)
     add_score(sub)
+    add_bench(sub)
     add_analyze(sub)
     add_export_peft(sub)
     add_import_peft(sub)
@@ -85,7 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bayeslora: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("bayeslora: interrupted; the last checkpoint in --out stays loadable", file=sys.stderr)
+        # only the training commands write checkpoints as they go
+        trains = args.command in ("train", "quickstart")
+        note = "; the last checkpoint in --out stays loadable" if trains else ""
+        print(f"bayeslora: interrupted{note}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `bayeslora score ... | head`: the reader left
         devnull = os.open(os.devnull, os.O_WRONLY)
