@@ -126,14 +126,16 @@ def _local_texts(texts: Any) -> list[str]:
         ) from None
 
 
-def _progress(enabled: bool, total: int, unit: str) -> Any:
+def _progress(enabled: bool, total: int, unit: str, desc: str = "scoring") -> Any:
+    """A tqdm progress bar of ``total`` ``unit``s on stderr, or None when not ``enabled`` or
+    without tqdm (also ``bayeslora bench``'s)."""
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit=unit, desc="scoring", leave=False)
+    return tqdm(total=total, unit=unit, desc=desc, leave=False)
 
 
 def iter_score(

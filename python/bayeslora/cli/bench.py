@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
 from ..errors import BayesLoRAError
 from .output import fail
@@ -69,6 +68,7 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     from .. import benchmark as bench
+    from ..distributed import _progress
     from ..runtime import MAX_SAMPLES, MAX_SEED, MAX_THREADS, check_int
     from .score import _read_texts, _Refused
 
@@ -101,7 +101,8 @@ def _bench(args: argparse.Namespace) -> int:
         head = bench.header(args.bundle)
         if not args.json:
             print(f"bayeslora bench {args.bundle}: {head}", flush=True)
-        bar = _progress(len(set(threads)) * len(args.batch) * len(args.samples))
+        cases = len(set(threads)) * len(args.batch) * len(args.samples)
+        bar = _progress(sys.stderr.isatty(), cases, "case", desc="bench")
 
         def on_case(r: bench.BenchResult) -> None:
             if args.json:
@@ -132,14 +133,3 @@ def _bench(args: argparse.Namespace) -> int:
         print()
         print(_NOTE)
     return 0
-
-
-def _progress(total: int) -> Any:
-    """A progress bar over the cases on stderr when it is a terminal (and tqdm is installed)."""
-    if not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="case", desc="bench", leave=False)

@@ -9,13 +9,10 @@ use bayeslora_core::encoder::{Encoder, Noise};
 
 #[path = "../benches/common/mod.rs"]
 mod common;
-use common::{random_minilm, thread_cpu};
+use common::{arg, random_minilm, thread_cpu};
 
 fn main() {
-    let reps: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let reps = arg(1, 3);
     let rows: Vec<usize> = std::env::args()
         .skip(2)
         .filter_map(|s| s.parse().ok())

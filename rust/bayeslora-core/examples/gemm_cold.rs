@@ -12,18 +12,12 @@ use bayeslora_core::kernels::{fma_peak_gflops, gemm, Epilogue, Isa, Packed};
 
 #[path = "../benches/common/mod.rs"]
 mod common;
-use common::{pseudo, thread_cpu};
+use common::{arg, pseudo, thread_cpu};
 
 /// Layers of MiniLM, so six distinct weights per product.
 const COPIES: usize = 6;
 
 fn main() {
-    let arg = |i: usize, d: usize| -> usize {
-        std::env::args()
-            .nth(i)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(d)
-    };
     let (m, rounds) = (arg(1, 96).max(1), arg(2, 8).max(1));
     let shapes = [(384usize, 1152usize), (384, 384), (384, 1536), (1536, 384)];
     let weights: Vec<Vec<Packed>> = shapes

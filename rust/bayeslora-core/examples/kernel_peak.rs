@@ -14,7 +14,7 @@ use bayeslora_core::kernels::{self, fma_peak_gflops, gemm_on, Epilogue, Isa, Pac
 
 #[path = "../benches/common/mod.rs"]
 mod common;
-use common::{pseudo, thread_cpu};
+use common::{arg, pseudo, thread_cpu};
 
 /// Best CPU seconds of one call of `f` over slices of about 20 ms.
 fn best_of(mut f: impl FnMut()) -> f64 {
@@ -30,10 +30,7 @@ fn best_of(mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+    let rounds = arg(1, 20);
     let run_isa = Isa::get();
     println!("process ISA: {} (rounds {rounds})", run_isa.name());
     // the MiniLM products: fused QKV, attention output, FFN in/out (64 and 512 rows), and the

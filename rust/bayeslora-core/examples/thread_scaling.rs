@@ -14,7 +14,7 @@ use bayeslora_core::kernels;
 
 #[path = "../benches/common/mod.rs"]
 mod common;
-use common::random_minilm;
+use common::{arg, random_minilm};
 
 /// FLOPs the runtime executes for `batch` inputs of `t` tokens with `samples` posterior samples
 /// (0 = mean mode) on MiniLM's shape: `runtime_flops` of `benches/bench_runtime.py`.
@@ -32,12 +32,6 @@ fn runtime_flops(batch: usize, samples: usize, t: usize) -> f64 {
 }
 
 fn main() {
-    let arg = |i: usize, d: usize| -> usize {
-        std::env::args()
-            .nth(i)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(d)
-    };
     let (reps, n, s) = (arg(1, 5), arg(2, 8), arg(3, 16));
     let t = 64;
     let enc = Encoder::new(&random_minilm()).expect("encoder");

@@ -1,7 +1,8 @@
 //! What the criterion bench (`rust/bayeslora-core/benches/runtime.rs`) and the measuring examples
 //! (`rust/bayeslora-core/examples/encoder_rows.rs`, `rust/bayeslora-core/examples/kernel_peak.rs`)
-//! share: pseudo-random data, a thread's CPU time and a random BERT bundle built in memory. They
-//! include this file with `#[path]` (a `mod.rs` under `benches/common/` is not a bench target).
+//! share: pseudo-random data, a thread's CPU time, a random BERT bundle built in memory and the
+//! examples' positional arguments. They include this file with `#[path]` (a `mod.rs` under
+//! `benches/common/` is not a bench target).
 
 // each includer uses a part of this file
 #![allow(dead_code)]
@@ -23,6 +24,14 @@ pub fn pseudo(n: usize, seed: u64) -> Vec<f32> {
             (((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5) * 0.2
         })
         .collect()
+}
+
+/// Positional argument `i` (1 = the first) as a number, `default` when absent or not a number.
+pub fn arg(i: usize, default: usize) -> usize {
+    std::env::args()
+        .nth(i)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 /// CPU time of this thread in seconds (NaN if the clock cannot be read).
