@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use super::disentangled::{LayerPositions, PositionProjection, Relative};
 use super::pool::BufferPool;
 use super::Encoder;
-use crate::bundle::{Activation, Arch, Bundle, NoiseKind};
+use crate::bundle::{Activation, Arch, Bundle, ModelConfig, NoiseKind};
 use crate::error::{Error, Result};
 use crate::kernels::{self, Epilogue, Isa, Packed};
 use crate::mc;
@@ -96,6 +96,16 @@ pub(super) struct Layer {
     pub ffn_out: Linear,
     /// LayerNorm after the FFN's residual.
     pub ffn_norm: LayerNorm,
+}
+
+/// The widest activation of a token (floats): the fused Q/K/V (3·hidden) or the feed-forward's
+/// intermediate. The default piece size ([`super::default_max_rows`]) keeps a piece's widest
+/// activation near [`super::PIECE_BYTES`] with it: 1024 rows of MiniLM (its 1536-wide FFN).
+/// The last layer's per-head rows (heads·hidden floats) are one per input and sample, not per
+/// token, and do not count here (with them the default was a third as large, and a pass at
+/// batch 1, S = 16 ran in four pieces instead of one).
+pub(super) fn token_width(cfg: &ModelConfig) -> usize {
+    (3 * cfg.hidden).max(cfg.intermediate)
 }
 
 fn copy_tensor(bundle: &Bundle, name: &str) -> Result<Vec<f32>> {
@@ -312,10 +322,10 @@ impl Encoder {
         } else {
             None
         };
-        // 3H: fused QKV; heads·H: the last layer's per-head key queries and pooled rows
-        let max_width = (3 * cfg.hidden)
+        // heads·H: the last layer's per-head key queries and pooled rows (a row per copy, not
+        // per token: they bound the buffers, not the piece size)
+        let max_width = token_width(cfg)
             .max(cfg.heads * cfg.hidden)
-            .max(cfg.intermediate)
             .max(bundle.meta.num_labels);
         Ok(Self {
             arch: cfg.arch,
@@ -374,7 +384,7 @@ impl Encoder {
                 .map(|(k, m)| (k.clone(), m.rank))
                 .collect::<HashMap<_, _>>(),
             buffers: BufferPool::default(),
-            max_rows: super::default_max_rows(max_width),
+            max_rows: super::default_max_rows(token_width(cfg)),
             max_width,
         })
     }

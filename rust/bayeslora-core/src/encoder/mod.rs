@@ -24,7 +24,8 @@
 //!   linear in x). When the key adapter is noisy, keys are computed for all tokens as in the
 //!   other layers.
 //! - A request runs in pieces of at most [`Encoder::max_rows`] stacked rows: whole inputs with all
-//!   their samples while they fit, else one input's samples in chunks (copy `s` of a chunk is
+//!   their samples while they fit, else one input's samples in as few chunks as fit, of equal
+//!   sizes where they can be (copy `s` of a chunk is
 //!   sample `first_sample + s`, which keys its noise). [`Encoder::score`] reduces each piece's
 //!   logits online, so memory is O(chunk) for any S, and an input's result does not depend on the
 //!   pieces (tested: chunked and unchunked results are bit-identical). Logits that are not finite
@@ -414,7 +415,7 @@ impl Encoder {
 
     /// Rows of stacked activations one piece of a forward pass keeps below (inputs × tokens ×
     /// samples per chunk; a single sample of a single input may exceed it); [`default_max_rows`]
-    /// of the model's widest activation unless set. On a pool of T > 1 threads pieces run side
+    /// of the model's widest activation per token (fused Q/K/V or feed-forward) unless set. On a pool of T > 1 threads pieces run side
     /// by side, at most 4·T of them in flight (a thread waiting inside its piece may start
     /// another), so a pass holds at most 4·T pieces' activations.
     pub fn max_rows(&self) -> usize {
@@ -514,8 +515,10 @@ impl Encoder {
         while start < seqs.len() {
             let len = seqs[start].ids.len();
             let (end, sample_chunk) = if len.saturating_mul(s) > budget {
-                // one input, its samples in chunks
-                (start + 1, (budget / len.max(1)).clamp(1, s))
+                // one input, its samples in as few chunks as the budget allows, of sizes as
+                // equal as they can be (16 samples of at most 5: 4 × 4, not 5, 5, 5, 1)
+                let most = (budget / len.max(1)).clamp(1, s);
+                (start + 1, s.div_ceil(s.div_ceil(most)))
             } else {
                 let mut end = start;
                 let mut rows = 0usize;

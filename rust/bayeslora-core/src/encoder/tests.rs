@@ -40,7 +40,11 @@ fn config() -> ModelConfig {
 
 /// A bundle in memory with random weights; gate adapters of rank 2 on `adapted` modules.
 pub(super) fn bundle(adapted: &[&str]) -> Bundle {
-    let config = config();
+    bundle_of(config(), adapted)
+}
+
+/// [`bundle`] of a model of shape `config`.
+fn bundle_of(config: ModelConfig, adapted: &[&str]) -> Bundle {
     let mut tensors = HashMap::new();
     let mut seed = 1;
     let mut add = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
@@ -56,11 +60,11 @@ pub(super) fn bundle(adapted: &[&str]) -> Bundle {
         let (scale, offset) = if gamma { (0.2, 1.0) } else { (1.0, 0.0) };
         add(spec.name, spec.shape, scale, offset);
     }
-    for l in 0..LAYERS {
+    for l in 0..config.layers {
         for ln in config.layer_norm_suffixes() {
             let p = format!("{}.{ln}", config.layer_prefix(l));
-            add(format!("{p}.weight"), vec![HIDDEN], 0.2, 1.0);
-            add(format!("{p}.bias"), vec![HIDDEN], 0.2, 0.0);
+            add(format!("{p}.weight"), vec![config.hidden], 0.2, 1.0);
+            add(format!("{p}.bias"), vec![config.hidden], 0.2, 0.0);
         }
     }
     for l in config.linears(LABELS) {
@@ -663,10 +667,34 @@ fn default_pieces_keep_the_widest_activation_near_piece_bytes() {
     assert_eq!(default_max_rows(8), MAX_ROWS);
     assert_eq!(default_max_rows(0), MAX_ROWS);
     assert_eq!(default_max_rows(1 << 20), 256);
-    // an encoder starts with the default of its widest activation
-    let b = bundle(&["query"]);
-    let enc = Encoder::new(&b).expect("encoder");
-    assert_eq!(enc.max_rows(), default_max_rows(enc.max_width));
+    // an encoder starts with the default of its widest activation per token: MiniLM's shape
+    // gets 1024 rows (not a third of that for the last layer's 12 · 384-wide per-input rows)
+    let minilm = ModelConfig {
+        hidden: 384,
+        heads: 12,
+        intermediate: 1536,
+        ..config()
+    };
+    assert_eq!(default_max_rows(super::build::token_width(&minilm)), 1024);
+    let wide_qkv = ModelConfig {
+        hidden: 1024,
+        intermediate: 1536,
+        ..config()
+    };
+    assert_eq!(super::build::token_width(&wide_qkv), 3 * 1024);
+    // an encoder whose per-input rows (heads · hidden = 1024 floats) are far wider than its
+    // per-token ones (3 · hidden = 192): the default follows the latter
+    let many_heads = ModelConfig {
+        hidden: 64,
+        heads: 16,
+        intermediate: 64,
+        layers: 1,
+        ..config()
+    };
+    let enc = Encoder::new(&bundle_of(many_heads, &["query"])).expect("encoder");
+    assert_eq!(enc.max_rows(), default_max_rows(3 * 64));
+    assert_eq!(enc.max_rows(), MAX_ROWS);
+    assert_eq!(enc.max_width, 16 * 64);
 }
 
 /// `f` on a fresh rayon pool of `threads` threads.
@@ -718,44 +746,71 @@ fn results_do_not_depend_on_threads_or_on_pieces_run_side_by_side() {
 
 #[test]
 fn pieces_cover_every_input_and_sample_once_and_share_the_rows_between_threads() {
-    let enc = Encoder::new(&bundle(&["query"])).expect("encoder");
+    let mut enc = Encoder::new(&bundle(&["query"])).expect("encoder");
     let (ids, mask, t) = padded(&INPUTS);
     let seqs = enc.prepare(&ids, &mask, INPUTS.len(), t).expect("inputs");
     let lens: Vec<usize> = seqs.iter().map(|q| q.ids.len()).collect();
     let total: usize = lens.iter().sum();
-    for s in [1, 2, 9, 64] {
-        for threads in [1, 2, 3, 8] {
-            let pieces = enc.plan_pieces(&seqs, s, threads).expect("plan");
-            let mut seen = vec![0usize; seqs.len()];
-            let mut next = (0, 0);
-            for p in &pieces {
-                // in order of inputs, then of samples, with no gap and no overlap
-                assert_eq!((p.start, p.first_sample), next, "s {s}, threads {threads}");
-                assert!(p.copies >= 1 && p.end > p.start);
-                let rows: usize = lens[p.start..p.end].iter().sum::<usize>() * p.copies;
-                let share = (total * s).div_ceil(threads);
-                // a piece is at most max_rows and a thread's share, unless it is one sample
-                // of one input
-                assert!(
-                    rows <= enc.max_rows().min(share) || (p.copies == 1 && p.end == p.start + 1),
-                    "s {s}, threads {threads}: {rows} rows"
-                );
-                for count in &mut seen[p.start..p.end] {
-                    *count += p.copies;
-                }
-                next = if p.first_sample + p.copies == s {
-                    (p.end, 0)
+    let default_rows = enc.max_rows();
+    for max_rows in [default_rows, 13, 7] {
+        enc.set_max_rows(max_rows);
+        for s in [1, 2, 9, 16, 64] {
+            for threads in [1, 2, 3, 8] {
+                let at = format!("max_rows {max_rows}, s {s}, threads {threads}");
+                let pieces = enc.plan_pieces(&seqs, s, threads).expect("plan");
+                let budget = if threads > 1 {
+                    max_rows.min((total * s).div_ceil(2 * threads))
                 } else {
-                    (p.start, p.first_sample + p.copies)
+                    max_rows
                 };
-            }
-            assert_eq!(next, (seqs.len(), 0));
-            assert!(seen.iter().all(|&c| c == s), "s {s}, threads {threads}");
-            if threads == 1 {
-                // one thread: as few pieces as the budget allows
-                assert_eq!(pieces.len(), 1, "s {s}");
-            } else if s >= threads {
-                assert!(pieces.len() >= threads, "s {s}, threads {threads}");
+                let mut seen = vec![0usize; seqs.len()];
+                let mut next = (0, 0);
+                for p in &pieces {
+                    // in order of inputs, then of samples, with no gap and no overlap
+                    assert_eq!((p.start, p.first_sample), next, "{at}");
+                    assert!(p.copies >= 1 && p.end > p.start);
+                    let rows: usize = lens[p.start..p.end].iter().sum::<usize>() * p.copies;
+                    // a piece is at most the budget, unless it is one sample of one input
+                    assert!(
+                        rows <= budget || (p.copies == 1 && p.end == p.start + 1),
+                        "{at}: {rows} rows"
+                    );
+                    for count in &mut seen[p.start..p.end] {
+                        *count += p.copies;
+                    }
+                    next = if p.first_sample + p.copies == s {
+                        (p.end, 0)
+                    } else {
+                        (p.start, p.first_sample + p.copies)
+                    };
+                }
+                assert_eq!(next, (seqs.len(), 0));
+                assert!(seen.iter().all(|&c| c == s), "{at}");
+                // an input whose samples do not fit the budget: as few chunks as it allows,
+                // the largest as small as that many chunks allow (16 of at most 5: 4 × 4)
+                for (i, &len) in lens.iter().enumerate() {
+                    if len * s <= budget {
+                        continue;
+                    }
+                    let chunks: Vec<usize> = pieces
+                        .iter()
+                        .filter(|p| p.start == i)
+                        .map(|p| {
+                            assert_eq!(p.end, i + 1, "{at}");
+                            p.copies
+                        })
+                        .collect();
+                    let most = (budget / len).clamp(1, s);
+                    assert_eq!(chunks.len(), s.div_ceil(most), "{at}, input {i}");
+                    let largest = chunks.iter().copied().max().unwrap_or(0);
+                    assert_eq!(largest, s.div_ceil(chunks.len()), "{at}, input {i}");
+                }
+                if threads == 1 && max_rows == default_rows {
+                    // one thread: as few pieces as the budget allows
+                    assert_eq!(pieces.len(), 1, "{at}");
+                } else if threads > 1 && s >= threads {
+                    assert!(pieces.len() >= threads, "{at}");
+                }
             }
         }
     }
