@@ -79,7 +79,8 @@ fn whole_ffn_asked() -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{bundle, on_threads, padded, INPUTS};
+    use super::super::tests::{bundle, padded, INPUTS};
+    use super::super::tests_pieces::on_threads;
     use super::super::{Encoder, Noise};
 
     thread_local! {

@@ -62,6 +62,8 @@ mod layout;
 mod pool;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_pieces;
 
 use build::{LayerNorm, Linear};
 use disentangled::{InputPositions, Relative};
