@@ -125,16 +125,24 @@ impl Encoder {
         };
         let mut hbuf = vec![0.0f32; n * r];
         if let (NoiseKind::Additive, Some(st)) = (self.noise, stream) {
-            // sampled factors Ã = A + σ ε, B̃ = B + σ ε'; term s·(B̃ Ã x − B A x)
+            // sampled factors Ã = A + σ ε, B̃ = B + σ ε'; term s·(B̃ Ã x − B A x). Rank k's
+            // d_in + d_out normals (ε of its row of A, then ε' of its column of B) come in
+            // Box–Muller pairs: normals 2p and 2p + 1 are the two branches of element 1 + p.
             let mut a_s = ad.lora_a.clone();
             let mut b_s = ad.lora_b.clone();
+            let mut eps = vec![0.0f32; (ad.d_in + ad.d_out).next_multiple_of(2)];
             for k in 0..r {
                 let (rk, sd) = (ad.rank_index[k], ad.noise_std[k]);
-                for (c, v) in a_s[k * ad.d_in..(k + 1) * ad.d_in].iter_mut().enumerate() {
-                    *v += sd * st.normal(rk, 1 + c as u64) as f32;
+                for (p, pair) in eps.chunks_exact_mut(2).enumerate() {
+                    let (c, s) = st.normal_pair(rk, 1 + p as u64);
+                    pair[0] = sd * c as f32;
+                    pair[1] = sd * s as f32;
                 }
-                for j in 0..ad.d_out {
-                    b_s[j * r + k] += sd * st.normal(rk, (1 + ad.d_in + j) as u64) as f32;
+                for (v, e) in a_s[k * ad.d_in..(k + 1) * ad.d_in].iter_mut().zip(&eps) {
+                    *v += e;
+                }
+                for (j, e) in eps[ad.d_in..ad.d_in + ad.d_out].iter().enumerate() {
+                    b_s[j * r + k] += e;
                 }
             }
             let a_t = Packed::from_nk(&a_s, r, ad.d_in, ad.d_in);
