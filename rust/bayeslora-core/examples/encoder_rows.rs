@@ -9,7 +9,7 @@ use bayeslora_core::encoder::{Encoder, Noise};
 
 #[path = "../benches/common/mod.rs"]
 mod common;
-use common::{arg, random_minilm, thread_cpu};
+use common::{arg, minilm_inputs, random_minilm, thread_cpu};
 
 fn main() {
     let reps = arg(1, 3);
@@ -24,8 +24,7 @@ fn main() {
     };
     let mut enc = Encoder::new(&random_minilm()).expect("encoder");
     let (n, t) = (8, 64);
-    let ids: Vec<i64> = (0..n * t).map(|i| (i * 7 % 1999) as i64 + 1).collect();
-    let seqs = enc.prepare(&ids, &vec![1; n * t], n, t).expect("inputs");
+    let seqs = minilm_inputs(&enc, n, t);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()

@@ -12,7 +12,7 @@ use bayeslora_core::encoder::{Encoder, Noise};
 
 #[path = "../benches/common/mod.rs"]
 mod common;
-use common::{arg, random_minilm};
+use common::{arg, minilm_inputs, random_minilm};
 
 fn main() {
     let (reps, n, s) = (arg(1, 6).max(1), arg(2, 1).max(1), arg(3, 16).max(1));
@@ -21,8 +21,7 @@ fn main() {
     let mut bundle = random_minilm();
     bundle.meta.posterior = "additive".into();
     let additive = Encoder::new(&bundle).expect("encoder");
-    let ids: Vec<i64> = (0..n * t).map(|i| (i * 7 % 1999) as i64 + 1).collect();
-    let seqs = gate.prepare(&ids, &vec![1; n * t], n, t).expect("inputs");
+    let seqs = minilm_inputs(&gate, n, t);
     let noise = Noise::Sampled {
         samples: s,
         seed: 0,

@@ -14,7 +14,7 @@ use bayeslora_core::kernels;
 
 #[path = "../benches/common/mod.rs"]
 mod common;
-use common::{arg, random_minilm};
+use common::{arg, minilm_inputs, random_minilm};
 
 /// FLOPs the runtime executes for `batch` inputs of `t` tokens with `samples` posterior samples
 /// (0 = mean mode) on MiniLM's shape: `runtime_flops` of `benches/bench_runtime.py`.
@@ -35,8 +35,7 @@ fn main() {
     let (reps, n, s) = (arg(1, 5), arg(2, 8), arg(3, 16));
     let t = 64;
     let enc = Encoder::new(&random_minilm()).expect("encoder");
-    let ids: Vec<i64> = (0..n * t).map(|i| (i * 7 % 1999) as i64 + 1).collect();
-    let seqs = enc.prepare(&ids, &vec![1; n * t], n, t).expect("inputs");
+    let seqs = minilm_inputs(&enc, n, t);
     let noise = if s == 0 {
         Noise::Mean
     } else {

@@ -1,8 +1,8 @@
 //! What the criterion bench (`rust/bayeslora-core/benches/runtime.rs`) and the measuring examples
 //! (`rust/bayeslora-core/examples/encoder_rows.rs`, `rust/bayeslora-core/examples/kernel_peak.rs`)
-//! share: pseudo-random data, a thread's CPU time, a random BERT bundle built in memory and the
-//! examples' positional arguments. They include this file with `#[path]` (a `mod.rs` under
-//! `benches/common/` is not a bench target).
+//! share: pseudo-random data, a thread's CPU time, a random BERT bundle built in memory, a batch
+//! of inputs for it and the examples' positional arguments. They include this file with
+//! `#[path]` (a `mod.rs` under `benches/common/` is not a bench target).
 
 // each includer uses a part of this file
 #![allow(dead_code)]
@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use bayeslora_core::bundle::{
     Activation, AdapterTensors, Arch, Bundle, BundleMeta, ModelConfig, ModuleMeta, Tensor,
 };
+use bayeslora_core::encoder::{Encoder, Sequence};
 
 /// `n` deterministic pseudo-random values in [-0.1, 0.1).
 pub fn pseudo(n: usize, seed: u64) -> Vec<f32> {
@@ -46,6 +47,13 @@ pub fn thread_cpu() -> f64 {
         return f64::NAN;
     }
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// `n` inputs of `t` token ids each (all attended, within [`random_minilm`]'s vocabulary),
+/// prepared for `enc`: the examples' MiniLM-shaped batch.
+pub fn minilm_inputs(enc: &Encoder, n: usize, t: usize) -> Vec<Sequence> {
+    let ids: Vec<i64> = (0..n * t).map(|i| (i * 7 % 1999) as i64 + 1).collect();
+    enc.prepare(&ids, &vec![1; n * t], n, t).expect("inputs")
 }
 
 /// A random BERT of the MiniLM-L6 shape (vocabulary 2000) with gate adapters of rank 8 on

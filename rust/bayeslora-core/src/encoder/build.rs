@@ -324,7 +324,8 @@ impl Encoder {
         };
         // heads·H: the last layer's per-head key queries and pooled rows (a row per copy, not
         // per token: they bound the buffers, not the piece size)
-        let max_width = token_width(cfg)
+        let per_token = token_width(cfg);
+        let max_width = per_token
             .max(cfg.heads * cfg.hidden)
             .max(bundle.meta.num_labels);
         Ok(Self {
@@ -384,7 +385,7 @@ impl Encoder {
                 .map(|(k, m)| (k.clone(), m.rank))
                 .collect::<HashMap<_, _>>(),
             buffers: BufferPool::default(),
-            max_rows: super::default_max_rows(token_width(cfg)),
+            max_rows: super::default_max_rows(per_token),
             max_width,
         })
     }

@@ -417,9 +417,10 @@ impl Encoder {
 
     /// Rows of stacked activations one piece of a forward pass keeps below (inputs × tokens ×
     /// samples per chunk; a single sample of a single input may exceed it); [`default_max_rows`]
-    /// of the model's widest activation per token (fused Q/K/V or feed-forward) unless set. On a pool of T > 1 threads pieces run side
-    /// by side, at most 4·T of them in flight (a thread waiting inside its piece may start
-    /// another), so a pass holds at most 4·T pieces' activations.
+    /// of the model's widest activation per token (fused Q/K/V or feed-forward) unless set. On a
+    /// pool of T > 1 threads pieces run side by side, at most 4·T of them in flight (a thread
+    /// waiting inside its piece may start another), so a pass holds at most 4·T pieces'
+    /// activations.
     pub fn max_rows(&self) -> usize {
         self.max_rows
     }
